@@ -1,0 +1,110 @@
+"""Making a backdoored model: poison the training set, train with the one loop, evaluate, write the run."""
+
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+from .attacks import create_attack
+from .checkpoint import atomic_save, save_model
+from .data import load_dataset
+from .device import peak_memory_mb, pick_device
+from .metrics import evaluate
+from .models import create_model
+from .presets import PRESETS
+from .report import save_samples
+from .runs import RunWriter, versions, write_json
+from .train import TrainConfig, train
+
+
+def attack_run(
+    attack: str,
+    out: Path,
+    *,
+    dataset: str = "cifar10",
+    data_dir=None,
+    preset: str | None = None,
+    model: str | None = None,
+    width: int | None = None,
+    target: int = 0,
+    all_to_all: bool = False,
+    poison_ratio: float = 0.1,
+    seed: int = 0,
+    device: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    attack_kw: dict | None = None,
+    **train_kw,
+) -> dict:
+    """Trains a backdoored model and writes a complete run folder at ``out``; returns the manifest.
+
+    ``preset`` fills model, width and training settings; explicit arguments (not None) override it.
+    """
+    from .errors import MapPruneError, unknown_name
+
+    if preset is not None and preset not in PRESETS:
+        raise unknown_name("preset", preset, PRESETS)
+    p = dict(PRESETS.get(preset or "paper"))
+    model = model or p.pop("model")
+    p.pop("model", None)
+    width = width if width is not None else p.pop("width")
+    p.pop("width", None)
+    p.update({k: v for k, v in train_kw.items() if v is not None})
+    known = {f.name for f in fields(TrainConfig)}
+    bad = set(p) - known
+    if bad:
+        raise MapPruneError(f"unknown training settings {sorted(bad)}; valid: {sorted(known)}")
+    writer = RunWriter(out, overwrite)  # refuses an existing run before any work is done
+    dev = pick_device(device)
+    t_start = time.perf_counter()
+    ds = load_dataset(dataset, data_dir)
+    atk = create_attack(attack, ds.image_shape, ds.num_classes, target=target, all_to_all=all_to_all,
+                        poison_ratio=poison_ratio, **(attack_kw or {}))
+    cfg = TrainConfig(seed=seed, hflip=ds.hflip, **p)
+    cfg.validate()
+    x_train, y_train, poison_idx = atk.poison_train(ds.x_train, ds.y_train, seed)
+    test_sets = {"clean": (ds.x_test, ds.y_test), "backdoor": atk.backdoor_test(ds.x_test, ds.y_test)}
+    t_data = time.perf_counter() - t_start
+
+    torch.manual_seed(seed)
+    net = create_model(model, ds.num_classes, width=width, in_channels=ds.image_shape[0], mean=ds.mean, std=ds.std)
+    t0 = time.perf_counter()
+    history = train(net, x_train, y_train, cfg, device=dev, checkpoint=writer.path("train_checkpoint.safetensors"),
+                    eval_fn=lambda m: evaluate(m, test_sets), progress=progress, desc=f"{attack} {dataset}")
+    t_train = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    metrics = evaluate(net, test_sets)
+    t_test = time.perf_counter() - t0
+
+    spec = {"name": model, "num_classes": ds.num_classes, "width": width, "in_channels": ds.image_shape[0],
+            "mean": list(ds.mean), "std": list(ds.std)}
+    save_model(net.cpu(), writer.path("model.safetensors"), {"model": spec})
+    state = {f"state.{k}": v for k, v in atk.state().items()}
+    atomic_save({**state, "poison_indices": poison_idx}, writer.path("attack.safetensors"), {"attack": atk.config()})
+    show = torch.arange(min(8, len(ds.x_test)))
+    save_samples(writer.path("samples.png"), ds.x_test[show], atk.apply(ds.x_test[show]))
+    summary = ds.summary()
+    # The loaders accept the dataset's own folder or file, so eval can find the data again without flags.
+    summary["data_dir"] = None if dataset == "digits" else str(Path(ds.source).resolve())
+    manifest = {
+        "kind": "attack",
+        "model": spec,
+        "attack": atk.config(),
+        "dataset": summary,
+        "train": asdict(cfg),
+        "preset": preset,
+        "seed": seed,
+        "device": str(dev),
+        "versions": versions(),
+        "poison": {"count": len(poison_idx), "file": "attack.safetensors:poison_indices"},
+        "timings": {"data_s": t_data, "train_s": t_train, "test_s": t_test,
+                    "total_s": time.perf_counter() - t_start},
+        "peak_memory_mb": peak_memory_mb(dev),
+        "metrics": metrics,
+        "history": history,
+    }
+    writer.path("train_checkpoint.safetensors").unlink(missing_ok=True)
+    write_json(writer.path("manifest.json"), manifest)
+    writer.finish()
+    return manifest

@@ -1,0 +1,65 @@
+"""Weights on disk: safetensors only (never pickle), written atomically, loaded with clear errors."""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import MapPruneError
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict | None = None) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(tensors, str(tmp), metadata={"mapprune": json.dumps(meta or {})})
+    os.replace(tmp, path)
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Reads a safetensors file and its mapprune metadata; a broken file gives one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise MapPruneError(f"checkpoint {path} does not exist")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("mapprune", "{}"))
+    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
+        raise MapPruneError(
+            f"checkpoint {path} is corrupted or truncated ({e}); re-create it or restore it from a copy"
+        ) from None
+    return tensors, meta
+
+
+def save_model(model: nn.Module, path: Path, meta: dict | None = None) -> None:
+    atomic_save(model.state_dict(), path, meta)
+
+
+def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], path, what: str = "model") -> None:
+    """Loads a state dict strictly; any key or shape mismatch becomes one sentence naming the difference."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or extra or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing tensors (e.g. {missing[0]})")
+        if extra:
+            parts.append(f"{len(extra)} unexpected tensors (e.g. {extra[0]})")
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{len(shapes)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)} vs "
+                         f"{what} {tuple(own[k].shape)})")
+        raise MapPruneError(
+            f"checkpoint {path} does not fit the {what}: {'; '.join(parts)}. "
+            "Was it saved from another architecture, width or class count?"
+        )
+    model.load_state_dict(state)

@@ -1,0 +1,14 @@
+"""One exception type for everything a user can get wrong.
+
+The CLI catches :class:`MapPruneError` and prints its message as a single line, so every message must say
+what was wrong and what to do about it.
+"""
+
+
+class MapPruneError(Exception):
+    """A user-facing error: bad input, missing data, unusable checkpoint."""
+
+
+def unknown_name(kind: str, name: str, valid) -> MapPruneError:
+    """The error for a name that is not in a registry; it lists the valid names."""
+    return MapPruneError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(sorted(valid))}")

@@ -1,0 +1,45 @@
+"""ACC, ASR, RA and DER exactly as in BackdoorBench's protocol (see docs/protocol.md)."""
+
+import torch
+from torch import nn
+
+from .device import autocast
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1024, device=None, amp: bool = True) -> torch.Tensor:
+    """Predicted labels for uint8 images (N, C, H, W); returns a CPU int64 tensor."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size].to(device, non_blocking=True).float().div_(255)
+        xb = xb.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            out.append(model(xb).argmax(1).cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
+    return (pred == y).float().mean().item() if len(y) else float("nan")
+
+
+def backdoor_metrics(clean_pred, y_clean, bd_pred, y_target, y_true) -> dict:
+    """ACC on the clean test set; ASR (-> target) and RA (-> true label) on the backdoor test set."""
+    return {"acc": accuracy(clean_pred, y_clean), "asr": accuracy(bd_pred, y_target), "ra": accuracy(bd_pred, y_true)}
+
+
+def der(before: dict, after: dict) -> float:
+    """Defense effectiveness rating: [max(0, dASR) - max(0, dACC) + 1] / 2 with fractions in [0, 1]."""
+    d_asr = before["asr"] - after["asr"]
+    d_acc = before["acc"] - after["acc"]
+    return (max(0.0, d_asr) - max(0.0, d_acc) + 1) / 2
+
+
+def evaluate(model: nn.Module, test_sets: dict, **kw) -> dict:
+    """Metrics of a model on {"clean": (x, y), "backdoor": (x_bd, y_target, y_true)}."""
+    x, y = test_sets["clean"]
+    xb, yt, yy = test_sets["backdoor"]
+    return backdoor_metrics(predict(model, x, **kw), y, predict(model, xb, **kw), yt, yy)

@@ -1,0 +1,51 @@
+"""Architectures and the one model registry: ``create_model(name, num_classes, **kw)``.
+
+Every model returned by :func:`create_model` is wrapped in :class:`Normalized`, so it takes [0, 1] pixels.
+"""
+
+from collections.abc import Callable
+
+from torch import nn
+
+from ..errors import unknown_name
+from .preactresnet import PreActResNet18
+from .resnet import ResNet18
+from .smallcnn import SmallCNN
+from .vgg import VGG16BN
+from .wrapper import Normalized
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "preactresnet18": PreActResNet18,
+    "resnet18": ResNet18,
+    "vgg16_bn": VGG16BN,
+    "smallcnn": SmallCNN,
+}
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    *,
+    width: int | None = None,
+    in_channels: int = 3,
+    mean=(0.5, 0.5, 0.5),
+    std=(0.5, 0.5, 0.5),
+) -> Normalized:
+    """Build a registered architecture, wrapped so that it takes [0, 1] pixels.
+
+    ``width`` is the first stage's channel count (64 = the paper's PreActResNet18); None keeps each
+    architecture's default.
+    """
+    if name not in MODELS:
+        raise unknown_name("model", name, MODELS)
+    kw = {"num_classes": num_classes, "in_channels": in_channels}
+    if width is not None:
+        if width < 1:
+            from ..errors import MapPruneError
+
+            raise MapPruneError(f"--width must be a positive integer, got {width}")
+        kw["width"] = width
+    return Normalized(MODELS[name](**kw), mean[:in_channels], std[:in_channels])
+
+
+__all__ = ["MODELS", "Normalized", "create_model"]

@@ -1,0 +1,190 @@
+"""The ONE training loop: attack training and every defense's fine-tune go through :func:`train`.
+
+Data stays as uint8 tensors on the device; augmentation (random crop with 4-pixel padding, horizontal flip)
+is done on whole batches. SGD with a cosine or one-cycle schedule, channels_last, autocast (bf16/fp16 on CUDA,
+bf16 on CPUs that support it), a checkpoint after each epoch so an interrupted run resumes where it stopped.
+"""
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import atomic_save, load_state_into, load_tensors
+from .device import autocast
+from .errors import MapPruneError
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "cosine"  # "cosine" (to min_lr) or "onecycle" (linear warm-up, cosine down)
+    min_lr: float = 0.0
+    warmup: float = 0.15  # fraction of steps warming up, onecycle only
+    label_smoothing: float = 0.0
+    augment: bool = True
+    hflip: bool = True
+    pad: int | None = None  # crop padding; None = 4 pixels per 32 (4 on CIFAR, 1 on 8x8 digits)
+    amp: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1:
+            raise MapPruneError(f"epochs must be >= 0 and batch size >= 1, got {self.epochs} and {self.batch_size}")
+        if self.lr <= 0:
+            raise MapPruneError(f"learning rate must be positive, got {self.lr}")
+        if self.schedule not in ("cosine", "onecycle"):
+            raise MapPruneError(f"unknown schedule {self.schedule!r}; valid schedules: cosine, onecycle")
+
+    def lr_at(self, step: int, total: int) -> float:
+        t = step / max(1, total)
+        if self.schedule == "onecycle":
+            if t < self.warmup:
+                return self.lr * (0.04 + 0.96 * t / self.warmup)
+            t = (t - self.warmup) / (1 - self.warmup)
+        return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def augment_batch(x: torch.Tensor, pad: int, hflip: bool, g: torch.Generator) -> torch.Tensor:
+    """Random crop (zero padding ``pad``) and optional horizontal flip of a float batch, all samples at once."""
+    n, c, h, w = x.shape
+    if pad > 0:
+        xp = F.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None].expand(n, c, h, w + 2 * pad)
+        xp = xp.gather(2, rows)
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :].expand(n, c, h, w)
+        x = xp.gather(3, cols)
+    if hflip:
+        flip = (torch.rand(n, generator=g) < 0.5).to(x.device)[:, None, None, None]
+        x = torch.where(flip, x.flip(3), x)
+    return x
+
+
+def _save_checkpoint(path: Path, model, opt, epoch: int, history: list, g: torch.Generator, cfg: TrainConfig):
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    names = {p: n for n, p in model.named_parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            buf = opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                tensors[f"optim.{names[p]}"] = buf
+    tensors["rng"] = g.get_state()
+    atomic_save(tensors, path, {"epoch": epoch, "history": history, "config": asdict(cfg)})
+
+
+def _load_checkpoint(path: Path, model, opt, g: torch.Generator, cfg: TrainConfig):
+    tensors, meta = load_tensors(path)
+    if meta.get("config") != asdict(cfg):
+        raise MapPruneError(
+            f"{path} is a checkpoint of a run with other training settings; delete it to start afresh "
+            "or rerun with the settings it was made with"
+        )
+    load_state_into(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
+    params = dict(model.named_parameters())
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            opt.state[params[k[6:]]]["momentum_buffer"] = v.to(params[k[6:]].device)
+    g.set_state(tensors["rng"])
+    return meta["epoch"], meta["history"]
+
+
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    device: torch.device | None = None,
+    eval_fn: Callable[[nn.Module], dict] | None = None,
+    checkpoint: Path | None = None,
+    after_step: Callable[[nn.Module], None] | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> list[dict]:
+    """Trains ``model`` in place on uint8 images ``x`` (N, C, H, W) and labels ``y``.
+
+    Returns the per-epoch history (loss, train accuracy, lr, seconds, plus whatever ``eval_fn`` returns).
+    With ``checkpoint`` set, state is saved there after every epoch and a matching checkpoint is resumed.
+    ``after_step`` runs after every optimiser step (FMT's persistent pruning mask uses it).
+    """
+    cfg.validate()
+    if len(x) != len(y):
+        raise MapPruneError(f"{len(x)} images but {len(y)} labels")
+    if len(x) == 0:
+        raise MapPruneError("no training images")
+    device = device or next(model.parameters()).device
+    model.to(device, memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0)
+    g = torch.Generator().manual_seed(cfg.seed)
+    start, history = 0, []
+    if checkpoint is not None and Path(checkpoint).is_file():
+        start, history = _load_checkpoint(Path(checkpoint), model, opt, g, cfg)
+    x_dev, y_dev = x.to(device), y.to(device)
+    steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
+    pad = cfg.pad if cfg.pad is not None else max(1, round(4 * x.shape[-1] / 32))
+    total = steps_per_epoch * cfg.epochs
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=start * steps_per_epoch, desc=desc, unit="step", dynamic_ncols=True,
+                   leave=False)
+    try:
+        for epoch in range(start, cfg.epochs):
+            model.train()
+            t0 = time.perf_counter()
+            perm = torch.randperm(len(x), generator=g).to(device)
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            for i in range(steps_per_epoch):
+                step = epoch * steps_per_epoch + i
+                lr = cfg.lr_at(step, total)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+                xb = x_dev[idx].float().div_(255)
+                if cfg.augment:
+                    xb = augment_batch(xb, pad, cfg.hflip, g)
+                xb = xb.contiguous(memory_format=torch.channels_last)
+                yb = y_dev[idx]
+                with autocast(device, cfg.amp):
+                    out = model(xb)
+                    loss = F.cross_entropy(out, yb, label_smoothing=cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if after_step is not None:
+                    after_step(model)
+                loss_sum += loss.detach() * len(idx)
+                correct += (out.detach().argmax(1) == yb).sum()
+                if bar is not None:
+                    bar.update(1)
+            if not torch.isfinite(loss_sum):
+                raise MapPruneError(f"training diverged at epoch {epoch + 1} (loss is not finite); lower the learning rate")
+            record = {"epoch": epoch + 1, "loss": loss_sum.item() / len(x), "train_acc": correct.item() / len(x),
+                      "lr": lr, "seconds": time.perf_counter() - t0}
+            if eval_fn is not None:
+                record.update(eval_fn(model))
+            history.append(record)
+            if bar is not None:
+                bar.set_postfix({k: round(v, 3) for k, v in record.items() if k in ("loss", "acc", "asr")})
+            if checkpoint is not None:
+                _save_checkpoint(Path(checkpoint), model, opt, epoch + 1, history, g, cfg)
+    finally:
+        if bar is not None:
+            bar.close()
+    model.eval()
+    return history
