@@ -1,21 +1,50 @@
 """Making a backdoored model: poison the training set, train with the one loop, evaluate, write the run."""
 
+import json
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 
-from .attacks import create_attack
+from .attacks import ATTACKS, create_attack
 from .checkpoint import atomic_save, save_model
-from .data import load_dataset
+from .data import DATASETS, load_dataset
 from .device import peak_memory_mb, pick_device
 from .metrics import evaluate
-from .models import create_model
+from .models import MODELS, create_model
 from .presets import PRESETS
 from .report import save_samples
 from .runs import RunWriter, versions, write_json
 from .train import TrainConfig, train
+
+SETTINGS = "run_settings.json"  # in RUN.partial while training: what the checkpoint there was made with
+
+
+def _check_resumable(writer: RunWriter, overwrite: bool, settings: dict) -> None:
+    """A ``.partial`` folder left by an interrupted run is resumed only by the same command.
+
+    The training checkpoint only records the training settings, so without this check an interrupted BadNets
+    run would silently be continued as, say, a Blended run with another target.
+    """
+    from .errors import MapPruneError
+
+    settings = json.loads(json.dumps(settings))
+    path = writer.path(SETTINGS)
+    ckpt = writer.path("train_checkpoint.safetensors")
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            old = None
+        if old != settings and ckpt.is_file():
+            if not overwrite:
+                raise MapPruneError(
+                    f"{writer.partial} holds an interrupted run made with other settings; rerun that command to "
+                    "resume it, or pass --overwrite (or delete the folder) to start afresh"
+                )
+            ckpt.unlink()
+    write_json(path, settings)
 
 
 def attack_run(
@@ -55,20 +84,31 @@ def attack_run(
     bad = set(p) - known
     if bad:
         raise MapPruneError(f"unknown training settings {sorted(bad)}; valid: {sorted(known)}")
+    # Names are checked before anything is written, so a typo leaves no folder behind.
+    for kind, name, registry in (("dataset", dataset, DATASETS), ("attack", attack, ATTACKS), ("model", model, MODELS)):
+        if name not in registry:
+            raise unknown_name(kind, name, registry)
     writer = RunWriter(out, overwrite)  # refuses an existing run before any work is done
-    dev = pick_device(device)
-    t_start = time.perf_counter()
-    ds = load_dataset(dataset, data_dir)
-    atk = create_attack(attack, ds.image_shape, ds.num_classes, target=target, all_to_all=all_to_all,
-                        poison_ratio=poison_ratio, **(attack_kw or {}))
-    cfg = TrainConfig(seed=seed, hflip=ds.hflip, **p)
-    cfg.validate()
-    x_train, y_train, poison_idx = atk.poison_train(ds.x_train, ds.y_train, seed)
-    test_sets = {"clean": (ds.x_test, ds.y_test), "backdoor": atk.backdoor_test(ds.x_test, ds.y_test)}
-    t_data = time.perf_counter() - t_start
+    try:
+        dev = pick_device(device)
+        t_start = time.perf_counter()
+        ds = load_dataset(dataset, data_dir)
+        atk = create_attack(attack, ds.image_shape, ds.num_classes, target=target, all_to_all=all_to_all,
+                            poison_ratio=poison_ratio, **(attack_kw or {}))
+        cfg = TrainConfig(seed=seed, hflip=ds.hflip, **p)
+        cfg.validate()
+        x_train, y_train, poison_idx = atk.poison_train(ds.x_train, ds.y_train, seed)
+        test_sets = {"clean": (ds.x_test, ds.y_test), "backdoor": atk.backdoor_test(ds.x_test, ds.y_test)}
+        t_data = time.perf_counter() - t_start
 
-    torch.manual_seed(seed)
-    net = create_model(model, ds.num_classes, width=width, in_channels=ds.image_shape[0], mean=ds.mean, std=ds.std)
+        torch.manual_seed(seed)
+        net = create_model(model, ds.num_classes, width=width, in_channels=ds.image_shape[0], mean=ds.mean,
+                           std=ds.std)
+        _check_resumable(writer, overwrite, {"attack": atk.config(), "dataset": ds.fingerprint(), "model": model,
+                                             "width": width, "train": asdict(cfg), "seed": seed})
+    except BaseException:
+        writer.discard_if_empty()  # a run that failed before training leaves no ".partial" folder behind
+        raise
     t0 = time.perf_counter()
     history = train(net, x_train, y_train, cfg, device=dev, checkpoint=writer.path("train_checkpoint.safetensors"),
                     eval_fn=lambda m: evaluate(m, test_sets), progress=progress, desc=f"{attack} {dataset}")
@@ -105,6 +145,7 @@ def attack_run(
         "history": history,
     }
     writer.path("train_checkpoint.safetensors").unlink(missing_ok=True)
+    writer.path(SETTINGS).unlink(missing_ok=True)
     write_json(writer.path("manifest.json"), manifest)
     writer.finish()
     return manifest

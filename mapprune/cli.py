@@ -27,6 +27,7 @@ def _add_common(p):
 def build_parser() -> argparse.ArgumentParser:
     from .attacks import ATTACKS
     from .data import DATASETS
+    from .defenses import DEFENSES
     from .models import MODELS
     from .presets import PRESETS
 
@@ -56,6 +57,30 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--defense", help="evaluate the model repaired by this defense (RUN/defense/NAME)")
     e.add_argument("--json", action="store_true", help="print exactly one JSON object")
     _add_common(e)
+
+    f = sub.add_parser("defend", help="repair a run's model with a defense; writes RUN/defense/NAME/")
+    f.add_argument("defense", help=f"one of: {', '.join(DEFENSES)}")
+    f.add_argument("run", type=Path)
+    f.add_argument("--clean-ratio", type=_ratio, help="clean class-balanced share of the training set "
+                   "(default 0.1; 0.05 on GTSRB)")
+    f.add_argument("--selection", choices=["rank", "outlier"], help="fmt: pruning rule (default rank)")
+    f.add_argument("--outlier-method", choices=["elliptic", "mad"], help="fmt outlier: detector (default elliptic)")
+    f.add_argument("--contamination", type=float, help="fmt outlier elliptic: contamination (default 0.1)")
+    f.add_argument("--fraction", type=float, help="fmt rank: share of maps pruned per layer (default 1/64)")
+    f.add_argument("--mask", action="store_true", default=None, help="fmt: keep pruned maps zero while fine-tuning")
+    f.add_argument("--detect-only", action="store_true", default=None,
+                   help="fmt: score and report suspicious maps, change nothing")
+    f.add_argument("--implementation", choices=["fast", "reference"], help="fmt testing phase (default fast)")
+    f.add_argument("--n-images", type=int, help="fmt: test images (default 32)")
+    f.add_argument("--alpha", type=float, help="fmt: random start size (default 0.02; 0.03 CIFAR-100/GTSRB)")
+    f.add_argument("--eps", type=float, help="fmt: signed step size (default 0.06)")
+    f.add_argument("--epochs", type=int, help="fine-tune epochs (default 10)")
+    f.add_argument("--lr", type=float, help="fine-tune learning rate (default 0.01)")
+    f.add_argument("--batch-size", type=int, help="fine-tune batch size (default 256)")
+    f.add_argument("--seed", type=int, help="clean subset and defense seed (default 0)")
+    f.add_argument("--name", help="output folder name under RUN/defense (default: derived from the options)")
+    f.add_argument("--overwrite", action="store_true")
+    _add_common(f)
 
     d = sub.add_parser("demo", help="backdoor a model on the embedded digits and measure it (about a minute)")
     d.add_argument("--out", type=Path, help="keep the run folder here (default: a temporary folder)")
@@ -89,6 +114,30 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_defend(args) -> int:
+    from .defend import defend_run
+    from .defenses import DEFENSES
+    from .errors import unknown_name
+
+    if args.defense not in DEFENSES:
+        raise unknown_name("defense", args.defense, DEFENSES)
+    fmt_only = ["selection", "outlier_method", "contamination", "fraction", "mask", "detect_only",
+                "implementation", "n_images", "alpha", "eps"]
+    kw = {k: getattr(args, k) for k in fmt_only + ["epochs", "lr", "batch_size", "seed"]}
+    given = [k for k in fmt_only if kw[k] is not None]
+    if args.defense != "fmt" and given:
+        raise MapPruneError(f"--{given[0].replace('_', '-')} applies to fmt only, not {args.defense}")
+    r = defend_run(args.run, args.defense, clean_ratio=args.clean_ratio, name=args.name, data_dir=args.data_dir,
+                   device=args.device, overwrite=args.overwrite, progress=not args.no_progress, **kw)
+    b, a = r["before"], r["after"]
+    from .report import format_table
+
+    print(format_table([{"model": "before", **b}, {"model": f"after {r['name']}", **a}], ["model", "acc", "asr", "ra"]))
+    print(f"pruned {r['num_pruned']} maps; DER {100 * r['der']:.2f}; {r['wall_s']:.0f} s; "
+          f"written to {Path(args.run) / 'defense' / r['name']}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import demo
 
@@ -96,7 +145,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"attack": cmd_attack, "eval": cmd_eval, "demo": cmd_demo}
+COMMANDS = {"attack": cmd_attack, "defend": cmd_defend, "eval": cmd_eval, "demo": cmd_demo}
 
 
 def main(argv=None) -> int:

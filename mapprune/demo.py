@@ -1,18 +1,26 @@
-"""``mapprune demo``: the whole job on the embedded digits, in about a minute on a CPU."""
+"""``mapprune demo``: the whole job on the embedded digits in about a minute on a CPU:
+backdoor a small CNN with BadNets, repair it with FMT, and print one before/after table.
+"""
 
 import tempfile
 from pathlib import Path
 
 from .backdoor import attack_run
+from .defend import defend_run
 from .report import format_table
 
 
 def demo(out: Path | None = None, device=None, progress: bool = True) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(out) if out is not None else Path(tmp) / "demo-badnets"
-        print(f"Backdoor a small CNN on scikit-learn's 8x8 digits with BadNets (run folder: {run}) ...")
+        print(f"1/2 Backdoor a small CNN on scikit-learn's 8x8 digits with BadNets (run folder: {run}) ...")
         m = attack_run("badnets", run, dataset="digits", preset="demo", device=device, overwrite=True,
                        progress=progress)
-        rows = [{"model": "backdoored", **m["metrics"], "seconds": m["timings"]["total_s"]}]
+        print("2/2 Repair it with Feature Map Testing (FMT) on 10% clean training images ...")
+        r = defend_run(run, "fmt", device=device, overwrite=True, progress=progress)
+        rows = [
+            {"model": "backdoored", **m["metrics"], "seconds": m["timings"]["total_s"]},
+            {"model": f"after FMT ({r['num_pruned']} maps pruned)", **r["after"], "seconds": r["wall_s"]},
+        ]
         print(format_table(rows, ["model", "acc", "asr", "ra", "seconds"]))
         return rows

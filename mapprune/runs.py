@@ -40,25 +40,39 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def is_complete_run(path: Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
+def is_complete_run(path: Path, marker: str = MANIFEST) -> bool:
+    return (Path(path) / marker).is_file()
 
 
 class RunWriter:
     """Builds a folder under a ``.partial`` name and moves it into place on :meth:`finish`."""
 
-    def __init__(self, out: Path, overwrite: bool = False):
+    def __init__(self, out: Path, overwrite: bool = False, marker: str = MANIFEST):
         self.out = Path(out)
         if self.out.exists() and not self.out.is_dir():
             raise MapPruneError(f"{self.out} exists and is not a folder; choose another --out")
-        if self.out.is_dir() and any(self.out.iterdir()) and not overwrite:
-            what = "already holds a run" if is_complete_run(self.out) else "is not empty"
-            raise MapPruneError(f"{self.out} {what}; pass --overwrite to replace it or choose another --out")
+        if self.out.is_dir() and any(self.out.iterdir()):
+            if not is_complete_run(self.out, marker):
+                # --overwrite replaces a run, never an arbitrary folder (it would be deleted on finish()).
+                raise MapPruneError(f"{self.out} is not empty and holds no mapprune run; choose another --out")
+            if not overwrite:
+                raise MapPruneError(f"{self.out} already holds a run; pass --overwrite to replace it or choose "
+                                    "another --out")
         self.partial = self.out.with_name(self.out.name + ".partial")
-        self.partial.mkdir(parents=True, exist_ok=True)
+        try:
+            self.partial.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MapPruneError(f"cannot create the run folder {self.partial}: {e}") from None
 
     def path(self, name: str) -> Path:
         return self.partial / name
+
+    def discard_if_empty(self) -> None:
+        """Removes the ``.partial`` folder if nothing was written to it (a run that failed before training)."""
+        try:
+            self.partial.rmdir()
+        except OSError:
+            pass  # not empty (it holds a checkpoint to resume from) or already gone
 
     def finish(self) -> Path:
         old = None

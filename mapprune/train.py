@@ -6,6 +6,7 @@ bf16 on CPUs that support it), a checkpoint after each epoch so an interrupted r
 """
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -141,7 +142,7 @@ def train(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=start * steps_per_epoch, desc=desc, unit="step", dynamic_ncols=True,
-                   leave=False)
+                   leave=False, mininterval=0.1 if sys.stderr.isatty() else 30)
     try:
         for epoch in range(start, cfg.epochs):
             model.train()

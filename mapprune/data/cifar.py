@@ -34,8 +34,10 @@ def _load_batch(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             d = _SafeUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+    except Exception as e:  # a damaged pickle can fail in many ways (KeyError, IndexError, struct.error, ...)
         raise MapPruneError(f"{path} is not a readable CIFAR pickle batch ({e})") from None
+    if not isinstance(d, dict):
+        raise MapPruneError(f"{path} is not a CIFAR pickle batch (it holds a {type(d).__name__}, not a dict)")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 

@@ -31,7 +31,10 @@ def is_image_folder(root: Path) -> bool:
 def _list_split(root: Path, split: str, classes: list[str]):
     files, labels = [], []
     for i, c in enumerate(classes):
-        fs = sorted((p for p in (root / split / c).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_sort_key)
+        d = root / split / c
+        if not d.is_dir():  # a class may be absent from one split (classes come from train/)
+            continue
+        fs = sorted((p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_sort_key)
         files += fs
         labels += [i] * len(fs)
     return files, labels
@@ -61,6 +64,21 @@ def decode_images(files: list[Path], size: tuple[int, int] | None = None, mode: 
             "resize them to one size first"
         )
     return np.stack(arrays) if arrays else np.zeros((0, 1, 1, 3), np.uint8)
+
+
+def files_stamp(files: list[Path]) -> str:
+    """A hash of every file's class folder, name, size and modification time: the decoded-array cache key.
+
+    Any image replaced, added or removed anywhere in the folder changes it, so a stale cache is never used.
+    """
+    h = hashlib.sha256()
+    for p in files:
+        try:
+            st = p.stat()
+        except OSError as e:
+            raise MapPruneError(f"cannot read image {p}: {e}") from None
+        h.update(f"{p.parent.name}/{p.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def _cached(key_parts: list[str], build):
@@ -96,8 +114,8 @@ def load_image_folder(root: Path, name: str | None = None, mode: str = "RGB", **
     te_files, te_labels = _list_split(root, "test", classes)
     if not tr_files or not te_files:
         raise MapPruneError(f"{root}: found {len(tr_files)} train and {len(te_files)} test images; need both")
-    stamp = [str(root.resolve()), mode, str(len(tr_files)), str(len(te_files))]
-    stamp += [f"{p}:{p.stat().st_mtime_ns}" for p in (tr_files[0], tr_files[-1], te_files[0], te_files[-1])]
+    stamp = [str(root.resolve()), mode, str(len(tr_files)), str(len(te_files)), files_stamp(tr_files),
+             files_stamp(te_files)]
 
     def build():
         return {"x_train": decode_images(tr_files, mode=mode), "x_test": decode_images(te_files, mode=mode)}

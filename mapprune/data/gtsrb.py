@@ -7,7 +7,7 @@ import numpy as np
 
 from ..errors import MapPruneError
 from .dataset import ImageDataset, from_numpy
-from .folder import _cached, decode_images
+from .folder import _cached, decode_images, files_stamp
 
 NUM_CLASSES = 43
 SIZE = (32, 32)
@@ -32,7 +32,10 @@ def _read_gt(path: Path) -> list[tuple[str, int]]:
         rows = list(csv.DictReader(f, delimiter=";"))
     if not rows or "Filename" not in rows[0] or "ClassId" not in rows[0]:
         raise MapPruneError(f"{path} is not a GTSRB ground-truth csv (needs Filename;...;ClassId columns)")
-    return [(r["Filename"], int(r["ClassId"])) for r in rows]
+    try:
+        return [(r["Filename"], int(r["ClassId"])) for r in rows]
+    except (TypeError, ValueError) as e:
+        raise MapPruneError(f"{path}: a row has no valid ClassId ({e})") from None
 
 
 def load_official(d: Path) -> ImageDataset:
@@ -53,7 +56,8 @@ def load_official(d: Path) -> ImageDataset:
     for fname, cid in _read_gt(test_csv):
         te_files.append(d / "Final_Test" / "Images" / fname)
         te_labels.append(cid)
-    stamp = [str(d.resolve()), "gtsrb", str(len(tr_files)), str(len(te_files)), str(test_csv.stat().st_mtime_ns)]
+    stamp = [str(d.resolve()), "gtsrb", str(len(tr_files)), str(len(te_files)), files_stamp(tr_files),
+             files_stamp(te_files)]
     arrays = _cached(stamp, lambda: {"x_train": decode_images(tr_files, SIZE), "x_test": decode_images(te_files, SIZE)})
     return from_numpy("gtsrb", arrays["x_train"], tr_labels, arrays["x_test"], te_labels,
                       [str(i) for i in range(NUM_CLASSES)], source=str(d), hflip=False)

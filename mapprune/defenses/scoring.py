@@ -1,0 +1,178 @@
+"""FMT's testing phase: feature reverse generation per feature map, scored by accuracy on the adversarial images.
+
+For every Conv2d layer l and output channel c: starting from x0 = clip(x + alpha * s, 0, 1) (one random sign
+draw shared by all maps), take one signed step of size eps that pushes channel c of layer l away from its
+clean value, and record the fraction of the n images the model still classifies correctly.
+
+Two implementations, which give the same scores:
+- ``reference``: the plain per-map loop, written to be read;
+- ``fast``: a chunk of k maps per pass (the n images replicated k times: images are independent in eval
+  mode, so one backward gives every map its own gradient), clean activations once per layer, the forward
+  stopped at layer l, the accuracy pass in inference mode, memory bounded by ``batch_images``.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..errors import MapPruneError
+from .pruning import conv_layers
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the layer of interest has run."""
+
+
+def forward_to(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Runs ``model`` on ``x`` only as far as ``layer`` and returns that layer's output."""
+    box = {}
+
+    def hook(mod, inputs, output):
+        box["out"] = output
+        raise _Stop
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        model(x)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if "out" not in box:
+        raise MapPruneError("a Conv2d layer never ran in the forward pass; FMT can only test layers the model uses")
+    return box["out"]
+
+
+def random_start(x: torch.Tensor, alpha: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    sign = torch.randint(0, 2, x.shape, generator=g).mul_(2).sub_(1).to(x.device, x.dtype)
+    return (x + alpha * sign).clamp_(0, 1)
+
+
+def _check(images, labels):
+    if images.ndim != 4:
+        raise MapPruneError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    if len(images) != len(labels) or len(images) == 0:
+        raise MapPruneError(f"need as many labels as images (got {len(images)} images, {len(labels)} labels)")
+    if images.dtype == torch.uint8:
+        images = images.float() / 255
+    elif images.min() < 0 or images.max() > 1:
+        raise MapPruneError("float images must be pixels in [0, 1] (normalisation belongs inside the model)")
+    return images
+
+
+def adversarial_for_map(model, layer, x, x0, channel: int, eps: float) -> torch.Tensor:
+    """x_adv for one feature map: one signed step from x0 away from the map's clean activation."""
+    with torch.no_grad():
+        clean = forward_to(model, layer, x)[:, channel]
+    x_start = x0.clone().requires_grad_(True)
+    loss = (forward_to(model, layer, x_start)[:, channel] - clean).square().mean()
+    (grad,) = torch.autograd.grad(loss, x_start)
+    return (x0 + eps * grad.sign()).clamp(0, 1)
+
+
+def _score_reference(model, layers, x, y, x0, eps, progress) -> dict[str, torch.Tensor]:
+    scores = {}
+    for name, layer in layers.items():
+        acc = torch.zeros(layer.out_channels)
+        for c in range(layer.out_channels):
+            x_adv = adversarial_for_map(model, layer, x, x0, c, eps)
+            with torch.no_grad():
+                acc[c] = (model(x_adv).argmax(1) == y).float().mean().cpu()
+            progress(1)
+        scores[name] = acc
+    return scores
+
+
+def _score_fast(model, layers, x, y, x0, eps, progress, batch_images) -> dict[str, torch.Tensor]:
+    n = len(x)
+    chunk = max(1, batch_images // n)
+    scores = {}
+    for name, layer in layers.items():
+        channels = layer.out_channels
+        with torch.inference_mode():
+            clean = forward_to(model, layer, x)  # (n, C, H, W), once per layer
+        acc = torch.empty(channels)
+        for c0 in range(0, channels, chunk):
+            k = min(chunk, channels - c0)
+            ks = torch.arange(k, device=x.device)
+            x_start = x0.repeat(k, 1, 1, 1).requires_grad_(True)  # replica j tests map c0 + j
+            out = forward_to(model, layer, x_start)
+            out = out.view(k, n, *out.shape[1:])
+            picked = out[ks, :, c0 + ks]  # (k, n, H, W): replica j's own map
+            target = clean[:, c0:c0 + k].transpose(0, 1)
+            # Sum over maps of each map's own mean squared difference: replica j's gradient is exactly
+            # the gradient the reference loop computes for map c0 + j.
+            loss = (picked - target).square().flatten(1).mean(1).sum()
+            (grad,) = torch.autograd.grad(loss, x_start)
+            with torch.inference_mode():
+                x_adv = (x_start.detach() + eps * grad.sign()).clamp_(0, 1)
+                correct = (model(x_adv).argmax(1) == y.repeat(k)).view(k, n)
+                acc[c0:c0 + k] = correct.float().mean(1).cpu()
+            del out, picked, grad, x_start
+            progress(k)
+        scores[name] = acc
+    return scores
+
+
+IMPLEMENTATIONS = ("fast", "reference")
+
+
+def score_feature_maps(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    eps: float = 0.06,
+    alpha: float = 0.02,
+    seed: int = 0,
+    implementation: str = "fast",
+    layers: list[str] | None = None,
+    batch_images: int = 1024,
+    progress: Callable[[int], None] | bool = False,
+) -> dict[str, torch.Tensor]:
+    """Per-map accuracy under per-map attack, ``{conv module name: tensor of per-channel accuracies}``.
+
+    ``images``: (n, C, H, W) uint8 or float in [0, 1], on the model's device or CPU; ``labels``: true labels.
+    The model is used in eval mode (BatchNorm running statistics) and left as it was found.
+    ``layers`` restricts testing to those conv names (default: every Conv2d). ``batch_images`` bounds how many
+    images one pass of the fast implementation holds (memory scales with it).
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise MapPruneError(f"unknown implementation {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}")
+    if eps < 0 or alpha < 0:
+        raise MapPruneError(f"eps and alpha must be >= 0, got eps={eps}, alpha={alpha}")
+    all_layers = conv_layers(model)
+    if layers is not None:
+        unknown = [n for n in layers if n not in all_layers]
+        if unknown:
+            raise MapPruneError(f"no Conv2d named {unknown[0]!r}; conv layers are: {', '.join(all_layers)}")
+        all_layers = {n: all_layers[n] for n in layers}
+    device = next(model.parameters()).device
+    x = _check(images, labels).to(device).contiguous(memory_format=torch.channels_last)
+    y = labels.to(device)
+    x0 = random_start(x, alpha, seed)
+    tick = progress if callable(progress) else (lambda k: None)
+    bar = None
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(m.out_channels for m in all_layers.values()), desc="testing feature maps",
+                   unit="map", leave=False, dynamic_ncols=True)
+        tick = bar.update
+    was_training = model.training
+    model.eval()
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)  # gradients are needed w.r.t. the input only
+    try:
+        if implementation == "reference":
+            return _score_reference(model, all_layers, x, y, x0, eps, tick)
+        return _score_fast(model, all_layers, x, y, x0, eps, tick, batch_images)
+    finally:
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+        model.train(was_training)
+        if bar is not None:
+            bar.close()

@@ -1,0 +1,45 @@
+"""Shared fixtures. Tests are small and CPU-only; real-data tests skip when ../shared/data is absent."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# One thread (override with MAPPRUNE_TEST_THREADS): the models here are tiny, and on a shared machine several
+# threads oversubscribe the cores (a 2-epoch digits run goes from ~2 s to ~27 s while another process keeps
+# both cores of a 2-core machine busy).
+torch.set_num_threads(int(os.environ.get("MAPPRUNE_TEST_THREADS", "1")))
+
+REPO = Path(__file__).resolve().parents[1]
+# The user's own cache setting, before the session fixture below points MAPPRUNE_CACHE at a temporary folder.
+USER_CACHE = os.environ.get("MAPPRUNE_CACHE")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_env(tmp_path_factory):
+    """Every test writes its decoded-image cache into a temporary folder, never into ~/.cache, and sees no
+    MAPPRUNE_DATA from the user's shell."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MAPPRUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        mp.delenv("MAPPRUNE_DATA", raising=False)
+        yield
+
+
+@pytest.fixture
+def user_cache(monkeypatch):
+    """For real-data tests: use the normal cache, so 60,000 JPEGs are decoded once per machine, not per run."""
+    if USER_CACHE is None:
+        monkeypatch.delenv("MAPPRUNE_CACHE")
+    else:
+        monkeypatch.setenv("MAPPRUNE_CACHE", USER_CACHE)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real datasets: $MAPPRUNE_TEST_DATA, else ../shared/data next to the repository."""
+    env = os.environ.get("MAPPRUNE_TEST_DATA")
+    path = Path(env) if env else REPO.parent / "shared" / "data"
+    if not path.is_dir():
+        pytest.skip(f"real datasets not found at {path} (set MAPPRUNE_TEST_DATA to the shared data folder)")
+    return path
