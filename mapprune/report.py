@@ -96,7 +96,6 @@ def save_defense_figures(folder: Path, manifest: dict, report: dict, result, x, 
 def _save_adversarial(path, manifest, result, x, y, defense, plt, count: int = 6) -> None:
     """The adversarial inputs of the lowest-scoring maps (first test image), next to the clean image."""
     from .defenses.scoring import adversarial_for_map, random_start
-    from .runs import model_from_manifest
 
     flat = [(float(s), name, c) for name, sc in result.scores.items() for c, s in enumerate(sc.tolist())]
     flat.sort(key=lambda t: (t[0], t[1], t[2]))

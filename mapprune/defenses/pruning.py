@@ -28,7 +28,7 @@ def following_batchnorms(model: nn.Module, example: torch.Tensor) -> dict[str, s
     found: dict[str, str] = {}
     handles = []
     names = {m: n for n, m in model.named_modules()}
-    for name, m in model.named_modules():
+    for m in model.modules():
         if isinstance(m, nn.Conv2d):
             handles.append(m.register_forward_hook(lambda mod, i, o: produced.__setitem__(id(o), names[mod])))
         elif isinstance(m, nn.BatchNorm2d):

@@ -72,11 +72,11 @@ def adversarial_for_map(model, layer, x, x0, channel: int, eps: float) -> torch.
     return (x0 + eps * grad.sign()).clamp(0, 1)
 
 
-def _score_reference(model, layers, x, y, x0, eps, progress) -> dict[str, torch.Tensor]:
+def _score_reference(model, layers, x, y, x0, eps, progress, max_maps) -> dict[str, torch.Tensor]:
     scores = {}
     for name, layer in layers.items():
-        acc = torch.zeros(layer.out_channels)
-        for c in range(layer.out_channels):
+        acc = torch.full((layer.out_channels,), float("nan"))
+        for c in range(min(layer.out_channels, max_maps)):
             x_adv = adversarial_for_map(model, layer, x, x0, c, eps)
             with torch.no_grad():
                 acc[c] = (model(x_adv).argmax(1) == y).float().mean().cpu()
@@ -85,15 +85,15 @@ def _score_reference(model, layers, x, y, x0, eps, progress) -> dict[str, torch.
     return scores
 
 
-def _score_fast(model, layers, x, y, x0, eps, progress, batch_images) -> dict[str, torch.Tensor]:
+def _score_fast(model, layers, x, y, x0, eps, progress, max_maps, batch_images) -> dict[str, torch.Tensor]:
     n = len(x)
     chunk = max(1, batch_images // n)
     scores = {}
     for name, layer in layers.items():
-        channels = layer.out_channels
+        channels = min(layer.out_channels, max_maps)
         with torch.inference_mode():
             clean = forward_to(model, layer, x)  # (n, C, H, W), once per layer
-        acc = torch.empty(channels)
+        acc = torch.full((layer.out_channels,), float("nan"))
         for c0 in range(0, channels, chunk):
             k = min(chunk, channels - c0)
             ks = torch.arange(k, device=x.device)
@@ -130,6 +130,7 @@ def score_feature_maps(
     implementation: str = "fast",
     layers: list[str] | None = None,
     batch_images: int = 1024,
+    max_maps: int | None = None,
     progress: Callable[[int], None] | bool = False,
 ) -> dict[str, torch.Tensor]:
     """Per-map accuracy under per-map attack, ``{conv module name: tensor of per-channel accuracies}``.
@@ -153,12 +154,13 @@ def score_feature_maps(
     x = _check(images, labels).to(device).contiguous(memory_format=torch.channels_last)
     y = labels.to(device)
     x0 = random_start(x, alpha, seed)
+    max_maps = max_maps if max_maps is not None else max(m.out_channels for m in all_layers.values())
     tick = progress if callable(progress) else (lambda k: None)
     bar = None
     if progress is True:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(m.out_channels for m in all_layers.values()), desc="testing feature maps",
+        bar = tqdm(total=sum(min(m.out_channels, max_maps) for m in all_layers.values()), desc="testing feature maps",
                    unit="map", leave=False, dynamic_ncols=True)
         tick = bar.update
     was_training = model.training
@@ -168,8 +170,8 @@ def score_feature_maps(
         p.requires_grad_(False)  # gradients are needed w.r.t. the input only
     try:
         if implementation == "reference":
-            return _score_reference(model, all_layers, x, y, x0, eps, tick)
-        return _score_fast(model, all_layers, x, y, x0, eps, tick, batch_images)
+            return _score_reference(model, all_layers, x, y, x0, eps, tick, max_maps)
+        return _score_fast(model, all_layers, x, y, x0, eps, tick, max_maps, batch_images)
     finally:
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)

@@ -1,0 +1,162 @@
+"""FMT's selection rules, pruning, masking, the FT baseline, and repair of a really backdoored model."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mapprune.defenses import FMT, FineTune, create_defense
+from mapprune.defenses.pruning import conv_layers, following_batchnorms, prune
+from mapprune.defenses.selection import select, select_outlier, select_rank
+from mapprune.errors import MapPruneError
+from mapprune.models import create_model
+
+
+def test_following_batchnorms_preactresnet():
+    model = create_model("preactresnet18", 10, width=8)
+    bns = following_batchnorms(model, torch.rand(1, 3, 32, 32))
+    assert bns["net.conv1"] == "net.layer1.0.bn1"  # the stem feeds the first block's pre-activation BN
+    assert bns["net.layer1.0.conv1"] == "net.layer1.0.bn2"
+    assert bns["net.layer2.0.conv1"] == "net.layer2.0.bn2"
+    # Residual convs feed a sum: no BatchNorm normalises them alone, so none is zeroed with them.
+    assert "net.layer1.0.conv2" not in bns
+    assert "net.layer2.0.shortcut.0" not in bns
+
+
+def test_following_batchnorms_resnet_and_vgg():
+    resnet = following_batchnorms(create_model("resnet18", 10, width=8), torch.rand(1, 3, 32, 32))
+    assert resnet["net.layer2.0.shortcut.0"] == "net.layer2.0.shortcut.1"
+    assert resnet["net.layer3.1.conv2"] == "net.layer3.1.bn2"
+    vgg_model = create_model("vgg16_bn", 10, width=4)
+    vgg = following_batchnorms(vgg_model, torch.rand(1, 3, 32, 32))
+    assert len(vgg) == len(conv_layers(vgg_model)) == 13
+
+
+def test_rank_rule_paper_counts_at_width_64():
+    model = create_model("preactresnet18", 10, width=64)
+    scores = {name: torch.rand(m.out_channels) for name, m in conv_layers(model).items()}
+    chosen = select_rank(scores, min_per_layer=0)
+    assert sum(len(v) for v in chosen.values()) == 75  # 1 of 64, 2 of 128, 4 of 256, 8 of 512
+    assert sum(len(v) for v in select_rank(scores).values()) == 75  # min_per_layer=1 changes nothing here
+    for name, s in scores.items():
+        k = len(s) // 64
+        assert chosen[name] == sorted(torch.argsort(s)[:k].tolist())
+
+
+def test_rank_rule_narrow_layers_and_ties():
+    scores = {"a": torch.tensor([0.5, 0.25, 0.25, 0.9]), "b": torch.ones(16)}
+    assert select_rank(scores, min_per_layer=0) == {"a": [], "b": []}  # C/64 < 1: the paper prunes nothing
+    chosen = select_rank(scores)
+    assert chosen["a"] == [1]  # a tie at 0.25: the lower channel index wins, deterministically
+    assert chosen["b"] == [0]
+    assert select_rank({"c": torch.zeros(1)}) == {"c": []}  # never the only map of a layer
+    with pytest.raises(MapPruneError):
+        select_rank(scores, fraction=1.5)
+
+
+def test_outlier_rules_flag_only_low_outliers():
+    g = torch.Generator().manual_seed(0)
+    s = 0.8 + 0.03 * torch.randn(64, generator=g)
+    s[5], s[40] = 0.1, 0.2  # two backdoor-like maps
+    s[7] = 1.0  # a high outlier: robust maps are not suspicious
+    for method in ("elliptic", "mad"):
+        chosen = select_outlier({"l": s}, method=method)["l"]
+        assert 5 in chosen and 40 in chosen, method
+        assert 7 not in chosen, method
+    assert select_outlier({"l": torch.full((32,), 0.5)}, method="elliptic") == {"l": []}
+    assert select_outlier({"l": torch.full((32,), 0.5)}, method="mad") == {"l": []}
+    with pytest.raises(MapPruneError, match="selection rule"):
+        select("magic", {"l": s})
+    with pytest.raises(MapPruneError, match="outlier method"):
+        select_outlier({"l": s}, method="kmeans")
+
+
+def test_prune_zeroes_filter_and_gamma_and_mask_keeps_them_zero():
+    torch.manual_seed(0)
+    model = create_model("vgg16_bn", 10, width=4)
+    pruned = {"net.features.0": [1, 3], "net.features.7": [0]}
+    mask = prune(model, pruned, torch.rand(1, 3, 32, 32))
+    conv, bn = model.net.features[0], model.net.features[1]
+    assert conv.weight[[1, 3]].abs().sum() == 0 and bn.weight[[1, 3]].abs().sum() == 0
+    assert conv.weight[0].abs().sum() > 0 and bn.weight[0] != 0
+    assert model.net.features[7].weight[0].abs().sum() == 0
+    # One SGD step regrows pruned weights (weight decay aside, gradients flow into them) unless masked.
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    model(torch.rand(8, 3, 32, 32)).logsumexp(1).mean().backward()
+    opt.step()
+    assert conv.weight[[1, 3]].abs().sum() > 0
+    mask(model)
+    assert conv.weight[[1, 3]].abs().sum() == 0 and bn.weight[[1, 3]].abs().sum() == 0
+
+
+def _digits_backdoor(tmp_path_factory):
+    from mapprune.backdoor import attack_run
+    from mapprune.runs import load_run
+
+    out = tmp_path_factory.mktemp("fmt") / "run"
+    attack_run("badnets", out, dataset="digits", preset="demo", progress=False)
+    return load_run(out)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    return _digits_backdoor(tmp_path_factory)
+
+
+def test_fmt_and_ft_on_a_really_backdoored_model(digits_run):
+    from mapprune.data import clean_subset
+    from mapprune.metrics import evaluate
+
+    r = digits_run
+    tests = r.test_sets()
+    before = evaluate(r.model, tests)
+    assert before["asr"] > 0.9 and before["acc"] > 0.9
+    idx = clean_subset(r.dataset.y_train, 0.1, 0)
+    x, y = r.dataset.x_train[idx], r.dataset.y_train[idx]
+    original = {k: v.clone() for k, v in r.model.state_dict().items()}
+
+    fmt = FMT(hflip=False, batch_size=32, mask=True)
+    result = fmt.repair(r.model, x, y)
+    after = evaluate(result.model, tests)
+    assert all(torch.equal(v, r.model.state_dict()[k]) for k, v in original.items()), "input model untouched"
+    assert set(result.scores) == set(conv_layers(r.model))
+    assert result.num_pruned == sum(max(1, math.floor(len(s) / 64)) for s in result.scores.values())
+    for name, channels in result.pruned.items():  # the mask kept every pruned filter at exactly zero
+        conv = dict(result.model.named_modules())[name]
+        assert conv.weight[channels].abs().sum() == 0
+    assert set(result.timings) >= {"test", "select", "prune", "finetune", "total"}
+    assert after["acc"] > before["acc"] - 0.05
+    assert after["asr"] < before["asr"] - 0.1, (before, after)
+
+    detect = FMT(hflip=False, detect_only=True).repair(r.model, x, y)
+    assert detect.num_pruned > 0 and detect.history == []
+    assert all(torch.equal(v, detect.model.state_dict()[k]) for k, v in original.items())
+
+    ft = create_defense("ft", hflip=False, batch_size=32).repair(r.model, x, y)
+    assert isinstance(ft, type(result)) and ft.pruned == {} and len(ft.history) == 10
+
+
+def test_defense_input_errors(digits_run):
+    model = digits_run.model
+    with pytest.raises(MapPruneError, match="labels"):
+        FineTune(epochs=0).repair(model, torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.zeros(3))
+    with pytest.raises(MapPruneError, match=r"\[0, 1\]"):
+        FineTune(epochs=0).repair(model, torch.full((4, 1, 8, 8), 3.0), torch.zeros(4))
+    with pytest.raises(MapPruneError, match="selection"):
+        FMT(selection="all")
+    with pytest.raises(MapPruneError, match="valid defenses"):
+        create_defense("magic")
+
+
+def test_library_example_from_readme(digits_run):
+    """The README's ten lines, on a plain nn.Module that is not one of ours."""
+    inner = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 64, 10)).eval()
+    images = torch.rand(40, 1, 8, 8)
+    labels = torch.randint(0, 10, (40,))
+    result = FMT(epochs=1, n_images=8).repair(inner, images, labels)
+    assert result.num_pruned == 1 and list(result.pruned) == ["0"]
+    assert result.scores["0"].shape == (8,)
+    assert result.model is not inner

@@ -1,0 +1,137 @@
+"""FMT's testing phase: the fast implementation gives exactly the reference loop's scores."""
+
+import pytest
+import torch
+from torch import nn
+
+from mapprune.defenses import score_feature_maps
+from mapprune.defenses.pruning import conv_layers
+from mapprune.errors import MapPruneError
+from mapprune.models import create_model
+
+
+def _calibrated(model: nn.Module, shape, seed=0) -> nn.Module:
+    """A random model with non-trivial BatchNorm running statistics, in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # exact averages of the calibration batches, not 10% steps away from 0 and 1
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(_smooth_images(32, shape, g))
+    return model.eval()
+
+
+def _smooth_images(n, shape, g):
+    """Random images with large-scale structure, so deep features differ between images."""
+    c, h, w = shape
+    coarse = torch.rand(n, c, max(1, h // 8), max(1, w // 8), generator=g)
+    return torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear").clamp(0, 1)
+
+
+def _images_and_own_labels(model, n, shape, seed=1):
+    """Images labelled with the model's own predictions: clean accuracy is 100%, so scores are informative."""
+    x = _smooth_images(n, shape, torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    return x, y
+
+
+@pytest.mark.parametrize(
+    ("name", "width", "eps"), [("preactresnet18", 16, 0.06), ("vgg16_bn", 4, 0.06)],
+    ids=["preactresnet18-w16", "vgg16_bn-w4"],
+)
+def test_fast_equals_reference(name, width, eps):
+    torch.manual_seed(0)
+    model = _calibrated(create_model(name, 10, width=width), (3, 32, 32))
+    x, y = _images_and_own_labels(model, 8, (3, 32, 32))
+    # batch_images=24 makes chunks of 3 maps, so chunk edges and remainders are exercised too.
+    fast = score_feature_maps(model, x, y, eps=eps, alpha=0.02, seed=3, implementation="fast", batch_images=24)
+    ref = score_feature_maps(model, x, y, eps=eps, alpha=0.02, seed=3, implementation="reference")
+    assert list(fast) == list(ref) == list(conv_layers(model))
+    for layer in ref:
+        assert fast[layer].shape == (conv_layers(model)[layer].out_channels,)
+        torch.testing.assert_close(fast[layer], ref[layer], rtol=0, atol=0, msg=f"layer {layer}")
+    allscores = torch.cat(list(ref.values()))
+    assert allscores.std() > 0, "scores must vary between maps for this comparison to mean anything"
+    assert ((allscores >= 0) & (allscores <= 1)).all()
+
+
+def test_scores_depend_on_seed_and_eps_and_are_deterministic():
+    torch.manual_seed(0)
+    model = _calibrated(create_model("smallcnn", 10, width=8, in_channels=1), (1, 8, 8))
+    x, y = _images_and_own_labels(model, 16, (1, 8, 8))
+    a = score_feature_maps(model, x, y, seed=0)
+    b = score_feature_maps(model, x, y, seed=0)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    zero = score_feature_maps(model, x, y, eps=0.0, alpha=0.0)
+    # No perturbation at all: every map keeps the clean accuracy, which is 100% by construction.
+    assert all(torch.equal(v, torch.ones_like(v)) for v in zero.values())
+    big = score_feature_maps(model, x, y, eps=0.5)
+    assert torch.cat(list(big.values())).mean() < 1.0
+
+
+def test_model_state_is_restored():
+    model = _calibrated(create_model("smallcnn", 10, width=8, in_channels=1), (1, 8, 8))
+    model.train()
+    x, y = _images_and_own_labels(model.eval(), 4, (1, 8, 8))
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    score_feature_maps(model, x, y)
+    assert model.training
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "BN stats must not move"
+
+
+class _OddCNN(nn.Module):
+    """Not one of ours: conv biases, groups, dilation, no BatchNorm, a conv reused twice, names of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=4)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        return self.head(torch.relu(self.grouped(x)))
+
+
+def test_any_conv_module_works_and_is_keyed_by_name():
+    torch.manual_seed(0)
+    model = _OddCNN().eval()
+    x, y = _images_and_own_labels(model, 8, (3, 16, 16))
+    fast = score_feature_maps(model, x, y, batch_images=16)
+    ref = score_feature_maps(model, x, y, implementation="reference")
+    assert list(fast) == ["stem", "grouped"]
+    assert all(torch.equal(fast[k], ref[k]) for k in fast)
+
+
+def test_torchvision_model_if_installed():
+    tv = pytest.importorskip("torchvision", reason="torchvision is not installed (optional)")
+    model = _calibrated(tv.models.resnet18(weights=None, num_classes=10), (3, 32, 32))
+    x, y = _images_and_own_labels(model, 4, (3, 32, 32))
+    scores = score_feature_maps(model, x, y, layers=["conv1", "layer1.0.conv1", "layer2.0.downsample.0"])
+    assert [len(v) for v in scores.values()] == [64, 64, 128]
+
+
+def test_layers_subset_and_bad_input():
+    model = _calibrated(create_model("smallcnn", 10, width=8, in_channels=1), (1, 8, 8))
+    x, y = _images_and_own_labels(model, 4, (1, 8, 8))
+    names = list(conv_layers(model))
+    assert list(score_feature_maps(model, x, y, layers=names[1:2])) == names[1:2]
+    with pytest.raises(MapPruneError, match="no Conv2d named"):
+        score_feature_maps(model, x, y, layers=["nope"])
+    with pytest.raises(MapPruneError, match="implementation"):
+        score_feature_maps(model, x, y, implementation="turbo")
+    with pytest.raises(MapPruneError, match=r"\[0, 1\]"):
+        score_feature_maps(model, x * 4 - 2, y)
+    with pytest.raises(MapPruneError, match="labels"):
+        score_feature_maps(model, x, y[:2])
+    with pytest.raises(MapPruneError, match="no Conv2d"):
+        score_feature_maps(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), x, y)
+    # uint8 images are accepted as pixels
+    u8 = (x * 255).round().to(torch.uint8)
+    assert set(score_feature_maps(model, u8, y)) == set(names)
