@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--overwrite", action="store_true")
     _add_common(f)
 
+    rp = sub.add_parser("report", help="print a markdown table of runs and their defenses")
+    rp.add_argument("runs", type=Path, nargs="+")
+    rp.add_argument("--json", action="store_true", help="print the rows as one JSON list")
+
     d = sub.add_parser("demo", help="backdoor a model on the embedded digits and measure it (about a minute)")
     d.add_argument("--out", type=Path, help="keep the run folder here (default: a temporary folder)")
     _add_common(d)
@@ -138,6 +142,14 @@ def cmd_defend(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import collect_rows, markdown_table
+
+    rows = collect_rows(args.runs)
+    print(json.dumps(rows) if args.json else markdown_table(rows))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import demo
 
@@ -145,7 +157,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"attack": cmd_attack, "defend": cmd_defend, "eval": cmd_eval, "demo": cmd_demo}
+COMMANDS = {"attack": cmd_attack, "defend": cmd_defend, "eval": cmd_eval, "report": cmd_report, "demo": cmd_demo}
 
 
 def main(argv=None) -> int:

@@ -120,3 +120,33 @@ def _save_adversarial(path, manifest, result, x, y, defense, plt, count: int = 6
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def collect_rows(runs) -> list[dict]:
+    """One row per run folder (the undefended model) and per defense result inside it."""
+    import json
+
+    from .runs import read_manifest
+
+    rows = []
+    for run in runs:
+        run = Path(run)
+        m = read_manifest(run)
+        base = {"run": run.name, "attack": m["attack"]["name"], "dataset": m["dataset"]["name"]}
+        rows.append({**base, "defense": "none", **m["metrics"], "der": None, "pruned": 0,
+                     "wall_s": m["timings"]["train_s"]})
+        for res in sorted((run / "defense").glob("*/result.json")):
+            r = json.loads(res.read_text())
+            rows.append({**base, "defense": r["name"], **r["after"], "der": r["der"], "pruned": r["num_pruned"],
+                         "wall_s": r["wall_s"]})
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = "| run | attack | defense | ACC % | ASR % | RA % | DER % | maps pruned | wall s |"
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        der = "" if r["der"] is None else f"{100 * r['der']:.2f}"
+        lines.append(f"| {r['run']} | {r['attack']} | {r['defense']} | {100 * r['acc']:.2f} | {100 * r['asr']:.2f} | "
+                     f"{100 * r['ra']:.2f} | {der} | {r['pruned']} | {r['wall_s']:.0f} |")
+    return "\n".join(lines)

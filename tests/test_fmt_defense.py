@@ -117,18 +117,19 @@ def test_fmt_and_ft_on_a_really_backdoored_model(digits_run):
     x, y = r.dataset.x_train[idx], r.dataset.y_train[idx]
     original = {k: v.clone() for k, v in r.model.state_dict().items()}
 
-    fmt = FMT(hflip=False, batch_size=32, mask=True)
+    # The demo's settings for 8x8 digits (see mapprune/demo.py): eps 0.06 barely moves a digits CNN.
+    fmt = FMT(hflip=False, batch_size=32, mask=True, eps=0.2, fraction=1 / 8)
     result = fmt.repair(r.model, x, y)
     after = evaluate(result.model, tests)
     assert all(torch.equal(v, r.model.state_dict()[k]) for k, v in original.items()), "input model untouched"
     assert set(result.scores) == set(conv_layers(r.model))
-    assert result.num_pruned == sum(max(1, math.floor(len(s) / 64)) for s in result.scores.values())
+    assert result.num_pruned == sum(max(1, math.floor(len(s) / 8)) for s in result.scores.values())
     for name, channels in result.pruned.items():  # the mask kept every pruned filter at exactly zero
         conv = dict(result.model.named_modules())[name]
         assert conv.weight[channels].abs().sum() == 0
     assert set(result.timings) >= {"test", "select", "prune", "finetune", "total"}
     assert after["acc"] > before["acc"] - 0.05
-    assert after["asr"] < before["asr"] - 0.1, (before, after)
+    assert after["asr"] < before["asr"] - 0.3, (before, after)
 
     detect = FMT(hflip=False, detect_only=True).repair(r.model, x, y)
     assert detect.num_pruned > 0 and detect.history == []
