@@ -72,23 +72,37 @@ def test_outlier_rules_flag_only_low_outliers():
         select_outlier({"l": s}, method="kmeans")
 
 
-def test_prune_zeroes_filter_and_gamma_and_mask_keeps_them_zero():
+def _sgd_step(model, shape):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    model(torch.rand(8, *shape)).logsumexp(1).mean().backward()
+    opt.step()
+
+
+def test_prune_zeroes_filter_and_gamma():
     torch.manual_seed(0)
     model = create_model("vgg16_bn", 10, width=4)
     pruned = {"net.features.0": [1, 3], "net.features.7": [0]}
-    mask = prune(model, pruned, torch.rand(1, 3, 32, 32))
+    prune(model, pruned, torch.rand(1, 3, 32, 32))
     conv, bn = model.net.features[0], model.net.features[1]
     assert conv.weight[[1, 3]].abs().sum() == 0 and bn.weight[[1, 3]].abs().sum() == 0
     assert conv.weight[0].abs().sum() > 0 and bn.weight[0] != 0
     assert model.net.features[7].weight[0].abs().sum() == 0
-    # One SGD step regrows pruned weights (weight decay aside, gradients flow into them) unless masked.
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    model.train()
-    model(torch.rand(8, 3, 32, 32)).logsumexp(1).mean().backward()
-    opt.step()
-    assert conv.weight[[1, 3]].abs().sum() > 0
-    mask(model)
+    # With filter and gamma both zero, a conv -> BN pair gets no gradient: it cannot regrow, mask or not.
+    _sgd_step(model, (3, 32, 32))
     assert conv.weight[[1, 3]].abs().sum() == 0 and bn.weight[[1, 3]].abs().sum() == 0
+
+
+def test_residual_convs_regrow_unless_masked():
+    torch.manual_seed(0)
+    model = create_model("preactresnet18", 10, width=8)
+    conv = model.net.layer1[0].conv2
+    mask = prune(model, {"net.layer1.0.conv2": [2]}, torch.rand(1, 3, 32, 32))
+    assert conv.weight[2].abs().sum() == 0
+    _sgd_step(model, (3, 32, 32))  # conv2 feeds the residual sum: its gradient does not pass a zeroed gamma
+    assert conv.weight[2].abs().sum() > 0
+    mask(model)
+    assert conv.weight[2].abs().sum() == 0
 
 
 def _digits_backdoor(tmp_path_factory):
