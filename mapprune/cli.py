@@ -167,6 +167,9 @@ def main(argv=None) -> int:
     except MapPruneError as e:
         print(f"mapprune: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permission denied: the message says which file
+        print(f"mapprune: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("mapprune: interrupted; rerun the same command to resume from the last finished epoch",
               file=sys.stderr)

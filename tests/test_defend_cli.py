@@ -1,0 +1,67 @@
+"""`mapprune defend` / `eval --defense` / `report` on a real (digits) backdoored run."""
+
+import json
+
+import pytest
+
+from mapprune.backdoor import attack_run
+from mapprune.cli import main
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    attack_run("badnets", out, dataset="digits", preset="demo", progress=False)
+    return out
+
+
+def test_defend_fmt_writes_result_model_and_figures(run, capsys):
+    rc = main(["defend", "fmt", str(run), "--eps", "0.2", "--fraction", "0.125", "--batch-size", "32", "--mask",
+               "--no-progress"])
+    assert rc == 0
+    folder = run / "defense" / "fmt-mask"
+    for name in ("model.safetensors", "result.json", "metrics.png", "scores.png", "adversarial.png"):
+        assert (folder / name).is_file(), name
+    r = json.loads((folder / "result.json").read_text())
+    assert set(r) >= {"before", "after", "der", "pruned", "scores", "timings", "peak_memory_mb", "clean_subset"}
+    assert r["num_pruned"] == sum(len(v) for v in r["pruned"].values()) > 0
+    assert set(r["timings"]) >= {"test", "select", "prune", "finetune", "total"}
+    assert r["clean_subset"]["ratio"] == 0.1 and r["params"]["mask"] is True
+    assert r["after"]["asr"] < r["before"]["asr"]
+    capsys.readouterr()
+    assert main(["eval", str(run), "--defense", "fmt-mask", "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1
+    ev = json.loads(out[0])
+    assert ev["asr"] == pytest.approx(r["after"]["asr"]) and ev["acc"] == pytest.approx(r["after"]["acc"])
+
+
+def test_detect_only_changes_nothing_and_ft_uses_same_subset(run, capsys):
+    assert main(["defend", "fmt", str(run), "--detect-only", "--no-progress"]) == 0
+    folder = run / "defense" / "fmt-detect"
+    r = json.loads((folder / "result.json").read_text())
+    assert not (folder / "model.safetensors").exists()
+    assert r["after"] == r["before"] and r["num_pruned"] > 0
+    assert main(["defend", "ft", str(run), "--epochs", "2", "--no-progress"]) == 0
+    ft = json.loads((run / "defense" / "ft" / "result.json").read_text())
+    assert ft["clean_subset"]["indices"] == r["clean_subset"]["indices"]
+    assert ft["num_pruned"] == 0 and len(ft["history"]) == 2
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0
+    table = capsys.readouterr().out
+    assert "| fmt-detect |" in table and "| ft |" in table and "| none |" in table
+
+
+def test_defend_bad_input(run, capsys, tmp_path):
+    assert main(["defend", "magic", str(run)]) == 2
+    assert "valid defenses" in capsys.readouterr().err
+    assert main(["defend", "ft", str(run), "--mask"]) == 2
+    assert "fmt only" in capsys.readouterr().err
+    assert main(["defend", "fmt", str(tmp_path / "nothing")]) == 2
+    assert "not a mapprune run folder" in capsys.readouterr().err
+    assert main(["eval", str(run), "--defense", "nope"]) == 2
+    assert "mapprune defend nope" in capsys.readouterr().err
+    main(["defend", "ft", str(run), "--epochs", "1", "--no-progress", "--name", "once"])
+    capsys.readouterr()
+    assert main(["defend", "ft", str(run), "--epochs", "1", "--no-progress", "--name", "once"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
