@@ -97,6 +97,7 @@ def attack_run(
                             poison_ratio=poison_ratio, **(attack_kw or {}))
         cfg = TrainConfig(seed=seed, hflip=ds.hflip, **p)
         cfg.validate()
+        atk.prepare(ds, device=dev, progress=progress)
         x_train, y_train, poison_idx = atk.poison_train(ds.x_train, ds.y_train, seed)
         test_sets = {"clean": (ds.x_test, ds.y_test), "backdoor": atk.backdoor_test(ds.x_test, ds.y_test)}
         t_data = time.perf_counter() - t_start

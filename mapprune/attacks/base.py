@@ -47,6 +47,12 @@ class Attack:
         for k, v in tensors.items():
             setattr(self, k, v)
 
+    def prepare(self, dataset, *, device=None, progress: bool = True) -> None:
+        """Builds what the trigger needs from the training data before poisoning (a clean model, an encoder,
+        a perturbation), using the resource cache. Called once by the attack job; a no-op for fixed triggers.
+        After it, :meth:`state` must hold everything needed to re-create the trigger without the data.
+        """
+
     # -- shared machinery ----------------------------------------------------------------------------
     def config(self) -> dict:
         return {"name": self.name, "target": self.target, "all_to_all": self.all_to_all,
