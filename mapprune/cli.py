@@ -22,6 +22,8 @@ def _add_common(p):
     p.add_argument("--data-dir", help="dataset folder (default: $MAPPRUNE_DATA)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; on a shared "
+                   "machine 1 per job is often faster in total)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +165,12 @@ COMMANDS = {"attack": cmd_attack, "defend": cmd_defend, "eval": cmd_eval, "repor
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "threads", None) is not None:
+            if args.threads < 1:
+                raise MapPruneError(f"--threads must be >= 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
         return COMMANDS[args.command](args)
     except MapPruneError as e:
         print(f"mapprune: error: {e}", file=sys.stderr)
