@@ -5,10 +5,11 @@ draw shared by all maps), take one signed step of size eps that pushes channel c
 clean value, and record the fraction of the n images the model still classifies correctly.
 
 Two implementations, which give the same scores:
-- ``reference``: the plain per-map loop, written to be read;
-- ``fast``: a chunk of k maps per pass (the n images replicated k times: images are independent in eval
-  mode, so one backward gives every map its own gradient), clean activations once per layer, the forward
-  stopped at layer l, the accuracy pass in inference mode, memory bounded by ``batch_images``.
+- ``reference``: the plain per-map loop, written to be read (whole-model forwards with a hook, the clean
+  activation recomputed per map, no batching);
+- ``fast``: per layer, the clean activations and the forward of x0 to layer l once; the backward passes of
+  a chunk of k maps batched into one (vmap over cotangents, ``is_grads_batched``), the accuracy pass of the
+  k x n adversarial images as one inference-mode batch; memory bounded by ``batch_images``.
 """
 
 from collections.abc import Callable
@@ -62,17 +63,33 @@ def _check(images, labels):
     return images
 
 
+def layer_output(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Runs the whole model on ``x`` and returns ``layer``'s output (the plain way, with a forward hook)."""
+    box = {}
+    # setdefault: a layer called twice reports its first call, as forward_to does.
+    handle = layer.register_forward_hook(lambda mod, inputs, output: box.setdefault("out", output))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    if "out" not in box:
+        raise MapPruneError("a Conv2d layer never ran in the forward pass; FMT can only test layers the model uses")
+    return box["out"]
+
+
 def adversarial_for_map(model, layer, x, x0, channel: int, eps: float) -> torch.Tensor:
     """x_adv for one feature map: one signed step from x0 away from the map's clean activation."""
     with torch.no_grad():
-        clean = forward_to(model, layer, x)[:, channel]
+        clean = layer_output(model, layer, x)[:, channel]
     x_start = x0.clone().requires_grad_(True)
-    loss = (forward_to(model, layer, x_start)[:, channel] - clean).square().mean()
+    loss = (layer_output(model, layer, x_start)[:, channel] - clean).square().mean()
     (grad,) = torch.autograd.grad(loss, x_start)
     return (x0 + eps * grad.sign()).clamp(0, 1)
 
 
 def _score_reference(model, layers, x, y, x0, eps, progress, max_maps) -> dict[str, torch.Tensor]:
+    """The plain per-map loop of the method's description: for each map, the clean activation, the gradient of
+    the map's squared deviation, one signed step, and the accuracy on the n stepped images."""
     scores = {}
     for name, layer in layers.items():
         acc = torch.full((layer.out_channels,), float("nan"))
@@ -93,25 +110,30 @@ def _score_fast(model, layers, x, y, x0, eps, progress, max_maps, batch_images) 
         channels = min(layer.out_channels, max_maps)
         with torch.inference_mode():
             clean = forward_to(model, layer, x)  # (n, C, H, W), once per layer
+        # One forward of x0 to layer l serves every map of the layer: each map's gradient is a backward pass
+        # of the same graph with another cotangent, so the backwards are batched (vmap) over maps.
+        x_start = x0.detach().requires_grad_(True)
+        out = forward_to(model, layer, x_start)
+        # d/d(out) of mean((out[:, c] - clean[:, c])^2): 2 (out - clean) / numel in channel c, zero elsewhere,
+        # formed with the same operations autograd uses for the reference loop's loss.
+        per_map = out.detach()[:, :channels] - clean[:, :channels]
+        scale = torch.full((), 1.0 / per_map[:, 0].numel(), device=x.device, dtype=out.dtype)
+        cot_all = scale * (2 * per_map)
         acc = torch.full((layer.out_channels,), float("nan"))
         for c0 in range(0, channels, chunk):
             k = min(chunk, channels - c0)
             ks = torch.arange(k, device=x.device)
-            x_start = x0.repeat(k, 1, 1, 1).requires_grad_(True)  # replica j tests map c0 + j
-            out = forward_to(model, layer, x_start)
-            out = out.view(k, n, *out.shape[1:])
-            picked = out[ks, :, c0 + ks]  # (k, n, H, W): replica j's own map
-            target = clean[:, c0:c0 + k].transpose(0, 1)
-            # Sum over maps of each map's own mean squared difference: replica j's gradient is exactly
-            # the gradient the reference loop computes for map c0 + j.
-            loss = (picked - target).square().flatten(1).mean(1).sum()
-            (grad,) = torch.autograd.grad(loss, x_start)
+            cot = torch.zeros((k, *out.shape), device=x.device, dtype=out.dtype)
+            cot[ks, :, c0 + ks] = cot_all[:, c0:c0 + k].transpose(0, 1)
+            (grad,) = torch.autograd.grad(out, x_start, cot, retain_graph=True, is_grads_batched=True)
             with torch.inference_mode():
-                x_adv = (x_start.detach() + eps * grad.sign()).clamp_(0, 1)
+                x_adv = (x0.unsqueeze(0) + eps * grad.sign()).clamp_(0, 1).flatten(0, 1)
+                x_adv = x_adv.contiguous(memory_format=torch.channels_last)
                 correct = (model(x_adv).argmax(1) == y.repeat(k)).view(k, n)
                 acc[c0:c0 + k] = correct.float().mean(1).cpu()
-            del out, picked, grad, x_start
+            del cot, grad
             progress(k)
+        del out, x_start
         scores[name] = acc
     return scores
 
