@@ -123,7 +123,8 @@ def attack_run(
     save_model(net.cpu(), writer.path("model.safetensors"), {"model": spec})
     state = {f"state.{k}": v for k, v in atk.state().items()}
     atomic_save({**state, "poison_indices": poison_idx}, writer.path("attack.safetensors"), {"attack": atk.config()})
-    show = torch.arange(min(8, len(ds.x_test)))
+    # One test image per class (the first of each), so the figure is not eight images of one class.
+    show = torch.stack([torch.nonzero(ds.y_test == c)[0, 0] for c in ds.y_test.unique()[:8]])
     save_samples(writer.path("samples.png"), ds.x_test[show], atk.apply(ds.x_test[show]))
     summary = ds.summary()
     # The loaders accept the dataset's own folder or file, so eval can find the data again without flags.
@@ -140,6 +141,8 @@ def attack_run(
         "versions": versions(),
         "poison": {"count": len(poison_idx), "file": "attack.safetensors:poison_indices"},
         "timings": {"data_s": t_data, "train_s": t_train, "test_s": t_test,
+                    # train_s covers this process only; an interrupted and resumed run adds its epochs here:
+                    "train_epochs_s": sum(h["seconds"] for h in history),
                     "total_s": time.perf_counter() - t_start},
         "peak_memory_mb": peak_memory_mb(dev),
         "metrics": metrics,
