@@ -129,6 +129,7 @@ def attack_run(
     summary = ds.summary()
     # The loaders accept the dataset's own folder or file, so eval can find the data again without flags.
     summary["data_dir"] = None if dataset == "digits" else str(Path(ds.source).resolve())
+    summary["registry"] = dataset  # the load_dataset name (an npz or ImageFolder dataset is named after its file)
     manifest = {
         "kind": "attack",
         "model": spec,

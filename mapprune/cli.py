@@ -91,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="backdoor a model on the embedded digits and measure it (about a minute)")
     d.add_argument("--out", type=Path, help="keep the run folder here (default: a temporary folder)")
     _add_common(d)
+
+    pr = sub.add_parser("prepare", help="build and cache what an attack needs (clean model, perturbation) ahead")
+    pr.add_argument("attack", help=f"one of: {', '.join(ATTACKS)}")
+    pr.add_argument("--dataset", default="cifar10", help=f"one of: {', '.join(DATASETS)}")
+    pr.add_argument("--model", help="clean model architecture of lowfreq / lc (default preactresnet18)")
+    pr.add_argument("--width", type=int, help="clean model width (default 16)")
+    pr.add_argument("--epochs", type=int, help="clean model epochs (default: the preset's, 20; 12 for smallcnn)")
+    _add_common(pr)
     return ap
 
 
@@ -159,7 +167,17 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from .resources import prepare_attack
+
+    cfg = prepare_attack(args.attack, args.dataset, args.data_dir, model=args.model, width=args.width,
+                         epochs=args.epochs, device=args.device, progress=not args.no_progress)
+    print(json.dumps(cfg))
+    return 0
+
+
 COMMANDS = {"attack": cmd_attack, "defend": cmd_defend, "eval": cmd_eval, "report": cmd_report, "demo": cmd_demo}
+COMMANDS["prepare"] = cmd_prepare
 
 
 def main(argv=None) -> int:

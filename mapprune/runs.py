@@ -144,7 +144,8 @@ def load_run(run, data_dir=None) -> Run:
     attack = attack_from_manifest(m, run)
     tensors, _ = load_tensors(run / "attack.safetensors")
     ds_info = m["dataset"]
-    dataset = load_dataset(ds_info["name"], data_dir if data_dir is not None else ds_info.get("data_dir"))
+    dataset = load_dataset(ds_info.get("registry", ds_info["name"]),
+                           data_dir if data_dir is not None else ds_info.get("data_dir"))
     if dataset.fingerprint() != ds_info["fingerprint"]:
         print(f"warning: the {ds_info['name']} data found now differs from the data the run was trained on "
               f"(fingerprint {dataset.fingerprint()} vs {ds_info['fingerprint']})", file=sys.stderr)

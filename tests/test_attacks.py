@@ -18,9 +18,9 @@ def labels(n=1000, k=10):
 
 
 def test_registry():
-    assert set(ATTACKS) == {"badnets", "blended"}
-    with pytest.raises(MapPruneError, match="unknown attack 'wanet'; valid attacks: badnets, blended"):
-        create_attack("wanet", (3, 32, 32), 10)
+    assert {"badnets", "blended", "sig", "wanet", "lowfreq", "lc"} <= set(ATTACKS)
+    with pytest.raises(MapPruneError, match="unknown attack 'nope'; valid attacks: badnets, blended, "):
+        create_attack("nope", (3, 32, 32), 10)
 
 
 def test_badnets_3x3_white_bottom_right_on_32x32():
@@ -73,7 +73,9 @@ def test_blended_pattern_deterministic_and_saved():
     assert torch.equal(other.apply(images()), atk.apply(images()))
 
 
-@pytest.mark.parametrize("name", sorted(ATTACKS))
+# The attacks with base.Attack's plain rule and a fixed trigger; the others (clean-label, WaNet's noise images,
+# triggers built in prepare()) are tested in their own files.
+@pytest.mark.parametrize("name", ["badnets", "blended"])
 def test_poisoning_all_to_one(name):
     atk = create_attack(name, (3, 8, 8), 10, target=3, poison_ratio=0.1)
     y = labels()

@@ -116,7 +116,7 @@ def test_cli_eval_text(run, capsys):
 # -- bad input through the CLI --------------------------------------------------------------------------------
 @pytest.mark.parametrize(("argv", "expected"), [
     (["attack", "badnets", "--dataset", "mnist"], "unknown dataset 'mnist'; valid datasets: cifar10, cifar100, digits"),
-    (["attack", "wanet", "--dataset", "digits"], "unknown attack 'wanet'; valid attacks: badnets, blended"),
+    (["attack", "nope", "--dataset", "digits"], "unknown attack 'nope'; valid attacks: badnets, blended, "),
     (["attack", "badnets", "--dataset", "digits", "--model", "resnet50"],
      "unknown model 'resnet50'; valid models: preactresnet18, resnet18, smallcnn, vgg16_bn"),
     (["attack", "badnets", "--dataset", "digits", "--preset", "fast"], "unknown preset 'fast'; valid presets: cpu"),

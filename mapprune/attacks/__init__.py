@@ -4,8 +4,16 @@ from ..errors import unknown_name
 from .badnets import BadNets
 from .base import Attack
 from .blended import Blended
+from .inputaware import InputAware
+from .lc import LabelConsistent
+from .lowfreq import LowFrequency
+from .sig import SIG
+from .ssba import SSBA
+from .wanet import WaNet
 
 ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (BadNets, Blended)}
+ATTACKS.update({cls.name: cls for cls in (SIG, WaNet, LowFrequency, LabelConsistent)})
+ATTACKS.update({cls.name: cls for cls in (SSBA, InputAware)})
 
 
 def create_attack(name: str, image_shape, num_classes: int, **kw) -> Attack:

@@ -1,0 +1,64 @@
+"""The clean-label attacks (SIG, LC) really plant a backdoor, and their runs reload.
+
+Not on the 8x8 digits: there the target digit's shape explains its class completely and the model never needs
+the trigger (measured ASR: SIG 0-7% even at delta 80 or 30 epochs; LC 0-1% even with PGD at 64/255). Clean-label
+attacks work when classes are varied and hard, as on CIFAR-10. So these runs use "digits in clutter": each
+digit at a random place on a 16x16 canvas with a random grey level and pixel noise (built here, nothing
+downloaded), which the small CNN learns only in part, as a CPU-sized stand-in for a hard dataset.
+"""
+
+import numpy as np
+import pytest
+
+from mapprune.backdoor import attack_run
+from mapprune.data import load_dataset
+from mapprune.evaluation import evaluate_run
+from mapprune.metrics import predict
+from mapprune.runs import load_run
+
+
+def clutter(x: np.ndarray, rng: np.random.Generator, size: int = 16) -> np.ndarray:
+    """uint8 (N, 1, 8, 8) digits -> uint8 (N, 1, size, size): random place, background level and noise."""
+    x = x[:, 0].astype(np.float64) / 255
+    n = len(x)
+    out = rng.uniform(0, 0.4, (n, 1, 1)) + rng.normal(0, 0.08, (n, size, size))
+    pos = rng.integers(0, size - 8 + 1, (n, 2))
+    ink = rng.uniform(0.5, 1.0, n)
+    for i, (oy, ox) in enumerate(pos):
+        out[i, oy:oy + 8, ox:ox + 8] = np.maximum(out[i, oy:oy + 8, ox:ox + 8], x[i] * ink[i])
+    return np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)[:, None]
+
+
+@pytest.fixture(scope="module")
+def clutter_npz(tmp_path_factory):
+    d = load_dataset("digits")
+    rng = np.random.default_rng(0)
+    # Named npz.npz because load_run() reloads a run's data by the dataset's own name, which for an npz is the
+    # file's stem: any other name makes evaluate_run() fail with "unknown dataset" (a runs.py limitation).
+    path = tmp_path_factory.mktemp("clutter") / "npz.npz"
+    np.savez(path, x_train=clutter(d.x_train.numpy(), rng), y_train=d.y_train.numpy(),
+             x_test=clutter(d.x_test.numpy(), rng), y_test=d.y_test.numpy())
+    return path
+
+
+# Measured on this setup (seed 0): SIG ACC 0.60 ASR 0.96; LC ACC 0.58 ASR 0.97 (0.93 without its PGD step);
+# for comparison BadNets ACC 0.65 ASR 0.91. Clean non-target images go to the target at most 0.4% of the time.
+@pytest.mark.parametrize(("name", "kw"), [
+    ("sig", {}),
+    ("lc", {"surrogate": "smallcnn", "surrogate_width": 16, "surrogate_epochs": 2}),
+])
+def test_clean_label_backdoor_planted_and_reloads(tmp_path, clutter_npz, name, kw):
+    out = tmp_path / name
+    m = attack_run(name, out, dataset="npz", data_dir=clutter_npz, preset="demo", width=16, progress=False,
+                   attack_kw=kw)
+    r = m["metrics"]
+    assert m["attack"]["clean_label"] and m["poison"]["count"] > 0
+    assert r["acc"] > 0.4 and r["asr"] > 0.8, r  # chance is 0.1
+    run = load_run(out)
+    x, y = run.dataset.x_test, run.dataset.y_test
+    # The trigger, not a model that says "0" to everything: clean non-target images rarely go to the target.
+    assert (predict(run.model, x[y != 0]) == 0).float().mean() < 0.3
+    poisoned = run.poison_indices
+    assert (run.dataset.y_train[poisoned] == 0).all()  # clean-label: only target images were poisoned
+    again = evaluate_run(out)  # the trigger re-created from attack.safetensors + manifest alone
+    assert {k: again[k] for k in r} == r
