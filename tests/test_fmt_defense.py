@@ -165,13 +165,32 @@ def test_defense_input_errors(digits_run):
         create_defense("magic")
 
 
-def test_library_example_from_readme(digits_run):
-    """The README's ten lines, on a plain nn.Module that is not one of ours."""
-    inner = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(8 * 64, 10)).eval()
-    images = torch.rand(40, 1, 8, 8)
-    labels = torch.randint(0, 10, (40,))
-    result = FMT(epochs=1, n_images=8).repair(inner, images, labels)
-    assert result.num_pruned == 1 and list(result.pruned) == ["0"]
-    assert result.scores["0"].shape == (8,)
-    assert result.model is not inner
+def test_library_example_from_readme(tmp_path, monkeypatch):
+    """Runs the README's library example as written, with a model class and files of the user's own."""
+    from pathlib import Path
+
+    from mapprune.cli import __file__ as cli_file
+
+    readme = (Path(cli_file).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+
+    class MyNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+            self.head = nn.Linear(8 * 64, 10)
+
+        def forward(self, x):
+            return self.head(self.features(x).flatten(1))
+
+    torch.manual_seed(0)
+    torch.save(MyNet().state_dict(), tmp_path / "weights.pt")
+    torch.save(torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8), tmp_path / "clean_images.pt")
+    torch.save(torch.randint(0, 10, (40,)), tmp_path / "clean_labels.pt")
+    monkeypatch.chdir(tmp_path)
+    scope = {"MyNet": MyNet}
+    exec(compile(code, "README.md", "exec"), scope)
+    result, model = scope["result"], scope["model"]
+    assert result.num_pruned == 1 and list(result.pruned) == ["features.0"]
+    assert result.scores["features.0"].shape == (8,)
+    assert scope["repaired"] is not model and len(result.history) == 10
