@@ -93,8 +93,11 @@ def attack_run(
         dev = pick_device(device)
         t_start = time.perf_counter()
         ds = load_dataset(dataset, data_dir)
-        atk = create_attack(attack, ds.image_shape, ds.num_classes, target=target, all_to_all=all_to_all,
-                            poison_ratio=poison_ratio, **(attack_kw or {}))
+        try:
+            atk = create_attack(attack, ds.image_shape, ds.num_classes, target=target, all_to_all=all_to_all,
+                                poison_ratio=poison_ratio, **(attack_kw or {}))
+        except TypeError as e:  # an option the attack does not take
+            raise MapPruneError(f"{attack}: {e}; see the attack's class in mapprune/attacks/ for its options") from None
         cfg = TrainConfig(seed=seed, hflip=ds.hflip, **p)
         cfg.validate()
         atk.prepare(ds, device=dev, progress=progress)

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--all-to-all", action="store_true")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--overwrite", action="store_true", help="replace a run already at --out")
+    a.add_argument("--attack-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="an attack hyperparameter, e.g. --attack-opt alpha=0.1 (repeatable; values parsed as JSON)")
     _add_common(a)
 
     e = sub.add_parser("eval", help="reload a run and recompute ACC / ASR / RA")
@@ -102,6 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _attack_opts(pairs: list[str]) -> dict:
+    opts = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise MapPruneError(f"--attack-opt takes KEY=VALUE, got {pair!r}")
+        try:
+            opts[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key.replace("-", "_")] = value
+    return opts
+
+
 def cmd_attack(args) -> int:
     from .backdoor import attack_run
 
@@ -109,7 +124,7 @@ def cmd_attack(args) -> int:
                    model=args.model, width=args.width, target=args.target, all_to_all=args.all_to_all,
                    poison_ratio=args.poison_ratio, seed=args.seed, device=args.device, overwrite=args.overwrite,
                    progress=not args.no_progress, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                   schedule=args.schedule)
+                   schedule=args.schedule, attack_kw=_attack_opts(args.attack_opt))
     r = m["metrics"]
     print(f"{args.out}: ACC {100 * r['acc']:.2f}%  ASR {100 * r['asr']:.2f}%  RA {100 * r['ra']:.2f}%  "
           f"(train {m['timings']['train_s']:.0f} s)")
