@@ -65,3 +65,16 @@ def test_defend_bad_input(run, capsys, tmp_path):
     capsys.readouterr()
     assert main(["defend", "ft", str(run), "--epochs", "1", "--no-progress", "--name", "once"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_attack_options_reach_the_attack(tmp_path, capsys):
+    out = tmp_path / "blend"
+    argv = ["attack", "blended", "--dataset", "digits", "--preset", "demo", "--epochs", "1", "--no-progress",
+            "--out", str(out)]
+    assert main(argv + ["--attack-opt", "alpha=0.3"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["attack"]["alpha"] == 0.3
+    capsys.readouterr()
+    assert main(argv + ["--overwrite", "--attack-opt", "bogus=1"]) == 2
+    assert "bogus" in capsys.readouterr().err
+    assert main(argv + ["--overwrite", "--attack-opt", "alpha"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
