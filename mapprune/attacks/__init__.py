@@ -11,9 +11,9 @@ from .sig import SIG
 from .ssba import SSBA
 from .wanet import WaNet
 
-ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (BadNets, Blended)}
-ATTACKS.update({cls.name: cls for cls in (SIG, WaNet, LowFrequency, LabelConsistent)})
-ATTACKS.update({cls.name: cls for cls in (SSBA, InputAware)})
+ATTACKS: dict[str, type[Attack]] = {
+    cls.name: cls for cls in (BadNets, Blended, WaNet, LowFrequency, SSBA, InputAware, SIG, LabelConsistent)
+}
 
 
 def create_attack(name: str, image_shape, num_classes: int, **kw) -> Attack:
