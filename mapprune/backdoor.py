@@ -63,12 +63,14 @@ def attack_run(
     device: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    eval_every: int = 1,
     attack_kw: dict | None = None,
     **train_kw,
 ) -> dict:
     """Trains a backdoored model and writes a complete run folder at ``out``; returns the manifest.
 
     ``preset`` fills model, width and training settings; explicit arguments (not None) override it.
+    ``eval_every`` sets how often the history records test metrics (the last epoch always does).
     """
     from .errors import MapPruneError, unknown_name
 
@@ -115,7 +117,7 @@ def attack_run(
         raise
     t0 = time.perf_counter()
     history = train(net, x_train, y_train, cfg, device=dev, checkpoint=writer.path("train_checkpoint.safetensors"),
-                    eval_fn=lambda m: evaluate(m, test_sets), progress=progress, desc=f"{attack} {dataset}")
+                    eval_fn=lambda m: evaluate(m, test_sets), eval_every=eval_every, progress=progress, desc=f"{attack} {dataset}")
     t_train = time.perf_counter() - t0
     t0 = time.perf_counter()
     metrics = evaluate(net, test_sets)

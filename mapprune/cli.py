@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--target", type=int, default=0)
     a.add_argument("--all-to-all", action="store_true")
     a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--eval-every", type=int, default=1, metavar="N",
+                   help="record test ACC/ASR in the history every N epochs (default 1; the last epoch always)")
     a.add_argument("--overwrite", action="store_true", help="replace a run already at --out")
     a.add_argument("--attack-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="an attack hyperparameter, e.g. --attack-opt alpha=0.1 (repeatable; values parsed as JSON)")
@@ -124,7 +126,7 @@ def cmd_attack(args) -> int:
                    model=args.model, width=args.width, target=args.target, all_to_all=args.all_to_all,
                    poison_ratio=args.poison_ratio, seed=args.seed, device=args.device, overwrite=args.overwrite,
                    progress=not args.no_progress, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                   schedule=args.schedule, attack_kw=_attack_opts(args.attack_opt))
+                   schedule=args.schedule, eval_every=args.eval_every, attack_kw=_attack_opts(args.attack_opt))
     r = m["metrics"]
     print(f"{args.out}: ACC {100 * r['acc']:.2f}%  ASR {100 * r['asr']:.2f}%  RA {100 * r['ra']:.2f}%  "
           f"(train {m['timings']['train_s']:.0f} s)")

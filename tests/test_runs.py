@@ -311,3 +311,17 @@ def test_interrupted_training_resumes_exactly(small, tmp_path):
     sa, sb = resumed.state_dict(), reference.state_dict()
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_eval_every_skips_epochs_but_never_the_last(small):
+    x, y, ds = small
+    evaluated = []
+
+    def count(model):
+        evaluated.append(1)
+        return {"acc": 0.5}
+
+    history = train(make_model(ds), x, y, TrainConfig(epochs=3, **CFG), eval_fn=count, eval_every=2, progress=False)
+    assert len(evaluated) == 2 and ["acc" in h for h in history] == [False, True, True]
+    with pytest.raises(MapPruneError, match="eval_every"):
+        train(make_model(ds), x, y, TrainConfig(epochs=1, **CFG), eval_fn=count, eval_every=0, progress=False)
