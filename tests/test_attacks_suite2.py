@@ -120,17 +120,17 @@ def test_ssba_cache_hit_and_key_change(ssba_synth, synth, monkeypatch):
     monkeypatch.setattr(ssba, "train_stega", lambda *a: pytest.fail("retrained although cached"))
     again = create_attack("ssba", synth.image_shape, 10, **SSBA_SYNTH)
     again.prepare(synth, progress=False)
-    assert again.resource_key == ssba_synth.resource_key
+    assert again.resource == ssba_synth.resource
     assert torch.equal(again.apply(synth.x_test[:8]), ssba_synth.apply(synth.x_test[:8]))
     # The secret is not part of the key: another secret reuses the same encoder.
     other_secret = create_attack("ssba", synth.image_shape, 10, **SSBA_SYNTH, secret_seed=5)
     other_secret.prepare(synth, progress=False)
-    assert other_secret.resource_key == ssba_synth.resource_key
+    assert other_secret.resource == ssba_synth.resource
     assert not torch.equal(other_secret.secret, ssba_synth.secret)
     monkeypatch.undo()
     changed = create_attack("ssba", synth.image_shape, 10, **{**SSBA_SYNTH, "steps": 3})
     changed.prepare(synth, progress=False)
-    assert changed.resource_key != ssba_synth.resource_key
+    assert changed.resource != ssba_synth.resource
     assert len(resource_files("ssba") - before) == 1
 
 
@@ -138,6 +138,9 @@ def test_ssba_state_round_trip(ssba_synth, synth):
     state = ssba_synth.state()
     assert set(state) == {"secret"} | {k for k in state if k.startswith("enc.")}  # no decoder, no data
     cfg = {k: v for k, v in ssba_synth.config().items() if k not in ("name", "clean_label")}
+    # The run manifest records which cached encoder made the trigger; re-created from it, the key is the same.
+    assert cfg["resource"] == ssba_synth.resource and len(cfg["resource"]) == 16
+    assert create_attack("ssba", synth.image_shape, 10, **cfg).cache_key(synth) == ssba_synth.cache_key(synth)
     fresh = create_attack("ssba", synth.image_shape, 10, **{**cfg, "secret_seed": 1})
     with pytest.raises(MapPruneError, match="call prepare"):
         fresh.apply(synth.x_test[:2])
@@ -227,14 +230,17 @@ def test_inputaware_cache_key_change_rebuilds(ia, digits):
     for kw in ({"steps": 2, "mask_steps": 2}, {"steps": 2, "mask_steps": 2, "target": 3}):
         atk = create_attack("inputaware", digits.image_shape, 10, **{**IA_DIGITS, **kw})
         atk.prepare(digits, progress=False)
-        assert atk.resource_key != ia.resource_key
+        assert atk.resource != ia.resource
     assert len(resource_files("inputaware") - before) == 2  # the target is part of the key
 
 
 def test_inputaware_state_round_trip(ia, digits):
     state = ia.state()
     assert state and all(k.startswith(("gen.", "mask.")) for k in state)
-    fresh = create_attack("inputaware", digits.image_shape, 10, **IA_DIGITS)
+    cfg = {k: v for k, v in ia.config().items() if k not in ("name", "clean_label")}
+    assert cfg["resource"] == ia.resource and len(cfg["resource"]) == 16
+    fresh = create_attack("inputaware", digits.image_shape, 10, **cfg)
+    assert fresh.cache_key(digits) == ia.cache_key(digits)
     with pytest.raises(MapPruneError, match="call prepare"):
         fresh.apply(digits.x_test[:2])
     fresh.load_state(state)

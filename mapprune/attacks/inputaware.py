@@ -47,7 +47,7 @@ class InputAware(Attack):
                  batch_size: int = 64, lr: float = 1e-2, mask_density: float = 0.032, lambda_div: float = 1.0,
                  lambda_norm: float = 100.0, joint_attack_ratio: float = 0.1, joint_cross_ratio: float = 0.1,
                  joint_model: str = "smallcnn", joint_width: int = 32, cross_ratio: float = 1.0, seed: int = 0,
-                 **kw):
+                 resource: str | None = None, **kw):
         super().__init__(image_shape, num_classes, **kw)
         from ..models import MODELS
 
@@ -76,7 +76,7 @@ class InputAware(Attack):
         self.cross_ratio, self.seed = cross_ratio, seed
         self.generator: PatternGenerator | None = None
         self.mask: MaskGenerator | None = None
-        self.resource_key: str | None = None
+        self.resource = resource  # the networks' cache key hash, set by prepare()
         self.joint_stats: dict[str, float] = {}  # the joint classifier's last-batch accuracies (after prepare)
         self.cross_indices: torch.Tensor | None = None  # set by poison_train
 
@@ -86,7 +86,7 @@ class InputAware(Attack):
                 "lambda_div": self.lambda_div, "lambda_norm": self.lambda_norm,
                 "joint_attack_ratio": self.joint_attack_ratio, "joint_cross_ratio": self.joint_cross_ratio,
                 "joint_model": self.joint_model, "joint_width": self.joint_width, "cross_ratio": self.cross_ratio,
-                "seed": self.seed}
+                "seed": self.seed, "resource": self.resource}
 
     def networks(self):
         c = self.image_shape[0]
@@ -107,7 +107,7 @@ class InputAware(Attack):
             raise MapPruneError(f"inputaware was created for {self.num_classes} classes but {dataset.name!r} has "
                                 f"{dataset.num_classes}")
         device = torch.device(device) if device is not None else torch.device("cpu")
-        tensors, self.resource_key = cached_resource(
+        tensors, self.resource = cached_resource(
             "inputaware", self.cache_key(dataset), lambda: _generators.train_generators(self, dataset, device, progress))
         self.load_state(tensors)
         self.joint_stats = {k[6:]: float(v) for k, v in tensors.items() if k.startswith("stats.")}

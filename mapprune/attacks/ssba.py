@@ -46,7 +46,8 @@ class SSBA(Attack):
 
     def __init__(self, image_shape, num_classes, *, bits: int = 32, width: int = 32, budget: float = 0.05,
                  steps: int = 2000, batch_size: int = 64, lr: float = 1e-3, image_weight: float = 20.0,
-                 diversity_weight: float = 1.0, seed: int = 0, secret_seed: int = 20240102, **kw):
+                 diversity_weight: float = 1.0, seed: int = 0, secret_seed: int = 20240102,
+                 resource: str | None = None, **kw):
         super().__init__(image_shape, num_classes, **kw)
         if bits < 1 or width < 1 or steps < 1 or batch_size < 2:
             raise MapPruneError(f"ssba needs bits, width, steps >= 1 and batch_size >= 2, got {bits}, {width}, "
@@ -64,20 +65,22 @@ class SSBA(Attack):
         self.secret = torch.randint(0, 2, (bits,), generator=g).float()
         self.encoder: StegaEncoder | None = None
         self.decoder: StegaDecoder | None = None  # only after prepare(); not part of the saved state
-        self.resource_key: str | None = None
+        self.resource = resource  # the networks' cache key hash, set by prepare()
         self.train_bit_accuracy: float | None = None  # smoothed over the last training batches
 
     def params(self):
         return {"bits": self.bits, "width": self.width, "budget": self.budget, "steps": self.steps,
                 "batch_size": self.batch_size, "lr": self.lr, "image_weight": self.image_weight,
-                "diversity_weight": self.diversity_weight, "seed": self.seed, "secret_seed": self.secret_seed}
+                "diversity_weight": self.diversity_weight, "seed": self.seed, "secret_seed": self.secret_seed,
+                "resource": self.resource}
 
     def networks(self) -> tuple[StegaEncoder, StegaDecoder]:
         return (StegaEncoder(self.image_shape, self.bits, self.width, self.budget),
                 StegaDecoder(self.image_shape, self.bits, self.width))
 
     def cache_key(self, dataset) -> dict:
-        settings = {k: v for k, v in self.params().items() if k != "secret_seed"}  # any secret, same encoder
+        # any secret, same encoder; the resource hash is this key's output, not an input
+        settings = {k: v for k, v in self.params().items() if k not in ("secret_seed", "resource")}
         return {"version": _VERSION, "dataset": dataset.fingerprint(), "image_shape": list(self.image_shape),
                 **settings}
 
@@ -85,7 +88,7 @@ class SSBA(Attack):
         """Trains (or loads from the resource cache) the encoder/decoder on ``dataset.x_train``."""
         L.check_dataset(self.name, self.image_shape, dataset)
         device = torch.device(device) if device is not None else torch.device("cpu")
-        tensors, self.resource_key = cached_resource(
+        tensors, self.resource = cached_resource(
             "ssba", self.cache_key(dataset), lambda: train_stega(self, dataset.x_train, device, progress))
         enc, dec = self.networks()
         L.load_prefixed(enc, tensors, "enc", "ssba encoder")
