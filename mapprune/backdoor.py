@@ -86,6 +86,8 @@ def attack_run(
     bad = set(p) - known
     if bad:
         raise MapPruneError(f"unknown training settings {sorted(bad)}; valid: {sorted(known)}")
+    if eval_every < 1:  # checked here too: train() would only see it after the poisoning and resources
+        raise MapPruneError(f"--eval-every must be a positive number of epochs, got {eval_every}")
     # Names are checked before anything is written, so a typo leaves no folder behind.
     for kind, name, registry in (("dataset", dataset, DATASETS), ("attack", attack, ATTACKS), ("model", model, MODELS)):
         if name not in registry:

@@ -124,6 +124,7 @@ def test_cli_eval_text(run, capsys):
      r"target label must be in [0, 9]"),
     (["attack", "badnets", "--dataset", "digits", "--preset", "demo", "--width", "0"], "width must be a positive"),
     (["attack", "badnets", "--dataset", "digits", "--preset", "demo", "--epochs", "-1"], "epochs must be >= 0"),
+    (["attack", "badnets", "--dataset", "digits", "--preset", "demo", "--eval-every", "0"], "--eval-every must be"),
 ])
 def test_cli_rejects_bad_names_and_values(capsys, tmp_path, argv, expected):
     out = tmp_path / "out"
