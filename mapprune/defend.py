@@ -20,7 +20,7 @@ DEFAULT_ALPHA = {"cifar100": 0.03, "gtsrb": 0.03}
 
 
 def variant_name(defense: str, kw: dict) -> str:
-    """Folder name of a defense variant: fmt, fmt-mask, fmt-outlier, fmt-outlier-mask, ft."""
+    """Folder name of a defense variant: fmt, fmt-mask, fmt-outlier, fmt-outlier-mask, ft; -seedN for seed N != 0."""
     name = defense
     if kw.get("selection", "rank") != "rank":
         name += f"-{kw['selection']}"
@@ -28,6 +28,8 @@ def variant_name(defense: str, kw: dict) -> str:
         name += "-mask"
     if kw.get("detect_only"):
         name += "-detect"
+    if kw.get("seed"):
+        name += f"-seed{kw['seed']}"
     return name
 
 

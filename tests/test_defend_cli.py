@@ -52,6 +52,19 @@ def test_detect_only_changes_nothing_and_ft_uses_same_subset(run, capsys):
     assert "| fmt-detect |" in table and "| ft |" in table and "| none |" in table
 
 
+def test_defense_seed_names_its_own_folder(run):
+    """A seed sweep never collides with the default run: seed N != 0 goes to <variant>-seedN."""
+    from mapprune.defend import variant_name
+
+    assert variant_name("fmt", {"selection": "outlier", "mask": True, "seed": 2}) == "fmt-outlier-mask-seed2"
+    assert variant_name("ft", {"seed": 0}) == "ft"
+    assert main(["defend", "ft", str(run), "--epochs", "1", "--no-progress", "--name", "s0"]) == 0
+    assert main(["defend", "ft", str(run), "--epochs", "1", "--no-progress", "--seed", "1"]) == 0
+    s0 = json.loads((run / "defense" / "s0" / "result.json").read_text())
+    s1 = json.loads((run / "defense" / "ft-seed1" / "result.json").read_text())
+    assert s1["clean_subset"]["indices"] != s0["clean_subset"]["indices"]
+
+
 def test_defend_bad_input(run, capsys, tmp_path):
     assert main(["defend", "magic", str(run)]) == 2
     assert "valid defenses" in capsys.readouterr().err
