@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--batch-size", type=int)
     a.add_argument("--lr", type=float)
     a.add_argument("--schedule", choices=["cosine", "onecycle"])
-    a.add_argument("--poison-ratio", type=_ratio, default=0.1)
+    a.add_argument("--poison-ratio", type=_ratio, default=0.1,
+                   help="share of the whole training set poisoned (default 0.1); clean-label attacks draw from the "
+                        "target class only")
     a.add_argument("--target", type=int, default=0)
     a.add_argument("--all-to-all", action="store_true")
     a.add_argument("--seed", type=int, default=0)
