@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", type=Path)
     e.add_argument("--defense", help="evaluate the model repaired by this defense (RUN/defense/NAME)")
     e.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    e.add_argument("--per-class", action="store_true", help="also the clean accuracy of each class")
     _add_common(e)
 
     f = sub.add_parser("defend", help="repair a run's model with a defense; writes RUN/defense/NAME/")
@@ -138,12 +139,16 @@ def cmd_attack(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluation import evaluate_run
 
-    result = evaluate_run(args.run, defense=args.defense, data_dir=args.data_dir, device=args.device)
+    result = evaluate_run(args.run, defense=args.defense, data_dir=args.data_dir, device=args.device,
+                          per_class=args.per_class)
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{args.run}{' + ' + args.defense if args.defense else ''}: ACC {100 * result['acc']:.2f}%  "
               f"ASR {100 * result['asr']:.2f}%  RA {100 * result['ra']:.2f}%")
+        if args.per_class:
+            print("ACC per class: " + "  ".join(f"{i}: -" if a is None else f"{i}: {100 * a:.1f}%"
+                                                for i, a in enumerate(result["class_acc"])))
     return 0
 
 

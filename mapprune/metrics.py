@@ -32,6 +32,13 @@ def backdoor_metrics(clean_pred, y_clean, bd_pred, y_target, y_true) -> dict:
     return {"acc": accuracy(clean_pred, y_clean), "asr": accuracy(bd_pred, y_target), "ra": accuracy(bd_pred, y_true)}
 
 
+def per_class_accuracy(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> list[float | None]:
+    """Clean accuracy within each true class (None for a class with no test image)."""
+    hits = torch.bincount(y[pred == y], minlength=num_classes).tolist()
+    count = torch.bincount(y, minlength=num_classes).tolist()
+    return [h / c if c else None for h, c in zip(hits, count)]
+
+
 def der(before: dict, after: dict) -> float:
     """Defense effectiveness rating: [max(0, dASR) - max(0, dACC) + 1] / 2 with fractions in [0, 1]."""
     d_asr = before["asr"] - after["asr"]
@@ -39,8 +46,16 @@ def der(before: dict, after: dict) -> float:
     return (max(0.0, d_asr) - max(0.0, d_acc) + 1) / 2
 
 
-def evaluate(model: nn.Module, test_sets: dict, **kw) -> dict:
-    """Metrics of a model on {"clean": (x, y), "backdoor": (x_bd, y_target, y_true)}."""
+def evaluate(model: nn.Module, test_sets: dict, *, num_classes: int | None = None, **kw) -> dict:
+    """Metrics of a model on {"clean": (x, y), "backdoor": (x_bd, y_target, y_true)}.
+
+    With ``num_classes`` the result also holds ``class_acc``, the clean accuracy of each class (a clean-label
+    attack that consumed its target class shows there as a class the model never gets right).
+    """
     x, y = test_sets["clean"]
     xb, yt, yy = test_sets["backdoor"]
-    return backdoor_metrics(predict(model, x, **kw), y, predict(model, xb, **kw), yt, yy)
+    pred = predict(model, x, **kw)
+    result = backdoor_metrics(pred, y, predict(model, xb, **kw), yt, yy)
+    if num_classes is not None:
+        result["class_acc"] = per_class_accuracy(pred, y, num_classes)
+    return result

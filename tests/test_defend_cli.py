@@ -6,6 +6,7 @@ import pytest
 
 from mapprune.backdoor import attack_run
 from mapprune.cli import main
+from mapprune.runs import load_run
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,13 @@ def test_defend_fmt_writes_result_model_and_figures(run, capsys):
     assert len(out) == 1
     ev = json.loads(out[0])
     assert ev["asr"] == pytest.approx(r["after"]["asr"]) and ev["acc"] == pytest.approx(r["after"]["acc"])
+    assert "class_acc" not in ev
+    assert main(["eval", str(run), "--per-class", "--json"]) == 0
+    per = json.loads(capsys.readouterr().out)
+    counts = load_run(run).dataset.y_test.bincount().tolist()  # ACC is the count-weighted mean of the classes
+    assert sum(a * c for a, c in zip(per["class_acc"], counts)) / sum(counts) == pytest.approx(per["acc"])
+    assert main(["eval", str(run), "--per-class"]) == 0
+    assert "ACC per class: 0: " in capsys.readouterr().out
 
 
 def test_detect_only_changes_nothing_and_ft_uses_same_subset(run, capsys):

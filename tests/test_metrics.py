@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from mapprune.metrics import accuracy, backdoor_metrics, der, evaluate, predict
+from mapprune.metrics import accuracy, backdoor_metrics, der, evaluate, per_class_accuracy, predict
 
 
 def t(*v):
@@ -70,3 +70,12 @@ def test_predict_and_evaluate_on_uint8_images():
     m = evaluate(model, {"clean": (x, t(0, 1, 2, 3, 4, 5, 0)), "backdoor": (xb, t(0, 0, 0, 0), t(1, 2, 3, 5))},
                  amp=False)
     assert m == {"acc": pytest.approx(6 / 7), "asr": pytest.approx(0.75), "ra": pytest.approx(0.25)}
+    per = evaluate(model, {"clean": (x, t(0, 1, 2, 3, 4, 5, 0)), "backdoor": (xb, t(0, 0, 0, 0), t(1, 2, 3, 5))},
+                   amp=False, num_classes=7)
+    assert per["class_acc"] == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, None]  # the last 0 is predicted 6; no class 6
+
+
+def test_per_class_accuracy_by_hand():
+    # class 0: 1 of 3 right; class 1: 2 of 2; class 2: 0 of 1 (a class the model never gets); class 3: absent
+    pred, y = t(0, 1, 1, 1, 1, 0), t(0, 0, 0, 1, 1, 2)
+    assert per_class_accuracy(pred, y, 4) == [1 / 3, 1.0, 0.0, None]
