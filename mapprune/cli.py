@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="print a markdown table of runs and their defenses")
     rp.add_argument("runs", type=Path, nargs="+")
     rp.add_argument("--json", action="store_true", help="print the rows as one JSON list")
+    rp.add_argument("--seeds", action="store_true",
+                    help="one row per defense variant: mean ± sd over its seeds (folders NAME, NAME-seedN)")
 
     d = sub.add_parser("demo", help="backdoor a model on the embedded digits and measure it (about a minute)")
     d.add_argument("--out", type=Path, help="keep the run folder here (default: a temporary folder)")
@@ -177,10 +179,14 @@ def cmd_defend(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import collect_rows, markdown_table
+    from .report import collect_rows, markdown_seed_table, markdown_table, seed_summary
 
     rows = collect_rows(args.runs)
-    print(json.dumps(rows) if args.json else markdown_table(rows))
+    if args.seeds:
+        groups = seed_summary(rows)
+        print(json.dumps(groups) if args.json else markdown_seed_table(groups))
+    else:
+        print(json.dumps(rows) if args.json else markdown_table(rows))
     return 0
 
 

@@ -1,5 +1,7 @@
 """Tables and figures."""
 
+import re
+import statistics
 from pathlib import Path
 
 import torch
@@ -134,12 +136,50 @@ def collect_rows(runs) -> list[dict]:
         m = read_manifest(run)
         base = {"run": run.name, "attack": m["attack"]["name"], "dataset": m["dataset"]["name"]}
         rows.append({**base, "defense": "none", **m["metrics"], "der": None, "pruned": 0,
-                     "wall_s": m["timings"]["train_s"]})
+                     "wall_s": m["timings"]["train_s"], "seed": None})
         for res in sorted((run / "defense").glob("*/result.json")):
             r = json.loads(res.read_text())
             rows.append({**base, "defense": r["name"], **r["after"], "der": r["der"], "pruned": r["num_pruned"],
-                         "wall_s": r["wall_s"]})
+                         "wall_s": r["wall_s"], "seed": r["clean_subset"]["seed"]})
     return rows
+
+
+def seed_summary(rows: list[dict]) -> list[dict]:
+    """Groups the rows of one defense variant run with several seeds (folders NAME and NAME-seedN).
+
+    Each group holds the seeds, and the mean, sample standard deviation (None for one seed), min and max of
+    ACC, ASR and RA; groups keep the order in which their first row appears.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        variant = r["defense"]
+        if r["seed"]:
+            variant = re.sub(rf"-seed{r['seed']}$", "", variant)
+        groups.setdefault((r["run"], r["attack"], r["dataset"], variant), []).append(r)
+    out = []
+    for (run, attack, dataset, variant), members in groups.items():
+        g = {"run": run, "attack": attack, "dataset": dataset, "defense": variant,
+             "seeds": [m["seed"] for m in members]}
+        for k in ("acc", "asr", "ra"):
+            v = [m[k] for m in members]
+            g[k] = {"mean": statistics.fmean(v), "sd": statistics.stdev(v) if len(v) > 1 else None,
+                    "min": min(v), "max": max(v)}
+        out.append(g)
+    return out
+
+
+def markdown_seed_table(groups: list[dict]) -> str:
+    """Mean +- sample sd over seeds, in percent; ASR with its range."""
+    def pm(s):
+        return f"{100 * s['mean']:.2f}" + ("" if s["sd"] is None else f" ± {100 * s['sd']:.2f}")
+
+    lines = ["| run | attack | defense | seeds | ACC % | ASR % | ASR range % | RA % |", "|" + "---|" * 8]
+    for g in groups:
+        seeds = ", ".join("-" if s is None else str(s) for s in g["seeds"])
+        spread = "" if len(g["seeds"]) < 2 else f"{100 * g['asr']['min']:.2f}-{100 * g['asr']['max']:.2f}"
+        lines.append(f"| {g['run']} | {g['attack']} | {g['defense']} | {seeds} | {pm(g['acc'])} | {pm(g['asr'])} | "
+                     f"{spread} | {pm(g['ra'])} |")
+    return "\n".join(lines)
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -60,7 +60,7 @@ def test_detect_only_changes_nothing_and_ft_uses_same_subset(run, capsys):
     assert "| fmt-detect |" in table and "| ft |" in table and "| none |" in table
 
 
-def test_defense_seed_names_its_own_folder(run):
+def test_defense_seed_names_its_own_folder(run, capsys):
     """A seed sweep never collides with the default run: seed N != 0 goes to <variant>-seedN."""
     from mapprune.defend import variant_name
 
@@ -71,6 +71,10 @@ def test_defense_seed_names_its_own_folder(run):
     s0 = json.loads((run / "defense" / "s0" / "result.json").read_text())
     s1 = json.loads((run / "defense" / "ft-seed1" / "result.json").read_text())
     assert s1["clean_subset"]["indices"] != s0["clean_subset"]["indices"]
+    capsys.readouterr()
+    assert main(["report", str(run), "--seeds", "--json"]) == 0
+    groups = {g["defense"]: g for g in json.loads(capsys.readouterr().out)}
+    assert 1 in groups["ft"]["seeds"] and "ft-seed1" not in groups and groups["s0"]["seeds"] == [0]
 
 
 def test_defend_bad_input(run, capsys, tmp_path):
