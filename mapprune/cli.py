@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--model", help="clean model architecture of lowfreq / lc (default preactresnet18)")
     pr.add_argument("--width", type=int, help="clean model width (default 16)")
     pr.add_argument("--epochs", type=int, help="clean model epochs (default: the preset's, 20; 12 for smallcnn)")
+    pr.add_argument("--target", type=int, default=0, help="as for mapprune attack (default 0)")
+    pr.add_argument("--poison-ratio", type=_ratio, default=0.1, help="as for mapprune attack (default 0.1)")
+    pr.add_argument("--seed", type=int, default=0, help="as for mapprune attack: which images are poisoned (default 0)")
     _add_common(pr)
     return ap
 
@@ -201,7 +204,8 @@ def cmd_prepare(args) -> int:
     from .resources import prepare_attack
 
     cfg = prepare_attack(args.attack, args.dataset, args.data_dir, model=args.model, width=args.width,
-                         epochs=args.epochs, device=args.device, progress=not args.no_progress)
+                         epochs=args.epochs, target=args.target, poison_ratio=args.poison_ratio, seed=args.seed,
+                         device=args.device, progress=not args.no_progress)
     print(json.dumps(cfg))
     return 0
 

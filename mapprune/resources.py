@@ -132,12 +132,15 @@ def clean_model(dataset, *, model: str = "preactresnet18", width: int = 16, epoc
 # -- building an attack's resources ahead of time (``mapprune prepare``) ----------------------------------
 
 def prepare_attack(attack: str, dataset: str = "cifar10", data_dir=None, *, model: str | None = None,
-                   width: int | None = None, epochs: int | None = None, device=None, progress: bool = True) -> dict:
-    """Runs ``create_attack(...).prepare(dataset)`` so its resources are cached before ``mapprune attack``;
-    returns the attack's config (with the resource hashes).
+                   width: int | None = None, epochs: int | None = None, target: int = 0, poison_ratio: float = 0.1,
+                   seed: int = 0, device=None, progress: bool = True) -> dict:
+    """Builds and caches what ``mapprune attack`` will need: ``create_attack(...).prepare(dataset)`` (clean model,
+    perturbation, encoder, generators), then the poisoned training set once, which caches what depends on the
+    poisoned images themselves (LC's PGD images); returns the attack's config (with the resource hashes).
 
-    ``model``, ``width`` and ``epochs`` set the clean (surrogate) model of the attacks built from one; they must
-    match what the attack run will use (the defaults do), or the run builds its own.
+    ``model``, ``width`` and ``epochs`` set the clean (surrogate) model of the attacks built from one, and
+    ``target``, ``poison_ratio`` and ``seed`` choose the poisoned images; they must match what the attack run will
+    use (the defaults do), or the run builds its own.
     """
     from .attacks import ATTACKS, create_attack
     from .attacks.surrogate import SurrogateAttack
@@ -154,6 +157,7 @@ def prepare_attack(attack: str, dataset: str = "cifar10", data_dir=None, *, mode
         raise MapPruneError(f"--model, --width and --epochs set the clean model of {', '.join(users)}; "
                             f"{attack} has none, so leave them out")
     ds = load_dataset(dataset, data_dir)
-    atk = create_attack(attack, ds.image_shape, ds.num_classes, **kw)
+    atk = create_attack(attack, ds.image_shape, ds.num_classes, target=target, poison_ratio=poison_ratio, **kw)
     atk.prepare(ds, device=pick_device(device), progress=progress)
+    atk.poison_train(ds.x_train, ds.y_train, seed)
     return atk.config()

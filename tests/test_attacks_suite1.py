@@ -306,6 +306,20 @@ def test_prepare_command_caches_resources(capsys):
     assert "the clean model of lc, lowfreq; badnets has none" in capsys.readouterr().err
 
 
+def test_prepare_lc_caches_its_pgd_images_for_the_run(tmp_path, capsys):
+    """LC's PGD images depend on which images are poisoned: prepare makes them for the run's target/ratio/seed."""
+    opts = ["--model", "smallcnn", "--width", "16", "--epochs", "2"]
+    assert main(["prepare", "lc", "--dataset", "digits", *opts, "--target", "3", "--seed", "1", "--no-progress",
+                 "--device", "cpu"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    pgd = cache_dir() / "resources" / f"lc_pgd-{cfg['resource']}.safetensors"
+    assert cfg["resource"] and pgd.is_file()
+    stamp = pgd.stat().st_mtime_ns
+    m = attack_run("lc", tmp_path / "lc", dataset="digits", preset="demo", target=3, seed=1, epochs=1,
+                   progress=False, attack_kw={"surrogate": "smallcnn", "surrogate_width": 16, "surrogate_epochs": 2})
+    assert m["attack"]["resource"] == cfg["resource"] and pgd.stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
 # -- the backdoor is planted and the run reloads ---------------------------------------------------------------
 
 # Measured on this setup: WaNet ASR 0.87. LF at its default budget 0.1 plants erratically on 8x8 digits (ASR 0.15 to
