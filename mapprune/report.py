@@ -135,8 +135,11 @@ def collect_rows(runs) -> list[dict]:
         run = Path(run)
         m = read_manifest(run)
         base = {"run": run.name, "attack": m["attack"]["name"], "dataset": m["dataset"]["name"]}
+        t = m["timings"]
+        # train_s is this process's training (with its evaluations); a resumed run's earlier pieces are only in
+        # train_epochs_s (epochs without evaluations), so the larger of the two is the run's training time.
         rows.append({**base, "defense": "none", **m["metrics"], "der": None, "pruned": 0,
-                     "wall_s": m["timings"]["train_s"], "seed": None})
+                     "wall_s": max(t["train_s"], t.get("train_epochs_s", 0.0)), "seed": None})
         for res in sorted((run / "defense").glob("*/result.json")):
             r = json.loads(res.read_text())
             rows.append({**base, "defense": r["name"], **r["after"], "der": r["der"], "pruned": r["num_pruned"],

@@ -1,8 +1,10 @@
 """`mapprune report --seeds`: a defense variant's seeds grouped, with mean, sample sd and range."""
 
+import json
+
 import pytest
 
-from mapprune.report import markdown_seed_table, seed_summary
+from mapprune.report import collect_rows, markdown_seed_table, seed_summary
 
 
 def row(defense, seed, acc, asr, ra=0.5, run="r1"):
@@ -26,3 +28,17 @@ def test_seeds_of_one_variant_are_grouped_and_others_kept_apart():
     table = markdown_seed_table(groups).splitlines()
     assert "| r1 | badnets | fmt | 0, 1, 2 | 84.00 ± 2.00 | 20.00 ± 10.00 | 10.00-30.00 |" in table[3]
     assert "| r1 | badnets | none | - | 85.00 | 95.00 |  |" in table[2]
+
+
+def test_a_resumed_run_reports_all_its_training_time(tmp_path):
+    def write(name, timings):
+        (tmp_path / name).mkdir()
+        m = {"attack": {"name": "lc"}, "dataset": {"name": "cifar10"}, "metrics": {"acc": 0.8, "asr": 1.0, "ra": 0.0},
+             "timings": timings}
+        (tmp_path / name / "manifest.json").write_text(json.dumps(m))
+        return tmp_path / name
+
+    whole = write("whole", {"train_s": 1000.0, "train_epochs_s": 950.0})  # evaluations on top of the epochs
+    resumed = write("resumed", {"train_s": 700.0, "train_epochs_s": 1530.0})  # the last of three pieces
+    old = write("old", {"train_s": 900.0})  # a manifest from before train_epochs_s
+    assert [r["wall_s"] for r in collect_rows([whole, resumed, old])] == [1000.0, 1530.0, 900.0]
