@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--epochs", type=int, help="fine-tune epochs (default 10)")
     f.add_argument("--lr", type=float, help="fine-tune learning rate (default 0.01)")
     f.add_argument("--batch-size", type=int, help="fine-tune batch size (default 256)")
-    f.add_argument("--seed", type=int, help="clean subset and defense seed (default 0)")
+    f.add_argument("--seed", type=int, help="clean subset and defense seed (default 0; N != 0 writes to RUN/defense/VARIANT-seedN)")
     f.add_argument("--name", help="output folder name under RUN/defense (default: derived from the options)")
     f.add_argument("--overwrite", action="store_true")
     _add_common(f)
