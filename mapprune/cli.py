@@ -26,6 +26,15 @@ def _add_common(p):
                    "machine 1 per job is often faster in total)")
 
 
+def _add_poison_choice(p: argparse.ArgumentParser) -> None:
+    """The options that choose the poisoned images: `prepare` must be given the same ones as the `attack` run."""
+    p.add_argument("--poison-ratio", type=_ratio, default=0.1,
+                   help="share of the whole training set poisoned (default 0.1); clean-label attacks draw from the "
+                        "target class only")
+    p.add_argument("--target", type=int, default=0, help="target label (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="which images are poisoned and, for attack, the training (default 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .attacks import ATTACKS
     from .data import DATASETS
@@ -47,12 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--batch-size", type=int)
     a.add_argument("--lr", type=float)
     a.add_argument("--schedule", choices=["cosine", "onecycle"])
-    a.add_argument("--poison-ratio", type=_ratio, default=0.1,
-                   help="share of the whole training set poisoned (default 0.1); clean-label attacks draw from the "
-                        "target class only")
-    a.add_argument("--target", type=int, default=0)
+    _add_poison_choice(a)
     a.add_argument("--all-to-all", action="store_true")
-    a.add_argument("--seed", type=int, default=0)
     a.add_argument("--eval-every", type=int, default=1, metavar="N",
                    help="record test ACC/ASR in the history every N epochs (default 1; the last epoch always)")
     a.add_argument("--overwrite", action="store_true", help="replace a run already at --out")
@@ -86,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--epochs", type=int, help="fine-tune epochs (default 10)")
     f.add_argument("--lr", type=float, help="fine-tune learning rate (default 0.01)")
     f.add_argument("--batch-size", type=int, help="fine-tune batch size (default 256)")
-    f.add_argument("--seed", type=int, help="clean subset and defense seed (default 0; N != 0 writes to RUN/defense/VARIANT-seedN)")
+    f.add_argument("--seed", type=int,
+                   help="clean subset and defense seed (default 0; N != 0 writes to RUN/defense/VARIANT-seedN)")
     f.add_argument("--name", help="output folder name under RUN/defense (default: derived from the options)")
     f.add_argument("--overwrite", action="store_true")
     _add_common(f)
@@ -107,9 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--model", help="clean model architecture of lowfreq / lc (default preactresnet18)")
     pr.add_argument("--width", type=int, help="clean model width (default 16)")
     pr.add_argument("--epochs", type=int, help="clean model epochs (default: the preset's, 20; 12 for smallcnn)")
-    pr.add_argument("--target", type=int, default=0, help="as for mapprune attack (default 0)")
-    pr.add_argument("--poison-ratio", type=_ratio, default=0.1, help="as for mapprune attack (default 0.1)")
-    pr.add_argument("--seed", type=int, default=0, help="as for mapprune attack: which images are poisoned (default 0)")
+    _add_poison_choice(pr)
     _add_common(pr)
     return ap
 

@@ -135,8 +135,8 @@ def prepare_attack(attack: str, dataset: str = "cifar10", data_dir=None, *, mode
                    width: int | None = None, epochs: int | None = None, target: int = 0, poison_ratio: float = 0.1,
                    seed: int = 0, device=None, progress: bool = True) -> dict:
     """Builds and caches what ``mapprune attack`` will need: ``create_attack(...).prepare(dataset)`` (clean model,
-    perturbation, encoder, generators), then the poisoned training set once, which caches what depends on the
-    poisoned images themselves (LC's PGD images); returns the attack's config (with the resource hashes).
+    perturbation, encoder, generators), then ``prepare_poison`` for what depends on the poisoned images themselves
+    (LC's PGD images); returns the attack's config (with the resource hashes).
 
     ``model``, ``width`` and ``epochs`` set the clean (surrogate) model of the attacks built from one, and
     ``target``, ``poison_ratio`` and ``seed`` choose the poisoned images; they must match what the attack run will
@@ -159,5 +159,5 @@ def prepare_attack(attack: str, dataset: str = "cifar10", data_dir=None, *, mode
     ds = load_dataset(dataset, data_dir)
     atk = create_attack(attack, ds.image_shape, ds.num_classes, target=target, poison_ratio=poison_ratio, **kw)
     atk.prepare(ds, device=pick_device(device), progress=progress)
-    atk.poison_train(ds.x_train, ds.y_train, seed)
+    atk.prepare_poison(ds.x_train, ds.y_train, seed)
     return atk.config()

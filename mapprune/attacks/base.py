@@ -53,6 +53,11 @@ class Attack:
         After it, :meth:`state` must hold everything needed to re-create the trigger without the data.
         """
 
+    def prepare_poison(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> None:
+        """Builds and caches what poisoning the images chosen by ``seed`` needs beyond :meth:`prepare` (LC's PGD
+        images), so ``mapprune prepare`` can make it ahead; a no-op where poisoning needs nothing more.
+        """
+
     # -- shared machinery ----------------------------------------------------------------------------
     def config(self) -> dict:
         return {"name": self.name, "target": self.target, "all_to_all": self.all_to_all,

@@ -119,6 +119,11 @@ class LabelConsistent(SurrogateAttack):
         tensors, self.resource = cached_resource("lc_pgd", key, build)
         return tensors["images"]
 
+    def prepare_poison(self, x, y, seed):
+        idx = self.poison_indices(y, seed)
+        if len(idx):
+            self.harden(x[idx], y[idx])
+
     def poison_train(self, x, y, seed):
         idx = self.poison_indices(y, seed)
         x = x.clone()
