@@ -103,6 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--seeds", action="store_true",
                     help="one row per defense variant: mean ± sd over its seeds (folders NAME, NAME-seedN)")
 
+    dg = sub.add_parser("diagnose", help="evaluation only: how well feature-map scorers find the maps that carry "
+                        "the run's real backdoor; writes RUN/diagnose/")
+    dg.add_argument("run", type=Path)
+    dg.add_argument("--defense", help="diagnose the model repaired by this defense (RUN/defense/NAME)")
+    dg.add_argument("--setting", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                    help="a feature-map testing setting to score, e.g. 'b64:n_images=64,balanced=true,eps=0.06' "
+                         "(repeatable; default: the paper's, n_images=32, eps=0.06, objective=mse)")
+    dg.add_argument("--seeds", type=int, nargs="+", default=[0], help="testing seeds (2+ give seed-to-seed "
+                    "rank correlations; default 0)")
+    dg.add_argument("--n-eval", type=int, default=256, help="test images for ground truth and curves (default 256)")
+    dg.add_argument("--budget", type=int, default=25, help="pruning budget the metrics are taken at (default 25)")
+    dg.add_argument("--controls", action="store_true",
+                    help="also fine-tune after pruning the oracle and a random set of --budget maps (and plain FT)")
+    dg.add_argument("--json", action="store_true", help="print diagnose.json's summary as JSON")
+    _add_common(dg)
+
     d = sub.add_parser("demo", help="backdoor a model on the embedded digits and measure it (about a minute)")
     d.add_argument("--out", type=Path, help="keep the run folder here (default: a temporary folder)")
     _add_common(d)
@@ -197,6 +213,60 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _settings(specs: list[str]) -> dict | None:
+    """'NAME:KEY=VALUE,...' -> {NAME: {KEY: VALUE}}, values parsed as JSON where they are JSON."""
+    if not specs:
+        return None
+    out = {}
+    for spec in specs:
+        name, sep, body = spec.partition(":")
+        if not sep or not name:
+            raise MapPruneError(f"--setting {spec!r} must look like NAME:KEY=VALUE,... e.g. b64:n_images=64")
+        out[name] = _attack_opts([kv for kv in body.split(",") if kv]) if body else {}
+    from .defenses.scoring import OBJECTIVES
+
+    allowed = {"n_images", "balanced", "eps", "alpha", "objective", "implementation", "batch_images"}
+    for name, cfg in out.items():
+        bad = sorted(set(cfg) - allowed)
+        if bad:
+            raise MapPruneError(f"--setting {name}: unknown key {bad[0]!r}; valid: {', '.join(sorted(allowed))}")
+        if cfg.get("objective", "mse") not in OBJECTIVES:
+            raise MapPruneError(f"--setting {name}: objective must be one of {', '.join(OBJECTIVES)}")
+        if int(cfg.get("n_images", 32)) < 1:
+            raise MapPruneError(f"--setting {name}: n_images must be >= 1")
+    return out
+
+
+def cmd_diagnose(args) -> int:
+    from .diagnose import diagnose_run
+
+    settings = _settings(args.setting)
+    if args.n_eval < 1 or args.budget < 1:
+        raise MapPruneError(f"--n-eval and --budget must be >= 1, got {args.n_eval} and {args.budget}")
+    rep = diagnose_run(args.run, defense=args.defense, data_dir=args.data_dir, device=args.device,
+                       settings=settings, seeds=args.seeds, n_eval=args.n_eval, budget=args.budget,
+                       controls=args.controls, progress=not args.no_progress)
+    b = rep["budget"]
+    rows = [{"ordering": k, "auroc": v["auroc_causal"] if v["auroc_causal"] is not None else float("nan"),
+             f"p@{b}": v[f"precision@{b}"], f"asr@{b}": v[f"asr@{b}"], f"acc@{b}": v[f"acc@{b}"]}
+            for k, v in rep["orderings"].items()]
+    if args.json:
+        print(json.dumps({"ground_truth": rep["ground_truth"], "orderings": rows, "controls": rep.get("controls")}))
+        return 0
+    from .report import format_table
+
+    gt = rep["ground_truth"]
+    print(f"before: ACC {100 * rep['before']['acc']:.2f}  ASR {100 * rep['before']['asr']:.2f}  "
+          f"({rep['n_eval']} test images); {gt['n_causal']} of {rep['n_maps']} maps drop ASR by >= "
+          f"{100 * gt['causal_drop']:.0f} points when pruned alone")
+    print(format_table([{k: round(v, 3) if isinstance(v, float) and k == "auroc" else v for k, v in r.items()}
+                        for r in rows], list(rows[0])))
+    for k, v in (rep.get("controls") or {}).items():
+        print(f"control {k}: ACC {100 * v['acc']:.2f}  ASR {100 * v['asr']:.2f}  RA {100 * v['ra']:.2f}")
+    print(f"written to {Path(args.run) / 'diagnose' / (args.defense or 'model')}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import demo
 
@@ -216,6 +286,7 @@ def cmd_prepare(args) -> int:
 
 COMMANDS = {"attack": cmd_attack, "defend": cmd_defend, "eval": cmd_eval, "report": cmd_report, "demo": cmd_demo}
 COMMANDS["prepare"] = cmd_prepare
+COMMANDS["diagnose"] = cmd_diagnose
 
 
 def main(argv=None) -> int:

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from mapprune.defenses import score_feature_maps
+from mapprune.defenses.scoring import probe_feature_maps
 from mapprune.defenses.pruning import conv_layers
 from mapprune.errors import MapPruneError
 from mapprune.models import create_model
@@ -135,3 +136,19 @@ def test_layers_subset_and_bad_input():
     # uint8 images are accepted as pixels
     u8 = (x * 255).round().to(torch.uint8)
     assert set(score_feature_maps(model, u8, y)) == set(names)
+
+
+def test_excite_objective_fast_equals_reference():
+    torch.manual_seed(0)
+    model = _calibrated(create_model("preactresnet18", 10, width=8), (3, 32, 32))
+    x, y = _images_and_own_labels(model, 6, (3, 32, 32))
+    kw = {"eps": 0.03, "alpha": 0.02, "seed": 1, "objective": "excite", "keep_probs": True}
+    fast = probe_feature_maps(model, x, y, implementation="fast", batch_images=18, **kw)
+    ref = probe_feature_maps(model, x, y, implementation="reference", **kw)
+    for layer in ref.acc:
+        torch.testing.assert_close(fast.acc[layer], ref.acc[layer], rtol=0, atol=0, msg=f"layer {layer}")
+        torch.testing.assert_close(fast.probs[layer], ref.probs[layer], rtol=1e-4, atol=1e-5)
+    mse = probe_feature_maps(model, x, y, eps=0.03, alpha=0.02, seed=1)
+    assert any(not torch.equal(mse.acc[k], ref.acc[k]) for k in ref.acc), "excite must step elsewhere than mse"
+    with pytest.raises(MapPruneError, match="objective"):
+        probe_feature_maps(model, x, y, objective="up")

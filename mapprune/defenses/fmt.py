@@ -21,6 +21,23 @@ from .selection import SELECTIONS, select
 __all__ = ["FMT", "score_feature_maps"]
 
 
+def pick_test_images(x: torch.Tensor, y: torch.Tensor, n: int, seed: int, balanced: bool = False):
+    """n seeded test images from the clean subset: uniformly drawn (the paper's), or ``balanced`` over the
+    classes (n // K of each, the remainder to the first classes, so a suspected target's images are few)."""
+    g = torch.Generator().manual_seed(seed)
+    if not balanced:
+        idx = torch.randperm(len(x), generator=g)[:n]
+        return x[idx], y[idx]
+    classes = torch.unique(y).tolist()
+    per = [n // len(classes) + (i < n % len(classes)) for i in range(len(classes))]
+    idx = []
+    for c, k in zip(classes, per):
+        members = torch.nonzero(y == c).flatten()
+        idx.append(members[torch.randperm(len(members), generator=g)[:k]])
+    idx = torch.cat(idx)
+    return x[idx], y[idx]
+
+
 class FMT(Defense):
     """Feature Map Testing. Paper defaults: n=32 images, alpha 0.02 (0.03 for CIFAR-100 / GTSRB), eps 0.06,
     rank selection of floor(C/64) maps per layer, fine-tune 10 epochs at lr 0.01, batch 256.
@@ -54,9 +71,7 @@ class FMT(Defense):
 
     def test_images(self, x: torch.Tensor, y: torch.Tensor):
         """The n seeded test images drawn from the clean subset."""
-        g = torch.Generator().manual_seed(self.seed)
-        idx = torch.randperm(len(x), generator=g)[: self.n_images]
-        return x[idx], y[idx]
+        return pick_test_images(x, y, self.n_images, self.seed)
 
     def score(self, model, x, y) -> dict[str, torch.Tensor]:
         xt, yt = self.test_images(x, y)

@@ -13,12 +13,32 @@ Two implementations, which give the same scores:
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..errors import MapPruneError
-from .pruning import conv_layers
+from .pruning import conv_layers, following_batchnorms
+
+OBJECTIVES = ("mse", "excite")
+
+
+@dataclass
+class MapTest:
+    """What testing every feature map measured.
+
+    ``acc``: {conv name: (C,) accuracy of the n stepped images} (the paper's score; low = suspicious).
+    ``probs``: {conv name: (C, n, K) softmax of the model on each map's n stepped images}, kept only when asked
+    for (``keep_probs``): where the perturbed predictions go is what the target-concentration scorer reads.
+    ``null_probs``: (n, K) softmax on the same images stepped in a random sign direction of the same size, the
+    null against which a map's pull towards a class is measured. ``labels``: the n true labels.
+    """
+
+    acc: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    probs: dict[str, torch.Tensor] = field(default_factory=dict)
+    null_probs: torch.Tensor | None = None
 
 
 class _Stop(Exception):
@@ -45,10 +65,13 @@ def forward_to(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Ten
     return box["out"]
 
 
-def random_start(x: torch.Tensor, alpha: float, seed: int) -> torch.Tensor:
+def _random_sign(x: torch.Tensor, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    sign = torch.randint(0, 2, x.shape, generator=g).mul_(2).sub_(1).to(x.device, x.dtype)
-    return (x + alpha * sign).clamp_(0, 1)
+    return torch.randint(0, 2, x.shape, generator=g).mul_(2).sub_(1).to(x.device, x.dtype)
+
+
+def random_start(x: torch.Tensor, alpha: float, seed: int) -> torch.Tensor:
+    return (x + alpha * _random_sign(x, seed)).clamp_(0, 1)
 
 
 def _check(images, labels):
@@ -77,49 +100,69 @@ def layer_output(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.T
     return box["out"]
 
 
-def adversarial_for_map(model, layer, x, x0, channel: int, eps: float) -> torch.Tensor:
-    """x_adv for one feature map: one signed step from x0 away from the map's clean activation."""
-    with torch.no_grad():
-        clean = layer_output(model, layer, x)[:, channel]
+def adversarial_for_map(model, layer, x, x0, channel: int, eps: float, objective: str = "mse",
+                        sign: float = 1.0) -> torch.Tensor:
+    """x_adv for one feature map: one signed step from x0 away from the map's clean activation (``mse``, the
+    paper's) or up the map's activation as its consumer sees it (``excite``: ``sign`` is +1, or -1 where the
+    BatchNorm reading the map has a negative gamma)."""
     x_start = x0.clone().requires_grad_(True)
-    loss = (layer_output(model, layer, x_start)[:, channel] - clean).square().mean()
+    if objective == "excite":
+        loss = sign * layer_output(model, layer, x_start)[:, channel].mean()
+    else:
+        with torch.no_grad():
+            clean = layer_output(model, layer, x)[:, channel]
+        loss = (layer_output(model, layer, x_start)[:, channel] - clean).square().mean()
     (grad,) = torch.autograd.grad(loss, x_start)
     return (x0 + eps * grad.sign()).clamp(0, 1)
 
 
-def _score_reference(model, layers, x, y, x0, eps, progress, max_maps) -> dict[str, torch.Tensor]:
+def _score_reference(model, layers, x, y, x0, eps, progress, max_maps, objective, signs, probs_out
+                     ) -> dict[str, torch.Tensor]:
     """The plain per-map loop of the method's description: for each map, the clean activation, the gradient of
     the map's squared deviation, one signed step, and the accuracy on the n stepped images."""
     scores = {}
     for name, layer in layers.items():
         acc = torch.full((layer.out_channels,), float("nan"))
+        probs = []
         for c in range(min(layer.out_channels, max_maps)):
-            x_adv = adversarial_for_map(model, layer, x, x0, c, eps)
+            sign = float(signs[name][c]) if signs is not None else 1.0
+            x_adv = adversarial_for_map(model, layer, x, x0, c, eps, objective, sign)
             with torch.no_grad():
-                acc[c] = (model(x_adv).argmax(1) == y).float().mean().cpu()
+                logits = model(x_adv)
+                acc[c] = (logits.argmax(1) == y).float().mean().cpu()
+                probs.append(logits.float().softmax(1).cpu())
             progress(1)
         scores[name] = acc
+        if probs_out is not None:
+            probs_out[name] = torch.stack(probs)
     return scores
 
 
-def _score_fast(model, layers, x, y, x0, eps, progress, max_maps, batch_images) -> dict[str, torch.Tensor]:
+def _score_fast(model, layers, x, y, x0, eps, progress, max_maps, batch_images, objective, signs, probs_out
+                ) -> dict[str, torch.Tensor]:
     n = len(x)
     chunk = max(1, batch_images // n)
     scores = {}
     for name, layer in layers.items():
         channels = min(layer.out_channels, max_maps)
-        with torch.inference_mode():
-            clean = forward_to(model, layer, x)  # (n, C, H, W), once per layer
         # One forward of x0 to layer l serves every map of the layer: each map's gradient is a backward pass
         # of the same graph with another cotangent, so the backwards are batched (vmap) over maps.
         x_start = x0.detach().requires_grad_(True)
         out = forward_to(model, layer, x_start)
-        # d/d(out) of mean((out[:, c] - clean[:, c])^2): 2 (out - clean) / numel in channel c, zero elsewhere,
-        # formed with the same operations autograd uses for the reference loop's loss.
-        per_map = out.detach()[:, :channels] - clean[:, :channels]
-        scale = torch.full((), 1.0 / per_map[:, 0].numel(), device=x.device, dtype=out.dtype)
-        cot_all = scale * (2 * per_map)
+        scale = torch.full((), 1.0 / (out[:, 0].numel()), device=x.device, dtype=out.dtype)
+        if objective == "excite":
+            # d/d(out) of sign * mean(out[:, c]): a constant sign / numel in channel c.
+            sign = signs[name][:channels].to(x.device, out.dtype).view(1, channels, 1, 1)
+            cot_all = (scale * sign).expand(out.shape[0], channels, *out.shape[2:])
+        else:
+            with torch.inference_mode():
+                clean = forward_to(model, layer, x)  # (n, C, H, W), once per layer
+            # d/d(out) of mean((out[:, c] - clean[:, c])^2): 2 (out - clean) / numel in channel c, zero
+            # elsewhere, formed with the same operations autograd uses for the reference loop's loss.
+            per_map = out.detach()[:, :channels] - clean[:, :channels]
+            cot_all = scale * (2 * per_map)
         acc = torch.full((layer.out_channels,), float("nan"))
+        probs = []
         for c0 in range(0, channels, chunk):
             k = min(chunk, channels - c0)
             ks = torch.arange(k, device=x.device)
@@ -129,19 +172,45 @@ def _score_fast(model, layers, x, y, x0, eps, progress, max_maps, batch_images) 
             with torch.inference_mode():
                 x_adv = (x0.unsqueeze(0) + eps * grad.sign()).clamp_(0, 1).flatten(0, 1)
                 x_adv = x_adv.contiguous(memory_format=torch.channels_last)
-                correct = (model(x_adv).argmax(1) == y.repeat(k)).view(k, n)
+                logits = model(x_adv)
+                correct = (logits.argmax(1) == y.repeat(k)).view(k, n)
                 acc[c0:c0 + k] = correct.float().mean(1).cpu()
+                if probs_out is not None:
+                    probs.append(logits.float().softmax(1).view(k, n, -1).cpu())
             del cot, grad
             progress(k)
         del out, x_start
         scores[name] = acc
+        if probs_out is not None:
+            probs_out[name] = torch.cat(probs)
     return scores
 
 
 IMPLEMENTATIONS = ("fast", "reference")
 
 
-def score_feature_maps(
+def score_feature_maps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, **kw) -> dict[str, torch.Tensor]:
+    """Per-map accuracy under per-map attack, ``{conv module name: tensor of per-channel accuracies}``: the
+    paper's score. Takes :func:`probe_feature_maps`'s arguments."""
+    return probe_feature_maps(model, images, labels, **kw).acc
+
+
+def consumer_signs(model: nn.Module, example: torch.Tensor, layers: dict[str, nn.Conv2d]) -> dict[str, torch.Tensor]:
+    """Per conv and channel, the sign with which the next BatchNorm passes the map on (the sign of its gamma);
+    +1 where no BatchNorm reads the conv's output directly (residual convs, VGG's last layers without one)."""
+    bns = following_batchnorms(model, example)
+    modules = dict(model.named_modules())
+    signs = {}
+    for name, layer in layers.items():
+        s = torch.ones(layer.out_channels)
+        bn = modules[bns[name]] if name in bns else None
+        if bn is not None and bn.weight is not None:
+            s = torch.where(bn.weight.detach().cpu() < 0, -1.0, 1.0)
+        signs[name] = s
+    return signs
+
+
+def probe_feature_maps(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -149,21 +218,27 @@ def score_feature_maps(
     eps: float = 0.06,
     alpha: float = 0.02,
     seed: int = 0,
+    objective: str = "mse",
     implementation: str = "fast",
     layers: list[str] | None = None,
     batch_images: int = 1024,
     max_maps: int | None = None,
+    keep_probs: bool = False,
     progress: Callable[[int], None] | bool = False,
-) -> dict[str, torch.Tensor]:
-    """Per-map accuracy under per-map attack, ``{conv module name: tensor of per-channel accuracies}``.
+) -> MapTest:
+    """Tests every feature map: one signed input step per map, then the model's predictions on the stepped images.
 
     ``images``: (n, C, H, W) uint8 or float in [0, 1], on the model's device or CPU; ``labels``: true labels.
-    The model is used in eval mode (BatchNorm running statistics) and left as it was found.
-    ``layers`` restricts testing to those conv names (default: every Conv2d). ``batch_images`` bounds how many
-    images one pass of the fast implementation holds (memory scales with it).
+    ``objective``: ``mse`` (the paper's: push the map away from its clean value) or ``excite`` (push the map up
+    as its consumer sees it). The model is used in eval mode (BatchNorm running statistics) and left as it was
+    found. ``layers`` restricts testing to those conv names (default: every Conv2d). ``batch_images`` bounds how
+    many images one pass of the fast implementation holds (memory scales with it). ``keep_probs`` also keeps
+    every map's softmax outputs and a random-direction null (see :class:`MapTest`).
     """
     if implementation not in IMPLEMENTATIONS:
         raise MapPruneError(f"unknown implementation {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}")
+    if objective not in OBJECTIVES:
+        raise MapPruneError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
     if eps < 0 or alpha < 0:
         raise MapPruneError(f"eps and alpha must be >= 0, got eps={eps}, alpha={alpha}")
     all_layers = conv_layers(model)
@@ -190,10 +265,20 @@ def score_feature_maps(
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)  # gradients are needed w.r.t. the input only
+    probs = {} if keep_probs else None
     try:
+        signs = consumer_signs(model, x[:1], all_layers) if objective == "excite" else None
         if implementation == "reference":
-            return _score_reference(model, all_layers, x, y, x0, eps, tick, max_maps)
-        return _score_fast(model, all_layers, x, y, x0, eps, tick, max_maps, batch_images)
+            acc = _score_reference(model, all_layers, x, y, x0, eps, tick, max_maps, objective, signs, probs)
+        else:
+            acc = _score_fast(model, all_layers, x, y, x0, eps, tick, max_maps, batch_images, objective, signs,
+                              probs)
+        null = None
+        if keep_probs:
+            x_null = (x0 + eps * _random_sign(x, seed + 1)).clamp(0, 1)
+            with torch.inference_mode():
+                null = model(x_null).float().softmax(1).cpu()
+        return MapTest(acc, y.cpu(), probs or {}, null)
     finally:
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
