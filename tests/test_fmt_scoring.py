@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from mapprune.defenses import score_feature_maps
-from mapprune.defenses.scoring import probe_feature_maps
 from mapprune.defenses.pruning import conv_layers
+from mapprune.defenses.scoring import probe_feature_maps
 from mapprune.errors import MapPruneError
 from mapprune.models import create_model
 
