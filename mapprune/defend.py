@@ -19,13 +19,38 @@ DEFAULT_CLEAN_RATIO = {"gtsrb": 0.05}
 DEFAULT_ALPHA = {"cifar100": 0.03, "gtsrb": 0.03}
 
 
+def _recipe_defaults(defense: str, recipe: str) -> dict:
+    from .defenses.base import FINETUNES
+    from .defenses.fmt import FMT_RECIPES
+
+    return {**FINETUNES.get(recipe, {}), **(FMT_RECIPES.get(recipe, {}) if defense == "fmt" else {})}
+
+
 def variant_name(defense: str, kw: dict) -> str:
-    """Folder name of a defense variant: fmt, fmt-mask, fmt-outlier, fmt-outlier-mask, ft; -seedN for seed N != 0."""
-    name = defense
-    if kw.get("selection", "rank") != "rank":
-        name += f"-{kw['selection']}"
-    if kw.get("mask"):
-        name += "-mask"
+    """Folder name of a defense variant: the defense, its recipe unless ``recommended`` (fmt-paper), then every
+    option given that differs from the recipe's value (fmt-paper-mask, fmt-outlier, fmt-eps0.1), -detect for a
+    detect-only run, and -seedN for seed N != 0. Two different settings never share a folder."""
+    recipe = kw.get("recipe", "recommended")
+    import inspect
+
+    from .defenses import DEFENSES
+    from .defenses.base import Defense
+
+    defaults = {}
+    for cls in (Defense, DEFENSES.get(defense, Defense)):
+        defaults.update({k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+                         if p.default is not inspect.Parameter.empty and p.default is not None})
+    defaults.update(_recipe_defaults(defense, recipe))
+    name = defense if recipe == "recommended" else f"{defense}-{recipe}"
+    for k, v in kw.items():
+        if k in ("recipe", "seed", "detect_only") or v is None or defaults.get(k, None) == v:
+            continue
+        if k == "selection":
+            name += f"-{v}"
+        elif isinstance(v, bool):
+            name += f"-{k.replace('_', '')}" if v else f"-no{k.replace('_', '')}"
+        else:
+            name += f"-{k.replace('_', '')}{v:g}" if isinstance(v, float) else f"-{k.replace('_', '')}{v}"
     if kw.get("detect_only"):
         name += "-detect"
     if kw.get("seed"):
@@ -40,10 +65,10 @@ def defend_run(run, defense: str, *, clean_ratio: float | None = None, name: str
     r = load_run(run, data_dir)
     ds_name = r.dataset.name
     ratio = clean_ratio if clean_ratio is not None else DEFAULT_CLEAN_RATIO.get(ds_name, 0.1)
+    kw = {k: v for k, v in kw.items() if v is not None}
+    name = name or variant_name(defense, kw)  # from what the user chose, before per-dataset defaults
     if defense == "fmt":
         kw.setdefault("alpha", DEFAULT_ALPHA.get(ds_name, 0.02))
-    kw = {k: v for k, v in kw.items() if v is not None}
-    name = name or variant_name(defense, kw)
     out = Path(run) / "defense" / name
     writer = RunWriter(out, overwrite, marker="result.json")
     seed = kw.get("seed", 0)

@@ -20,7 +20,7 @@ def test_defend_fmt_writes_result_model_and_figures(run, capsys):
     rc = main(["defend", "fmt", str(run), "--eps", "0.2", "--fraction", "0.125", "--batch-size", "32", "--mask",
                "--no-progress"])
     assert rc == 0
-    folder = run / "defense" / "fmt-mask"
+    folder = run / "defense" / "fmt-fraction0.125-eps0.2-batchsize32"  # named by its non-default options
     for name in ("model.safetensors", "result.json", "metrics.png", "scores.png", "adversarial.png"):
         assert (folder / name).is_file(), name
     r = json.loads((folder / "result.json").read_text())
@@ -30,7 +30,7 @@ def test_defend_fmt_writes_result_model_and_figures(run, capsys):
     assert r["clean_subset"]["ratio"] == 0.1 and r["params"]["mask"] is True
     assert r["after"]["asr"] < r["before"]["asr"]
     capsys.readouterr()
-    assert main(["eval", str(run), "--defense", "fmt-mask", "--json"]) == 0
+    assert main(["eval", str(run), "--defense", folder.name, "--json"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1
     ev = json.loads(out[0])
@@ -51,30 +51,34 @@ def test_detect_only_changes_nothing_and_ft_uses_same_subset(run, capsys):
     assert not (folder / "model.safetensors").exists()
     assert r["after"] == r["before"] and r["num_pruned"] > 0
     assert main(["defend", "ft", str(run), "--epochs", "2", "--no-progress"]) == 0
-    ft = json.loads((run / "defense" / "ft" / "result.json").read_text())
+    ft = json.loads((run / "defense" / "ft-epochs2" / "result.json").read_text())
     assert ft["clean_subset"]["indices"] == r["clean_subset"]["indices"]
     assert ft["num_pruned"] == 0 and len(ft["history"]) == 2
     capsys.readouterr()
     assert main(["report", str(run)]) == 0
     table = capsys.readouterr().out
-    assert "| fmt-detect |" in table and "| ft |" in table and "| none |" in table
+    assert "| fmt-detect |" in table and "| ft-epochs2 |" in table and "| none |" in table
 
 
 def test_defense_seed_names_its_own_folder(run, capsys):
     """A seed sweep never collides with the default run: seed N != 0 goes to <variant>-seedN."""
     from mapprune.defend import variant_name
 
-    assert variant_name("fmt", {"selection": "outlier", "mask": True, "seed": 2}) == "fmt-outlier-mask-seed2"
+    assert variant_name("fmt", {"selection": "outlier", "mask": True, "seed": 2}) == "fmt-outlier-seed2"
+    assert variant_name("fmt", {"recipe": "paper", "mask": True}) == "fmt-paper-mask"
+    assert variant_name("fmt", {"mask": False, "eps": 0.1, "n_images": 64}) == "fmt-nomask-eps0.1-nimages64"
+    assert variant_name("fmt", {"recipe": "paper", "epochs": 10, "lr": 0.01}) == "fmt-paper"  # the recipe's own
     assert variant_name("ft", {"seed": 0}) == "ft"
+    assert variant_name("ft", {"recipe": "paper", "seed": 1}) == "ft-paper-seed1"
     assert main(["defend", "ft", str(run), "--epochs", "1", "--no-progress", "--name", "s0"]) == 0
     assert main(["defend", "ft", str(run), "--epochs", "1", "--no-progress", "--seed", "1"]) == 0
     s0 = json.loads((run / "defense" / "s0" / "result.json").read_text())
-    s1 = json.loads((run / "defense" / "ft-seed1" / "result.json").read_text())
+    s1 = json.loads((run / "defense" / "ft-epochs1-seed1" / "result.json").read_text())
     assert s1["clean_subset"]["indices"] != s0["clean_subset"]["indices"]
     capsys.readouterr()
     assert main(["report", str(run), "--seeds", "--json"]) == 0
     groups = {g["defense"]: g for g in json.loads(capsys.readouterr().out)}
-    assert 1 in groups["ft"]["seeds"] and "ft-seed1" not in groups and groups["s0"]["seeds"] == [0]
+    assert 1 in groups["ft-epochs1"]["seeds"] and "ft-epochs1-seed1" not in groups and groups["s0"]["seeds"] == [0]
 
 
 def test_defend_bad_input(run, capsys, tmp_path):

@@ -150,7 +150,31 @@ def test_fmt_and_ft_on_a_really_backdoored_model(digits_run):
     assert all(torch.equal(v, detect.model.state_dict()[k]) for k, v in original.items())
 
     ft = create_defense("ft", hflip=False, batch_size=32).repair(r.model, x, y)
-    assert isinstance(ft, type(result)) and ft.pruned == {} and len(ft.history) == 10
+    assert isinstance(ft, type(result)) and ft.pruned == {} and len(ft.history) == 15  # the recommended recipe
+    paper = create_defense("ft", recipe="paper", hflip=False, epochs=2)
+    assert (paper.lr, paper.schedule, paper.batch_size, paper.epochs) == (0.01, "cosine", 256, 2)
+
+
+def test_recipes_and_bad_options_fail_before_work():
+    paper, rec = FMT(recipe="paper"), FMT()
+    assert (paper.mask, paper.selection, paper.scorer, paper.lr, paper.epochs) == (False, "rank", "accuracy", 0.01, 10)
+    assert rec.mask is True and rec.recipe == "recommended" and rec.schedule == "onecycle"
+    assert FMT(recipe="paper", mask=True).mask is True  # an explicit value wins over the recipe
+    for kw, msg in [({"recipe": "best"}, "recipe"), ({"scorer": "x"}, "scorer"), ({"objective": "x"}, "objective"),
+                    ({"n_images": 0}, "n_images"), ({"eps": -1.0}, "eps"), ({"budget": -1}, "budget"),
+                    ({"lr": 0.0}, "learning rate"), ({"fraction": 2.0}, "fraction"), ({"epochs": -1}, "epochs")]:
+        with pytest.raises(MapPruneError, match=msg):
+            FMT(**kw)
+
+
+def test_global_selection_ranks_within_layer_z():
+    g = torch.Generator().manual_seed(0)
+    scores = {"wide": 0.5 + 0.01 * torch.randn(64, generator=g), "noisy": 0.5 + 0.2 * torch.randn(16, generator=g)}
+    scores["wide"][9] = 0.3  # 20 of its layer's spreads below the median: the most anomalous map anywhere
+    chosen = select("global", scores, budget=1)
+    assert chosen == {"wide": [9], "noisy": []}
+    assert sum(len(v) for v in select("global", scores, budget=5).values()) == 5
+    assert select("global", {"one": torch.tensor([0.1, 0.9])}, budget=5) == {"one": [0]}  # never a whole layer
 
 
 def test_defense_input_errors(digits_run):
@@ -193,4 +217,4 @@ def test_library_example_from_readme(tmp_path, monkeypatch):
     result, model = scope["result"], scope["model"]
     assert result.num_pruned == 1 and list(result.pruned) == ["features.0"]
     assert result.scores["features.0"].shape == (8,)
-    assert scope["repaired"] is not model and len(result.history) == 10
+    assert scope["repaired"] is not model and len(result.history) == 15  # the recommended fine-tune

@@ -12,4 +12,4 @@ class FineTune(Defense):
         t0 = time.perf_counter()
         history = self.finetune(model, x, y, device=device)
         return DefenseResult(model, self.name, self.params(), {"finetune": time.perf_counter() - t0},
-                             history=history)
+                             history=history, extra={"recipe": self.recipe})

@@ -82,7 +82,28 @@ def select_outlier(scores: dict[str, torch.Tensor], *, method: str = "elliptic",
     return out
 
 
-SELECTIONS = {"rank": select_rank, "outlier": select_outlier}
+def select_global(scores: dict[str, torch.Tensor], *, budget: int = 25, **_) -> dict[str, list[int]]:
+    """The ``budget`` lowest scores over all layers at once, compared as within-layer robust z-scores (a layer's
+    maps are measured against that layer's median and MAD, since layers differ in how fragile they are);
+    never every map of a layer."""
+    from .scorers import robust_z
+
+    if budget < 0:
+        raise MapPruneError(f"global budget must be >= 0, got {budget}")
+    names = list(scores)
+    z = torch.cat([robust_z(scores[n]) for n in names])
+    owner = [(n, c) for n in names for c in range(len(scores[n]))]
+    out: dict[str, list[int]] = {n: [] for n in names}
+    for i in torch.sort(z, stable=True).indices.tolist():
+        if sum(len(v) for v in out.values()) >= budget:
+            break
+        n, c = owner[i]
+        if len(out[n]) < len(scores[n]) - 1:
+            out[n].append(c)
+    return {n: sorted(v) for n, v in out.items()}
+
+
+SELECTIONS = {"rank": select_rank, "outlier": select_outlier, "global": select_global}
 
 
 def select(rule: str, scores: dict[str, torch.Tensor], **kw) -> dict[str, list[int]]:
