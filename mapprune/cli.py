@@ -203,7 +203,10 @@ def cmd_defend(args) -> int:
     from .report import format_table
 
     print(format_table([{"model": "before", **b}, {"model": f"after {r['name']}", **a}], ["model", "acc", "asr", "ra"]))
-    print(f"pruned {r['num_pruned']} maps; DER {100 * r['der']:.2f}; {r['wall_s']:.0f} s; "
+    if "suspected_target" in r:
+        t = r["suspected_target"]
+        print(f"suspected target class {t['target']} (anomaly index {t['anomaly_index']:.1f}; above 2 is unusual)")
+    print(f"pruned {r['num_pruned']} maps; DER {100 * r['der']:.2f}; {r['wall_s']:.0f} s; recipe {r.get('recipe', '?')}; "
           f"written to {Path(args.run) / 'defense' / r['name']}")
     return 0
 
