@@ -218,3 +218,22 @@ def test_library_example_from_readme(tmp_path, monkeypatch):
     assert result.num_pruned == 1 and list(result.pruned) == ["features.0"]
     assert result.scores["features.0"].shape == (8,)
     assert scope["repaired"] is not model and len(result.history) == 15  # the recommended fine-tune
+
+
+def test_recommended_recipe_spares_a_clean_model(tmp_path):
+    """On a model that was never poisoned, the recommended recipe (with the demo's digits settings) costs at most
+    two points of clean accuracy, and the suspected-target anomaly stays below the backdoored model's."""
+    from mapprune.backdoor import attack_run
+    from mapprune.defend import defend_run
+
+    clean, bad = tmp_path / "clean", tmp_path / "bad"
+    attack_run("badnets", clean, dataset="digits", preset="demo", poison_ratio=0.0, progress=False)
+    attack_run("badnets", bad, dataset="digits", preset="demo", progress=False)
+    kw = {"eps": 0.2, "fraction": 1 / 8, "batch_size": 32, "lr": 0.03, "progress": False}
+    c = defend_run(clean, "fmt", **kw)
+    b = defend_run(bad, "fmt", **kw)
+    assert c["after"]["acc"] >= c["before"]["acc"] - 0.02, c["after"]
+    assert b["after"]["asr"] <= 0.05 and b["before"]["asr"] > 0.9
+    assert c["recipe"] == b["recipe"] == "recommended"
+    assert c["suspected_target"]["anomaly_index"] < b["suspected_target"]["anomaly_index"], (
+        c["suspected_target"], b["suspected_target"])
