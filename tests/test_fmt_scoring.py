@@ -152,3 +152,24 @@ def test_excite_objective_fast_equals_reference():
     assert any(not torch.equal(mse.acc[k], ref.acc[k]) for k in ref.acc), "excite must step elsewhere than mse"
     with pytest.raises(MapPruneError, match="objective"):
         probe_feature_maps(model, x, y, objective="up")
+
+
+def test_patch_objective_fast_equals_reference_and_changes_a_patch_only():
+    from mapprune.defenses.scoring import patch_step
+
+    torch.manual_seed(0)
+    model = _calibrated(create_model("preactresnet18", 10, width=8), (3, 32, 32))
+    x, y = _images_and_own_labels(model, 6, (3, 32, 32))
+    kw = {"alpha": 0.0, "seed": 1, "objective": "patch", "keep_probs": True}
+    fast = probe_feature_maps(model, x, y, implementation="fast", batch_images=18, **kw)
+    ref = probe_feature_maps(model, x, y, implementation="reference", **kw)
+    for layer in ref.acc:
+        torch.testing.assert_close(fast.probs[layer], ref.probs[layer], rtol=1e-4, atol=1e-5)
+    grad = torch.zeros(2, 3, 3, 32, 32)
+    grad[0, :, 0, 10:15, 20:25] = 1.0  # map 0 wants red up in one 5x5 window
+    grad[1, :, :, 0:5, 0:5] = -1.0  # map 1 wants the top-left corner dark
+    out = patch_step(x[:3], grad, 5)
+    changed = (out != x[:3].unsqueeze(0)).any(2)  # (maps, images, H, W)
+    assert changed[0, :, 10:15, 20:25].any() and not changed[0][:, :10].any() and not changed[0][:, 15:].any()
+    assert (out[0, :, 0, 10:15, 20:25] == 1).all() and (out[0, :, 1, 10:15, 20:25] == 0).all()
+    assert (out[1, :, :, 0:5, 0:5] == 0).all() and torch.equal(out[1, :, :, 5:], x[:3, :, 5:])

@@ -44,8 +44,8 @@ def pick_test_images(x: torch.Tensor, y: torch.Tensor, n: int, seed: int, balanc
 FMT_RECIPES: dict[str, dict] = {
     "paper": {"n_images": 32, "balanced": False, "eps": 0.06, "objective": "mse", "scorer": "accuracy",
               "selection": "rank", "mask": False},
-    "recommended": {"n_images": 32, "balanced": False, "eps": 0.06, "objective": "mse", "scorer": "accuracy",
-                    "selection": "rank", "mask": True},
+    "recommended": {"n_images": 32, "balanced": False, "eps": 0.06, "objective": "patch", "scorer": "accuracy",
+                    "selection": "global", "mask": True},
 }
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import MapPruneError
 from .pruning import conv_layers, following_batchnorms
 
-OBJECTIVES = ("mse", "excite")
+OBJECTIVES = ("mse", "excite", "patch")
 
 
 @dataclass
@@ -100,19 +100,48 @@ def layer_output(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.T
     return box["out"]
 
 
+def patch_step(x0: torch.Tensor, grad: torch.Tensor, size: int) -> torch.Tensor:
+    """One universal patch per map: (k, n, C, H, W) gradients of k maps -> (k, n, C, H, W) images.
+
+    The gradient is summed over the n images (one pattern for all, as a trigger is); the size x size window
+    where it is largest gets pixels at 1 where the summed gradient is positive and 0 where it is not (an
+    unbounded change on a small support, which a dense L-inf step cannot make); the rest of x0 is kept.
+    """
+    k, _, c, h, w = grad.shape
+    g = grad.sum(1)
+    heat = torch.nn.functional.avg_pool2d(g.abs().sum(1, keepdim=True), size, stride=1)
+    ww = heat.shape[-1]
+    pos = heat.flatten(1).argmax(1)
+    top, left = pos // ww, pos % ww
+    rows = torch.arange(h, device=x0.device)
+    cols = torch.arange(w, device=x0.device)
+    in_rows = (rows[None] >= top[:, None]) & (rows[None] < top[:, None] + size)  # (k, H)
+    in_cols = (cols[None] >= left[:, None]) & (cols[None] < left[:, None] + size)  # (k, W)
+    mask = (in_rows[:, :, None] & in_cols[:, None, :]).to(x0.dtype)[:, None, None]  # (k, 1, 1, H, W)
+    pattern = (g > 0).to(x0.dtype)[:, None]  # (k, 1, C, H, W)
+    return x0.unsqueeze(0) * (1 - mask) + pattern * mask
+
+
+def default_patch(image_shape) -> int:
+    """The patch side of the ``patch`` objective: 5 pixels on 32x32 images, scaled with the image."""
+    return max(1, round(5 * min(image_shape[-2:]) / 32))
+
+
 def adversarial_for_map(model, layer, x, x0, channel: int, eps: float, objective: str = "mse",
                         sign: float = 1.0) -> torch.Tensor:
     """x_adv for one feature map: one signed step from x0 away from the map's clean activation (``mse``, the
     paper's) or up the map's activation as its consumer sees it (``excite``: ``sign`` is +1, or -1 where the
     BatchNorm reading the map has a negative gamma)."""
     x_start = x0.clone().requires_grad_(True)
-    if objective == "excite":
+    if objective in ("excite", "patch"):
         loss = sign * layer_output(model, layer, x_start)[:, channel].mean()
     else:
         with torch.no_grad():
             clean = layer_output(model, layer, x)[:, channel]
         loss = (layer_output(model, layer, x_start)[:, channel] - clean).square().mean()
     (grad,) = torch.autograd.grad(loss, x_start)
+    if objective == "patch":
+        return patch_step(x0, grad.unsqueeze(0), default_patch(x0.shape))[0]
     return (x0 + eps * grad.sign()).clamp(0, 1)
 
 
@@ -150,7 +179,7 @@ def _score_fast(model, layers, x, y, x0, eps, progress, max_maps, batch_images, 
         x_start = x0.detach().requires_grad_(True)
         out = forward_to(model, layer, x_start)
         scale = torch.full((), 1.0 / (out[:, 0].numel()), device=x.device, dtype=out.dtype)
-        if objective == "excite":
+        if objective in ("excite", "patch"):
             # d/d(out) of sign * mean(out[:, c]): a constant sign / numel in channel c.
             sign = signs[name][:channels].to(x.device, out.dtype).view(1, channels, 1, 1)
             cot_all = (scale * sign).expand(out.shape[0], channels, *out.shape[2:])
@@ -170,7 +199,10 @@ def _score_fast(model, layers, x, y, x0, eps, progress, max_maps, batch_images, 
             cot[ks, :, c0 + ks] = cot_all[:, c0:c0 + k].transpose(0, 1)
             (grad,) = torch.autograd.grad(out, x_start, cot, retain_graph=True, is_grads_batched=True)
             with torch.inference_mode():
-                x_adv = (x0.unsqueeze(0) + eps * grad.sign()).clamp_(0, 1).flatten(0, 1)
+                if objective == "patch":
+                    x_adv = patch_step(x0, grad, default_patch(x0.shape)).flatten(0, 1)
+                else:
+                    x_adv = (x0.unsqueeze(0) + eps * grad.sign()).clamp_(0, 1).flatten(0, 1)
                 x_adv = x_adv.contiguous(memory_format=torch.channels_last)
                 logits = model(x_adv)
                 correct = (logits.argmax(1) == y.repeat(k)).view(k, n)
@@ -229,8 +261,9 @@ def probe_feature_maps(
     """Tests every feature map: one signed input step per map, then the model's predictions on the stepped images.
 
     ``images``: (n, C, H, W) uint8 or float in [0, 1], on the model's device or CPU; ``labels``: true labels.
-    ``objective``: ``mse`` (the paper's: push the map away from its clean value) or ``excite`` (push the map up
-    as its consumer sees it). The model is used in eval mode (BatchNorm running statistics) and left as it was
+    ``objective``: ``mse`` (the paper's: push the map away from its clean value), ``excite`` (push the map up
+    as its consumer sees it) or ``patch`` (excite it through one small universal patch; see :func:`patch_step`;
+    ``eps`` does not apply). The model is used in eval mode (BatchNorm running statistics) and left as it was
     found. ``layers`` restricts testing to those conv names (default: every Conv2d). ``batch_images`` bounds how
     many images one pass of the fast implementation holds (memory scales with it). ``keep_probs`` also keeps
     every map's softmax outputs and a random-direction null (see :class:`MapTest`).
@@ -267,7 +300,7 @@ def probe_feature_maps(
         p.requires_grad_(False)  # gradients are needed w.r.t. the input only
     probs = {} if keep_probs else None
     try:
-        signs = consumer_signs(model, x[:1], all_layers) if objective == "excite" else None
+        signs = consumer_signs(model, x[:1], all_layers) if objective != "mse" else None
         if implementation == "reference":
             acc = _score_reference(model, all_layers, x, y, x0, eps, tick, max_maps, objective, signs, probs)
         else:
