@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--defense", help="diagnose the model repaired by this defense (RUN/defense/NAME)")
     dg.add_argument("--setting", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                     help="a feature-map testing setting to score, e.g. 'b64:n_images=64,balanced=true,eps=0.06' "
-                         "(repeatable; default: the paper's, n_images=32, eps=0.06, objective=mse)")
+                         "(repeatable; default: the paper's probe, n_images=32, eps=0.06, objective=mse, and the recommended "
+                         "recipe's, objective=patch)")
     dg.add_argument("--seeds", type=int, nargs="+", default=[0], help="testing seeds (2+ give seed-to-seed "
                     "rank correlations; default 0)")
     dg.add_argument("--n-eval", type=int, default=256, help="test images for ground truth and curves (default 256)")

@@ -34,8 +34,9 @@ from .errors import MapPruneError
 from .metrics import evaluate, predict
 from .runs import load_run, write_json
 
-# Testing settings a diagnosis compares by default: the paper's, and the same test with more images.
-DEFAULT_SETTINGS = {"paper": {"n_images": 32, "eps": 0.06, "objective": "mse"}}
+# Testing settings a diagnosis compares by default: the paper's probe and the recommended recipe's patch probe.
+DEFAULT_SETTINGS = {"paper": {"n_images": 32, "eps": 0.06, "objective": "mse"},
+                    "patch": {"n_images": 32, "objective": "patch"}}
 
 
 def flat_index(layers: dict[str, int]) -> list[tuple[str, int]]:
