@@ -258,9 +258,8 @@ def cmd_diagnose(args) -> int:
                        settings=settings, seeds=args.seeds, n_eval=args.n_eval, budget=args.budget,
                        controls=args.controls, progress=not args.no_progress)
     b = rep["budget"]
-    rows = [{"ordering": k, "auroc": v["auroc_causal"] if v["auroc_causal"] is not None else float("nan"),
-             f"p@{b}": v[f"precision@{b}"], f"asr@{b}": v[f"asr@{b}"], f"acc@{b}": v[f"acc@{b}"]}
-            for k, v in rep["orderings"].items()]
+    rows = [{"ordering": k, "auroc": v["auroc_causal"], f"p@{b}": v[f"precision@{b}"], f"asr@{b} %": v[f"asr@{b}"],
+             f"acc@{b} %": v[f"acc@{b}"]} for k, v in rep["orderings"].items()]
     if args.json:
         print(json.dumps({"ground_truth": rep["ground_truth"], "orderings": rows, "controls": rep.get("controls")}))
         return 0
@@ -270,8 +269,12 @@ def cmd_diagnose(args) -> int:
     print(f"before: ACC {100 * rep['before']['acc']:.2f}  ASR {100 * rep['before']['asr']:.2f}  "
           f"({rep['n_eval']} test images); {gt['n_causal']} of {rep['n_maps']} maps drop ASR by >= "
           f"{100 * gt['causal_drop']:.0f} points when pruned alone")
-    print(format_table([{k: round(v, 3) if isinstance(v, float) and k == "auroc" else v for k, v in r.items()}
-                        for r in rows], list(rows[0])))
+    def cell(k, v):
+        if v is None:
+            return "-"
+        return f"{100 * v:.1f}" if k.endswith("%") else f"{v:.2f}" if isinstance(v, float) else v
+
+    print(format_table([{k: cell(k, v) for k, v in r.items()} for r in rows], list(rows[0])))
     for k, v in (rep.get("controls") or {}).items():
         print(f"control {k}: ACC {100 * v['acc']:.2f}  ASR {100 * v['asr']:.2f}  RA {100 * v['ra']:.2f}")
     print(f"written to {Path(args.run) / 'diagnose' / (args.defense or 'model')}")
