@@ -112,6 +112,7 @@ def train(
     eval_every: int = 1,
     checkpoint: Path | None = None,
     after_step: Callable[[nn.Module], None] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     progress: bool = True,
     desc: str = "train",
 ) -> list[dict]:
@@ -120,7 +121,9 @@ def train(
     Returns the per-epoch history (loss, train accuracy, lr, seconds, plus whatever ``eval_fn`` returns; it runs
     after every ``eval_every``-th epoch and after the last, since on a CPU it costs ~10% of an epoch).
     With ``checkpoint`` set, state is saved there after every epoch and a matching checkpoint is resumed.
-    ``after_step`` runs after every optimiser step (FMT's persistent pruning mask uses it).
+    ``after_step`` runs after every optimiser step (FMT's persistent pruning mask uses it). ``loss_fn(logits,
+    images, labels)`` replaces the cross-entropy (a defense's own objective: distillation, unlearning); it gets
+    the augmented float batch the model saw.
     """
     cfg.validate()
     if eval_every < 1:
@@ -167,7 +170,10 @@ def train(
                 yb = y_dev[idx]
                 with autocast(device, cfg.amp):
                     out = model(xb)
-                    loss = F.cross_entropy(out, yb, label_smoothing=cfg.label_smoothing)
+                    if loss_fn is None:
+                        loss = F.cross_entropy(out, yb, label_smoothing=cfg.label_smoothing)
+                    else:
+                        loss = loss_fn(out, xb, yb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

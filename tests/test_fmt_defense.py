@@ -151,6 +151,8 @@ def test_fmt_and_ft_on_a_really_backdoored_model(digits_run):
 
     ft = create_defense("ft", hflip=False, batch_size=32).repair(r.model, x, y)
     assert isinstance(ft, type(result)) and ft.pruned == {} and len(ft.history) == 15  # the recommended recipe
+    kd = create_defense("ft", hflip=False, batch_size=32, epochs=3, distill=1.0).repair(r.model, x, y)
+    assert len(kd.history) == 3 and kd.history[0]["loss"] != ft.history[0]["loss"]  # the KL term is in the loss
     paper = create_defense("ft", recipe="paper", hflip=False, epochs=2)
     assert (paper.lr, paper.schedule, paper.batch_size, paper.epochs) == (0.01, "cosine", 256, 2)
 
@@ -162,7 +164,8 @@ def test_recipes_and_bad_options_fail_before_work():
     assert FMT(recipe="paper", mask=True).mask is True  # an explicit value wins over the recipe
     for kw, msg in [({"recipe": "best"}, "recipe"), ({"scorer": "x"}, "scorer"), ({"objective": "x"}, "objective"),
                     ({"n_images": 0}, "n_images"), ({"eps": -1.0}, "eps"), ({"budget": -1}, "budget"),
-                    ({"lr": 0.0}, "learning rate"), ({"fraction": 2.0}, "fraction"), ({"epochs": -1}, "epochs")]:
+                    ({"lr": 0.0}, "learning rate"), ({"fraction": 2.0}, "fraction"), ({"epochs": -1}, "epochs"),
+                    ({"distill": -1.0}, "distill")]:
         with pytest.raises(MapPruneError, match=msg):
             FMT(**kw)
 

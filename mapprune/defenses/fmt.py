@@ -140,10 +140,12 @@ class FMT(Defense):
             result.original = model
             return result
         result.original = copy.deepcopy(model).cpu()
+        teacher = copy.deepcopy(model) if self.distill > 0 else None
         t0 = time.perf_counter()
         mask = prune(model, pruned, x[:1].to(device).float() / 255)
         timings["prune"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        result.history = self.finetune(model, x, y, after_step=mask if self.mask else None, device=device)
+        result.history = self.finetune(model, x, y, after_step=mask if self.mask else None, device=device,
+                                       teacher=teacher)
         timings["finetune"] = time.perf_counter() - t0
         return result
