@@ -71,7 +71,7 @@ FINETUNES: dict[str, dict] = {
     "paper": {"epochs": 10, "lr": 0.01, "batch_size": 256, "weight_decay": 0.0, "min_lr": 1e-4,
               "schedule": "cosine", "nesterov": False, "distill": 0.0},
     "recommended": {"epochs": 15, "lr": 0.02, "batch_size": 128, "weight_decay": 5e-4, "min_lr": 0.0,
-                    "schedule": "onecycle", "nesterov": True, "distill": 0.0},
+                    "schedule": "onecycle", "nesterov": True, "distill": 1.0},
 }
 RECIPES = tuple(FINETUNES)
 
