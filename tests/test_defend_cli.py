@@ -107,3 +107,15 @@ def test_attack_options_reach_the_attack(tmp_path, capsys):
     assert "bogus" in capsys.readouterr().err
     assert main(argv + ["--overwrite", "--attack-opt", "alpha"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_defend_recipe_paper_is_named_and_recorded(run, capsys):
+    assert main(["defend", "fmt", str(run), "--recipe", "paper", "--epochs", "1", "--no-progress"]) == 0
+    r = json.loads((run / "defense" / "fmt-paper-epochs1" / "result.json").read_text())
+    assert r["recipe"] == "paper" and r["params"]["objective"] == "mse" and r["params"]["selection"] == "rank"
+    assert r["params"]["mask"] is False and r["params"]["lr"] == 0.01 and r["params"]["epochs"] == 1
+    assert set(r["suspected_target"]) == {"target", "anomaly_index", "class_pull"}
+    assert "suspected target class" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # argparse refuses it before any work
+        main(["defend", "fmt", str(run), "--recipe", "best"])
+    assert e.value.code == 2
