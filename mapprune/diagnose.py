@@ -27,9 +27,11 @@ from torch import nn
 
 from .checkpoint import atomic_save, load_tensors
 from .data import clean_subset
-from .defenses.pruning import conv_layers, following_batchnorms, prune
+from .defenses.fmt import pick_test_images
+from .defenses.pruning import PruneMask, conv_layers, following_batchnorms, prune
 from .defenses.scorers import estimate_target, layer_z, suspicion
 from .defenses.scoring import probe_feature_maps
+from .defenses.selection import select_rank
 from .errors import MapPruneError
 from .metrics import evaluate, predict
 from .runs import load_run, write_json
@@ -83,27 +85,19 @@ def trigger_response(model: nn.Module, clean: torch.Tensor, triggered: torch.Ten
 
 
 class SingleMapPruner:
-    """Prunes one map at a time in place, exactly as FMT prunes (filter, bias and consumer-BN gamma to zero),
-    and puts it back."""
+    """Prunes one map at a time in place, exactly as FMT prunes (the same :class:`PruneMask` targets: filter, bias
+    and consumer-BN gamma to zero), and puts it back."""
 
     def __init__(self, model: nn.Module, example: torch.Tensor):
-        self.modules = dict(model.named_modules())
+        self.model = model
         self.bns = following_batchnorms(model, example)
-
-    def tensors(self, name: str) -> list[torch.Tensor]:
-        conv = self.modules[name]
-        out = [conv.weight] + ([conv.bias] if conv.bias is not None else [])
-        bn = self.modules[self.bns[name]] if name in self.bns else None
-        if bn is not None and bn.weight is not None:
-            out.append(bn.weight)
-        return out
 
     @torch.no_grad()
     def ablate(self, name: str, channel: int) -> list:
-        saved = [(t, t[channel].clone()) for t in self.tensors(name)]
-        for t, _ in saved:
-            t[channel] = 0
-        return [(t, channel, v) for t, v in saved]
+        mask = PruneMask(self.model, {name: [channel]}, self.bns)
+        saved = [(t, channel, t[channel].clone()) for t, _ in mask.targets]
+        mask()
+        return saved
 
     @torch.no_grad()
     def restore(self, saved: list) -> None:
@@ -257,7 +251,6 @@ def diagnose(model: nn.Module, r, *, settings: dict[str, dict] | None = None, se
     """Diagnoses ``model`` (the run's own, or a repaired one) against run ``r``'s real trigger; returns a dict
     (see the module docstring). ``settings``: {name: probe_feature_maps keywords plus ``n_images`` and
     ``balanced``}, each tested with every seed in ``seeds`` on the defender's clean subset of that seed."""
-    from .defenses.fmt import pick_test_images
 
     settings = settings or DEFAULT_SETTINGS
     if budget < 1 or n_eval < 1 or not seeds:
@@ -300,8 +293,6 @@ def diagnose(model: nn.Module, r, *, settings: dict[str, dict] | None = None, se
             per_seed["accuracy"].append(_flat(layer_z(suspicion(test, "accuracy"))))
             per_seed["target"].append(_flat(layer_z(suspicion(test, "target", est["target"]))))
             if s == seeds[0]:
-                from .defenses.selection import select_rank
-
                 rank_set = select_rank(test.acc)
         timings[f"test:{sname}"] = (time.perf_counter() - t1) / len(seeds)
         for scorer, vals in per_seed.items():
