@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--distill", type=float, help="fine-tune: weight of the distillation from the incoming model "
                    "(default 1.0: keeps clean accuracy; 0 = none, the paper's; 0 removes more of a backdoor the "
                    "pruning missed, e.g. WaNet, at ~2-3 points of ACC: docs/results.md)")
+    f.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="any hyperparameter of the defense, e.g. --opt unlearn=0.2 (repeatable)")
     f.add_argument("--seed", type=int,
                    help="clean subset and defense seed (default 0; N != 0 writes to RUN/defense/VARIANT-seedN)")
     f.add_argument("--name", help="output folder name under RUN/defense (default: derived from the options)")
@@ -145,12 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _attack_opts(pairs: list[str]) -> dict:
+def _attack_opts(pairs: list[str], flag: str = "--attack-opt") -> dict:
     opts = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise MapPruneError(f"--attack-opt takes KEY=VALUE, got {pair!r}")
+            raise MapPruneError(f"{flag} takes KEY=VALUE, got {pair!r}")
         try:
             opts[key.replace("-", "_")] = json.loads(value)
         except json.JSONDecodeError:
@@ -201,6 +203,10 @@ def cmd_defend(args) -> int:
     given = [k for k in fmt_only if kw[k] is not None]
     if args.defense != "fmt" and given:
         raise MapPruneError(f"--{given[0].replace('_', '-')} applies to fmt only, not {args.defense}")
+    for k, v in _attack_opts(args.opt, "--opt").items():
+        if kw.get(k) is not None:
+            raise MapPruneError(f"--opt {k}= repeats an option given as a flag; give it once")
+        kw[k] = v
     r = defend_run(args.run, args.defense, clean_ratio=args.clean_ratio, name=args.name, data_dir=args.data_dir,
                    device=args.device, overwrite=args.overwrite, progress=not args.no_progress, **kw)
     b, a = r["before"], r["after"]
@@ -210,7 +216,8 @@ def cmd_defend(args) -> int:
     if "suspected_target" in r:
         t = r["suspected_target"]
         print(f"suspected target class {t['target']} (anomaly index {t['anomaly_index']:.1f}; above 2 is unusual)")
-    print(f"pruned {r['num_pruned']} maps; DER {100 * r['der']:.2f}; {r['wall_s']:.0f} s; recipe {r.get('recipe', '?')}; "
+    recipe = f"; recipe {r['recipe']}" if "recipe" in r else ""
+    print(f"pruned {r['num_pruned']} channels; DER {100 * r['der']:.2f}; {r['wall_s']:.0f} s{recipe}; "
           f"written to {Path(args.run) / 'defense' / r['name']}")
     return 0
 

@@ -9,53 +9,20 @@ from pathlib import Path
 
 from .checkpoint import save_model
 from .data import clean_subset
-from .defenses import create_defense
+from .defenses import create_defense, defense_class
 from .device import pick_device
 from .metrics import der, evaluate
 from .runs import RunWriter, load_run, versions, write_json
 
-# FMT's own configurations: 10% of the training set for CIFAR, 5% for GTSRB; alpha 0.03 off CIFAR-10.
+# The protocol's clean share: 10% of the training set (FMT's), 5% for GTSRB.
 DEFAULT_CLEAN_RATIO = {"gtsrb": 0.05}
-DEFAULT_ALPHA = {"cifar100": 0.03, "gtsrb": 0.03}
-
-
-def _recipe_defaults(defense: str, recipe: str) -> dict:
-    from .defenses.base import FINETUNES
-    from .defenses.fmt import FMT_RECIPES
-
-    return {**FINETUNES.get(recipe, {}), **(FMT_RECIPES.get(recipe, {}) if defense == "fmt" else {})}
 
 
 def variant_name(defense: str, kw: dict) -> str:
-    """Folder name of a defense variant: the defense, its recipe unless ``recommended`` (fmt-paper), then every
-    option given that differs from the recipe's value (fmt-paper-mask, fmt-outlier, fmt-eps0.1), -detect for a
-    detect-only run, and -seedN for seed N != 0. Two different settings never share a folder."""
-    recipe = kw.get("recipe", "recommended")
-    import inspect
+    """Folder name of a defense variant (see :meth:`Defense.variant_name`)."""
+    from .defenses import defense_class
 
-    from .defenses import DEFENSES
-    from .defenses.base import Defense
-
-    defaults = {}
-    for cls in (Defense, DEFENSES.get(defense, Defense)):
-        defaults.update({k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
-                         if p.default is not inspect.Parameter.empty and p.default is not None})
-    defaults.update(_recipe_defaults(defense, recipe))
-    name = defense if recipe == "recommended" else f"{defense}-{recipe}"
-    for k, v in kw.items():
-        if k in ("recipe", "seed", "detect_only") or v is None or defaults.get(k, None) == v:
-            continue
-        if k == "selection":
-            name += f"-{v}"
-        elif isinstance(v, bool):
-            name += f"-{k.replace('_', '')}" if v else f"-no{k.replace('_', '')}"
-        else:
-            name += f"-{k.replace('_', '')}{v:g}" if isinstance(v, float) else f"-{k.replace('_', '')}{v}"
-    if kw.get("detect_only"):
-        name += "-detect"
-    if kw.get("seed"):
-        name += f"-seed{kw['seed']}"
-    return name
+    return defense_class(defense).variant_name(kw)
 
 
 def defend_run(run, defense: str, *, clean_ratio: float | None = None, name: str | None = None,
@@ -66,15 +33,17 @@ def defend_run(run, defense: str, *, clean_ratio: float | None = None, name: str
     ds_name = r.dataset.name
     ratio = clean_ratio if clean_ratio is not None else DEFAULT_CLEAN_RATIO.get(ds_name, 0.1)
     kw = {k: v for k, v in kw.items() if v is not None}
-    name = name or variant_name(defense, kw)  # from what the user chose, before per-dataset defaults
-    if defense == "fmt":
-        kw.setdefault("alpha", DEFAULT_ALPHA.get(ds_name, 0.02))
+    cls = defense_class(defense)
+    name = name or cls.variant_name(kw)  # from what the user chose, before per-dataset defaults
+    for k, v in cls.dataset_defaults.get(ds_name, {}).items():
+        kw.setdefault(k, v)
     out = Path(run) / "defense" / name
     writer = RunWriter(out, overwrite, marker="result.json")
     seed = kw.get("seed", 0)
     idx = clean_subset(r.dataset.y_train, ratio, seed)
     x, y = r.dataset.x_train[idx], r.dataset.y_train[idx]  # clean originals: the defender never sees poison
-    d = create_defense(defense, hflip=r.dataset.hflip, device=device, progress=progress, **kw)
+    kw.setdefault("hflip", r.dataset.hflip)
+    d = create_defense(defense, device=device, progress=progress, **kw)
     dev = pick_device(device)
     test_sets = r.test_sets()
     before = evaluate(r.model.to(dev), test_sets)
@@ -97,7 +66,7 @@ def defend_run(run, defense: str, *, clean_ratio: float | None = None, name: str
         save_model(result.model.cpu(), writer.path("model.safetensors"), {"defense": name})
     from .report import save_defense_figures
 
-    save_defense_figures(writer.partial, r.manifest, report, result, x, y, d)
+    save_defense_figures(writer.partial, r.manifest, report, result, d.split(x, y), d)
     write_json(writer.path("result.json"), report)
     writer.finish()
     return report

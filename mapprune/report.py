@@ -55,8 +55,9 @@ def save_samples(path: Path, clean: torch.Tensor, triggered: torch.Tensor, title
     plt.close(fig)
 
 
-def save_defense_figures(folder: Path, manifest: dict, report: dict, result, x, y, defense) -> None:
-    """Before/after bars; for FMT also per-layer score distributions and the lowest-scoring maps' inputs."""
+def save_defense_figures(folder: Path, manifest: dict, report: dict, result, data, defense) -> None:
+    """Before/after bars for every defense; per-layer score plots where a defense scored channels; then the
+    defense's own figures (its ``figures`` hook)."""
     plt = _plt()
     folder = Path(folder)
     fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -71,52 +72,49 @@ def save_defense_figures(folder: Path, manifest: dict, report: dict, result, x, 
     fig.tight_layout()
     fig.savefig(folder / "metrics.png", dpi=100)
     plt.close(fig)
-    if not result.scores:
-        return
-    names = list(result.scores)
+    if result.scores:
+        save_channel_scores(folder / "scores.png", result.scores, result.pruned,
+                            getattr(defense, "score_label", "per-channel score"))
+    defense.figures(folder, report, result, data, manifest)
+
+
+def save_channel_scores(path: Path, scores: dict, pruned: dict, label: str) -> None:
+    """One panel per layer: its channels' scores sorted, pruned ones in red."""
+    plt = _plt()
+    names = list(scores)
     cols = 5
     rows = (len(names) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.2 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
-        s = result.scores[name]
+        s = torch.as_tensor(scores[name]).float()
         order = torch.argsort(s, stable=True)
-        pruned = set(result.pruned.get(name, []))
-        colors = ["tab:red" if int(c) in pruned else "tab:blue" for c in order]
-        ax.scatter(range(len(s)), (100 * s[order]).tolist(), c=colors, s=6)
-        ax.set_title(f"{name} ({len(pruned)} pruned)", fontsize=7)
-        ax.set_ylim(-3, 103)
+        cut = set(pruned.get(name, []))
+        colors = ["tab:red" if int(c) in cut else "tab:blue" for c in order]
+        ax.scatter(range(len(s)), s[order].tolist(), c=colors, s=6)
+        ax.set_title(f"{name} ({len(cut)} pruned)", fontsize=7)
         ax.tick_params(labelsize=6)
     for ax in axes.flat[len(names):]:
         ax.axis("off")
-    fig.suptitle("accuracy (%) under per-map attack, maps sorted; red = pruned", fontsize=9)
+    fig.suptitle(f"{label}, channels sorted; red = pruned", fontsize=9)
     fig.tight_layout()
-    fig.savefig(folder / "scores.png", dpi=90)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
-    _save_adversarial(folder / "adversarial.png", manifest, result, x, y, defense, plt)
 
 
-def _save_adversarial(path, manifest, result, x, y, defense, plt, count: int = 6) -> None:
-    """The adversarial inputs of the lowest-scoring maps (first test image), next to the clean image."""
-    from .defenses.scoring import adversarial_for_map, random_start
+def save_adversarial(path, model, xt, x0, worst: list, eps: float, objective: str) -> None:
+    """The inputs FMT made for the lowest-scoring maps ``worst`` [(score, name, channel)] on the first test
+    image, next to the clean image. ``model`` is the model as it was tested."""
+    from .defenses.scoring import adversarial_for_map
 
-    flat = [(float(s), name, c) for name, sc in result.scores.items() for c, s in enumerate(sc.tolist())]
-    flat.sort(key=lambda t: (t[0], t[1], t[2]))
-    worst = flat[:count]
-    # The defended model's weights changed; the inputs are generated on the model as it was tested.
-    model = result.original if getattr(result, "original", None) is not None else None
-    if model is None:
-        return
-    xt, _ = defense.test_images(x, y)
-    xt = xt[:1].float() / 255
-    x0 = random_start(xt, defense.alpha, defense.seed)
+    plt = _plt()
     modules = dict(model.named_modules())
     fig, axes = plt.subplots(1, len(worst) + 1, figsize=(1.6 * (len(worst) + 1), 2.0), squeeze=False)
     _show(axes[0, 0], (xt[0] * 255).to(torch.uint8))
     axes[0, 0].set_title("clean", fontsize=7)
+    for p in model.parameters():
+        p.requires_grad_(False)
     for ax, (s, name, c) in zip(axes[0, 1:], worst):
-        for p in model.parameters():
-            p.requires_grad_(False)
-        adv = adversarial_for_map(model.eval(), modules[name], xt, x0, c, defense.eps)
+        adv = adversarial_for_map(model.eval(), modules[name], xt, x0, c, eps, objective)
         _show(ax, (adv[0] * 255).round().to(torch.uint8))
         ax.set_title(f"{name}[{c}]\nacc {100 * s:.0f}%", fontsize=6)
     fig.tight_layout()

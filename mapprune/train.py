@@ -20,6 +20,8 @@ from .checkpoint import atomic_save, load_state_into, load_tensors
 from .device import autocast
 from .errors import MapPruneError
 
+SCHEDULES = ("cosine", "onecycle", "constant")
+
 
 @dataclass
 class TrainConfig:
@@ -29,7 +31,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
-    schedule: str = "cosine"  # "cosine" (to min_lr) or "onecycle" (linear warm-up, cosine down)
+    schedule: str = "cosine"  # "cosine" (to min_lr), "onecycle" (linear warm-up, cosine down) or "constant"
     min_lr: float = 0.0
     warmup: float = 0.15  # fraction of steps warming up, onecycle only
     label_smoothing: float = 0.0
@@ -44,10 +46,12 @@ class TrainConfig:
             raise MapPruneError(f"epochs must be >= 0 and batch size >= 1, got {self.epochs} and {self.batch_size}")
         if self.lr <= 0:
             raise MapPruneError(f"learning rate must be positive, got {self.lr}")
-        if self.schedule not in ("cosine", "onecycle"):
-            raise MapPruneError(f"unknown schedule {self.schedule!r}; valid schedules: cosine, onecycle")
+        if self.schedule not in SCHEDULES:
+            raise MapPruneError(f"unknown schedule {self.schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
 
     def lr_at(self, step: int, total: int) -> float:
+        if self.schedule == "constant":
+            return self.lr
         t = step / max(1, total)
         if self.schedule == "onecycle":
             if t < self.warmup:
@@ -113,6 +117,9 @@ def train(
     checkpoint: Path | None = None,
     after_step: Callable[[nn.Module], None] | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    transform: Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple] | None = None,
+    parameters: list[torch.Tensor] | None = None,
+    stop: Callable[[dict], bool] | None = None,
     progress: bool = True,
     desc: str = "train",
 ) -> list[dict]:
@@ -123,7 +130,11 @@ def train(
     With ``checkpoint`` set, state is saved there after every epoch and a matching checkpoint is resumed.
     ``after_step`` runs after every optimiser step (FMT's persistent pruning mask uses it). ``loss_fn(logits,
     images, labels)`` replaces the cross-entropy (a defense's own objective: distillation, unlearning); it gets
-    the augmented float batch the model saw.
+    the augmented float batch the model saw. ``transform(images, labels, generator) -> (images, labels)``
+    changes each augmented batch before the model sees it (FMT's unlearning stamps candidate triggers); it draws
+    randomness from the loop's generator, so a resumed run stays reproducible. ``parameters``: what the
+    optimiser updates (default: all of the model's; ANP and RNP train masks only). ``stop(record)`` ends
+    training after an epoch whose record it accepts (RNP's unlearning stops at a low training accuracy).
     """
     cfg.validate()
     if eval_every < 1:
@@ -134,7 +145,7 @@ def train(
         raise MapPruneError("no training images")
     device = device or next(model.parameters()).device
     model.to(device, memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+    opt = torch.optim.SGD(model.parameters() if parameters is None else parameters, lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0)
     g = torch.Generator().manual_seed(cfg.seed)
     start, history = 0, []
@@ -168,6 +179,9 @@ def train(
                     xb = augment_batch(xb, pad, cfg.hflip, g)
                 xb = xb.contiguous(memory_format=torch.channels_last)
                 yb = y_dev[idx]
+                if transform is not None:
+                    xb, yb = transform(xb, yb, g)
+                    xb = xb.contiguous(memory_format=torch.channels_last)
                 with autocast(device, cfg.amp):
                     out = model(xb)
                     if loss_fn is None:
@@ -194,6 +208,8 @@ def train(
                 bar.set_postfix({k: round(v, 3) for k, v in record.items() if k in ("loss", "acc", "asr")})
             if checkpoint is not None:
                 _save_checkpoint(Path(checkpoint), model, opt, epoch + 1, history, g, cfg)
+            if stop is not None and stop(record):
+                break
     finally:
         if bar is not None:
             bar.close()

@@ -43,3 +43,15 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"real datasets not found at {path} (set MAPPRUNE_TEST_DATA to the shared data folder)")
     return path
+
+
+@pytest.fixture(scope="session")
+def digits_backdoor(tmp_path_factory):
+    """A BadNets-backdoored small CNN on the embedded 8x8 digits (the demo preset): (run folder, loaded run).
+    Tests that defend it copy the folder first."""
+    from mapprune.backdoor import attack_run
+    from mapprune.runs import load_run
+
+    out = tmp_path_factory.mktemp("digits") / "badnets"
+    attack_run("badnets", out, dataset="digits", preset="demo", progress=False)
+    return out, load_run(out)

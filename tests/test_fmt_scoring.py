@@ -165,6 +165,9 @@ def test_patch_objective_fast_equals_reference_and_changes_a_patch_only():
     ref = probe_feature_maps(model, x, y, implementation="reference", **kw)
     for layer in ref.acc:
         torch.testing.assert_close(fast.probs[layer], ref.probs[layer], rtol=1e-4, atol=1e-5)
+        assert torch.equal(fast.patches[layer].pos, ref.patches[layer].pos)
+        assert torch.equal(fast.patches[layer].window, ref.patches[layer].window)
+        assert len(fast.patches[layer]) == len(fast.acc[layer])
     grad = torch.zeros(2, 3, 3, 32, 32)
     grad[0, :, 0, 10:15, 20:25] = 1.0  # map 0 wants red up in one 5x5 window
     grad[1, :, :, 0:5, 0:5] = -1.0  # map 1 wants the top-left corner dark
@@ -173,3 +176,21 @@ def test_patch_objective_fast_equals_reference_and_changes_a_patch_only():
     assert changed[0, :, 10:15, 20:25].any() and not changed[0][:, :10].any() and not changed[0][:, 15:].any()
     assert (out[0, :, 0, 10:15, 20:25] == 1).all() and (out[0, :, 1, 10:15, 20:25] == 0).all()
     assert (out[1, :, :, 0:5, 0:5] == 0).all() and torch.equal(out[1, :, :, 5:], x[:3, :, 5:])
+
+
+def test_found_patches_stamp_where_they_were_found():
+    from mapprune.defenses.scoring import find_patches
+
+    grad = torch.zeros(2, 4, 3, 16, 16)
+    grad[0, :, 0, 2:5, 9:12] = 1.0
+    grad[1, :, :, 13:16, 0:3] = -1.0
+    patches = find_patches(grad, 3)
+    assert patches.pos.tolist() == [[2, 9], [13, 0]]
+    assert patches.window[0, 0].eq(1).all() and patches.window[0, 1:].eq(0).all() and patches.window[1].eq(0).all()
+    x = torch.full((3, 3, 16, 16), 0.5)
+    out = patches.stamp(x, torch.tensor([0, 1, 0]))
+    assert torch.equal(x, torch.full_like(x, 0.5)), "stamp must not change its input"
+    assert out[0, 0, 2:5, 9:12].eq(1).all() and out[0, 1:, 2:5, 9:12].eq(0).all()
+    assert out[1, :, 13:16, 0:3].eq(0).all() and out[1, :, :13].eq(0.5).all()
+    changed = (out != 0.5).any(1)
+    assert changed.sum(dim=(1, 2)).tolist() == [9, 9, 9]

@@ -1,18 +1,39 @@
 """Defenses: one file each, one registry. ``create_defense(name, **kw).repair(model, images, labels)``."""
 
-from ..errors import unknown_name
-from .base import Defense, DefenseResult
+from ..errors import MapPruneError, unknown_name
+from .anp import ANP
+from .base import RUNTIME, CleanData, Defense, DefenseResult, FineTuning
+from .clp import CLP
 from .fmt import FMT
+from .fp import FinePruning
 from .ft import FineTune
+from .rnp import RNP
 from .scoring import score_feature_maps
 
-DEFENSES: dict[str, type[Defense]] = {cls.name: cls for cls in (FMT, FineTune)}
+# One line per defense: adding one is a file in this folder and its class here.
+DEFENSES: dict[str, type[Defense]] = {cls.name: cls for cls in (FMT, FineTune, FinePruning, CLP, ANP, RNP)}
+
+
+def defense_class(name: str) -> type[Defense]:
+    if name not in DEFENSES:
+        raise unknown_name("defense", name, DEFENSES)
+    return DEFENSES[name]
+
+
+def defense_options(name: str) -> list[str]:
+    """Every hyperparameter a defense takes (its own and its base classes')."""
+    return defense_class(name).option_names()
 
 
 def create_defense(name: str, **kw) -> Defense:
-    if name not in DEFENSES:
-        raise unknown_name("defense", name, DEFENSES)
-    return DEFENSES[name](**kw)
+    """The defense ``name`` with options ``kw``; an option it does not take is refused, naming the valid ones."""
+    cls = defense_class(name)
+    valid = cls.option_names()
+    for k in kw:
+        if k not in valid and k not in RUNTIME:
+            raise MapPruneError(f"{name} has no option {k!r}; valid: {', '.join(sorted(valid))}")
+    return cls(**kw)
 
 
-__all__ = ["DEFENSES", "FMT", "Defense", "DefenseResult", "FineTune", "create_defense", "score_feature_maps"]
+__all__ = ["ANP", "CLP", "DEFENSES", "FMT", "RNP", "CleanData", "Defense", "DefenseResult", "FinePruning", "FineTune",
+           "FineTuning", "create_defense", "defense_class", "defense_options", "score_feature_maps"]

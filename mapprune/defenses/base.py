@@ -5,6 +5,7 @@ sees the test set. Fine-tuning always goes through the project's one training lo
 """
 
 import copy
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ class DefenseResult:
     history: list[dict] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # method-specific results (FMT: suspected target, suspicions)
     original: nn.Module | None = None  # the model as tested (FMT keeps it for figures), not serialised
+    split: dict = field(default_factory=dict)  # the fit / held-out indices into the clean subset
 
     @property
     def num_pruned(self) -> int:
@@ -46,6 +48,7 @@ class DefenseResult:
             "pruned": self.pruned,
             "scores": {k: [round(float(s), 6) for s in v] for k, v in self.scores.items()},
             "history": self.history,
+            "split": self.split,
             **self.extra,
         }
 
@@ -62,6 +65,185 @@ def as_uint8_images(images) -> torch.Tensor:
     return x.mul(255).round_().to(torch.uint8)
 
 
+@dataclass
+class CleanData:
+    """The defender's clean subset, split once (stratified, seeded) into a fitting part and a held-out selection
+    part. A defense fits on ``fit`` and chooses anything it chooses (a pruning amount, a threshold) on
+    ``select``'s clean accuracy; a fixed-schedule final stage (a fine-tune) may use the whole subset (``x``,
+    ``y``), so every defense trains on the same images. ``fit_idx`` / ``select_idx`` index into ``x``."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    fit_idx: torch.Tensor
+    select_idx: torch.Tensor
+
+    @property
+    def fit(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[self.fit_idx], self.y[self.fit_idx]
+
+    @property
+    def select(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[self.select_idx], self.y[self.select_idx]
+
+    def to_json(self) -> dict:
+        return {"fit": self.fit_idx.tolist(), "select": self.select_idx.tolist()}
+
+
+def split_clean(x: torch.Tensor, y: torch.Tensor, held_out: float, seed: int) -> CleanData:
+    """Stratified, seeded split of the subset into fit and held-out selection parts (at least one held-out image
+    per class; with ``held_out`` 0 the selection part is empty)."""
+    if held_out == 0:
+        return CleanData(x, y, torch.arange(len(x)), torch.zeros(0, dtype=torch.long))
+    from ..data import clean_subset
+
+    sel = clean_subset(y, held_out, seed)
+    keep = torch.ones(len(y), dtype=torch.bool)
+    keep[sel] = False
+    fit = torch.nonzero(keep).flatten()
+    if len(fit) == 0:
+        raise MapPruneError(f"a clean subset of {len(x)} images leaves nothing to fit on after holding out "
+                            f"{held_out:.0%}; give the defense more clean images")
+    return CleanData(x, y, fit, sel)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> float:
+    """Clean accuracy of ``model`` (eval mode, no augmentation) on uint8 images: the held-out selection signal."""
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch].to(device).float().div_(255).contiguous(memory_format=torch.channels_last)
+        correct += int((model(xb).argmax(1) == y[i:i + batch].to(device)).sum())
+    model.train(was)
+    return correct / max(1, len(x))
+
+
+def most_aggressive(candidates, acc_of, acc0: float, max_drop: float):
+    """The last candidate, in order of increasing aggressiveness, whose held-out accuracy is at least
+    (1 - ``max_drop``) x ``acc0``; stops at the first that is not (more aggressive ones are not tried). Returns
+    (candidate or None, [(candidate, accuracy)...] as tried)."""
+    chosen, tried = None, []
+    for c in candidates:
+        a = acc_of(c)
+        tried.append((c, a))
+        if a < (1 - max_drop) * acc0:
+            break
+        chosen = c
+    return chosen, tried
+
+
+class Defense:
+    """The protocol every defense follows; a subclass sets ``name`` and implements :meth:`_repair`.
+
+    Hyperparameters are explicit keyword-only arguments of ``__init__``, validated there (so a bad value fails
+    before any work); :meth:`params` reads them back from the signature, as scikit-learn's ``get_params`` does.
+    ``dataset_defaults`` holds per-dataset values of options the user did not give; ``recipe_defaults`` the
+    values a recipe implies (for naming variants). ``held_out`` is the share of the clean subset kept aside for
+    the defense's own choices (:class:`CleanData`); ``hflip`` whether horizontal flips suit the data (training
+    augmentation, where a defense trains).
+    """
+
+    name = "defense"
+    dataset_defaults: dict[str, dict] = {}
+
+    def __init__(self, *, held_out: float = 0.2, hflip: bool = True, seed: int = 0, device=None,
+                 progress: bool = False):
+        if not 0 <= held_out < 1:
+            raise MapPruneError(f"held_out is a share of the clean subset in [0, 1), got {held_out}")
+        self.held_out, self.hflip, self.seed, self.device, self.progress = held_out, hflip, seed, device, progress
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """Every hyperparameter the defense takes: the keyword-only arguments of its ``__init__`` chain."""
+        names = []
+        for c in cls.__mro__:
+            if "__init__" not in vars(c) or not issubclass(c, Defense):
+                continue
+            for k, p in inspect.signature(c.__init__).parameters.items():
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in names and k not in RUNTIME:
+                    names.append(k)
+        return names
+
+    @classmethod
+    def defaults(cls, recipe: str | None = None) -> dict:
+        """Each option's default: the signature's, overridden by ``recipe``'s values where the class has recipes."""
+        out = {}
+        for c in reversed(cls.__mro__):
+            if "__init__" in vars(c) and issubclass(c, Defense):
+                out.update({k: p.default for k, p in inspect.signature(c.__init__).parameters.items()
+                            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not None
+                            and p.default is not inspect.Parameter.empty})
+        out.update(cls.recipe_defaults(recipe or out.get("recipe")))
+        return out
+
+    @classmethod
+    def recipe_defaults(cls, recipe: str | None) -> dict:
+        return {}
+
+    @classmethod
+    def variant_name(cls, kw: dict) -> str:
+        """Folder name of a variant: the defense, its recipe unless ``recommended`` (fmt-paper), then every option
+        given that differs from its default (fmt-paper-mask, fmt-outlier, fmt-eps0.1), -detect for a detect-only
+        run, and -seedN for seed N != 0. Two different settings never share a folder."""
+        recipe = kw.get("recipe")
+        defaults = cls.defaults(recipe)
+        name = cls.name if recipe in (None, "recommended") else f"{cls.name}-{recipe}"
+        for k, v in kw.items():
+            if k in ("recipe", "seed", "detect_only") or v is None or defaults.get(k, None) == v:
+                continue
+            if k == "selection":
+                name += f"-{v}"
+            elif isinstance(v, bool):
+                name += f"-{k.replace('_', '')}" if v else f"-no{k.replace('_', '')}"
+            else:
+                name += f"-{k.replace('_', '')}{v:g}" if isinstance(v, float) else f"-{k.replace('_', '')}{v}"
+        if kw.get("detect_only"):
+            name += "-detect"
+        if kw.get("seed"):
+            name += f"-seed{kw['seed']}"
+        return name
+
+    def params(self) -> dict:
+        return {k: getattr(self, k) for k in self.option_names() if hasattr(self, k)}
+
+    def repair(self, model: nn.Module, images, labels) -> DefenseResult:
+        """Repairs a copy of ``model`` (the original is untouched) with clean ``images`` and ``labels``."""
+        x = as_uint8_images(images)
+        y = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        if len(x) != len(y) or len(x) == 0:
+            raise MapPruneError(f"need as many labels as clean images (got {len(x)} images, {len(y)} labels)")
+        data = self.split(x, y)
+        device = pick_device(self.device)
+        model = copy.deepcopy(model).to(device).eval()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        result = self._repair(model, data, device)
+        result.timings["total"] = time.perf_counter() - t0
+        result.peak_memory_mb = peak_memory_mb(device)
+        result.model = result.model.eval()
+        result.split = data.to_json()
+        return result
+
+    def split(self, x: torch.Tensor, y: torch.Tensor) -> CleanData:
+        """The clean subset as this defense splits it (fit / held-out)."""
+        return split_clean(x, y, self.held_out, self.seed)
+
+    def _repair(self, model: nn.Module, data: CleanData, device) -> DefenseResult:
+        raise NotImplementedError
+
+    def figures(self, folder, report: dict, result: DefenseResult, data: CleanData, manifest: dict) -> None:
+        """Method-specific figures into ``folder`` (the before/after bars are drawn for every defense)."""
+
+    def result(self, model, timings: dict, **kw) -> DefenseResult:
+        return DefenseResult(model, self.name, self.params(), timings, **kw)
+
+
+RUNTIME = ("device", "progress")  # how a defense runs, not what it computes: not recorded as parameters
+
+
 # The fine-tunes every fine-tuning defense can use (FMT and FT share them, so pruning's own effect stays visible).
 # ``paper``: FMT's published fine-tune (SGD lr 0.01, cosine to 1e-4, 10 epochs, batch 256, no weight decay).
 # ``recommended``: a fine-tune matched to a short one-cycle training recipe (the CPU preset trains at peak lr
@@ -76,19 +258,14 @@ FINETUNES: dict[str, dict] = {
 RECIPES = tuple(FINETUNES)
 
 
-class Defense:
-    """Base class: subclasses set ``name`` and implement :meth:`_repair` on a private copy of the model.
-
-    ``recipe`` picks the defaults of every hyperparameter left as None (``recommended`` or ``paper``); an explicit
-    value always wins and is recorded as given.
-    """
-
-    name = "defense"
+class FineTuning(Defense):
+    """A defense that ends with the shared fine-tune on the whole clean subset. ``recipe`` picks the defaults of
+    every fine-tune hyperparameter left as None (``recommended`` or ``paper``); an explicit value always wins."""
 
     def __init__(self, *, recipe: str = "recommended", epochs: int | None = None, lr: float | None = None,
                  batch_size: int | None = None, weight_decay: float | None = None, min_lr: float | None = None,
-                 schedule: str | None = None, nesterov: bool | None = None, distill: float | None = None,
-                 hflip: bool = True, seed: int = 0, device=None, progress: bool = False):
+                 schedule: str | None = None, nesterov: bool | None = None, distill: float | None = None, **kw):
+        super().__init__(**kw)
         if recipe not in FINETUNES:
             raise MapPruneError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")
         self.recipe = recipe
@@ -96,8 +273,7 @@ class Defense:
                  "min_lr": min_lr, "schedule": schedule, "nesterov": nesterov, "distill": distill}
         for k, v in given.items():
             setattr(self, k, FINETUNES[recipe][k] if v is None else v)
-        self.hflip, self.seed, self.device, self.progress = hflip, seed, device, progress
-        # Fails here, before any work, rather than after the testing phase.
+        # Fails here, before any work, rather than after a testing or pruning phase.
         if self.epochs > 0:
             self.finetune_config().validate()
         elif self.epochs < 0:
@@ -105,22 +281,33 @@ class Defense:
         if self.distill < 0:
             raise MapPruneError(f"distill must be >= 0, got {self.distill}")
 
-    def params(self) -> dict:
-        return {k: v for k, v in vars(self).items() if k not in ("device", "progress")}
+    @classmethod
+    def recipe_defaults(cls, recipe: str | None) -> dict:
+        return dict(FINETUNES.get(recipe or "recommended", {}))
 
     def finetune_config(self) -> TrainConfig:
-        """The fine-tune of FMT and FT: SGD with momentum 0.9 and the recipe's schedule (see ``FINETUNES``)."""
+        """The shared fine-tune: SGD with momentum 0.9 and the recipe's schedule (see ``FINETUNES``)."""
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=0.9,
                            weight_decay=self.weight_decay, schedule=self.schedule, min_lr=self.min_lr,
                            nesterov=self.nesterov, hflip=self.hflip, seed=self.seed)
 
-    def finetune(self, model, x, y, after_step=None, device=None, teacher: nn.Module | None = None) -> list[dict]:
+    def finetune(self, model, x, y, after_step=None, device=None, teacher: nn.Module | None = None,
+                 transform=None) -> list[dict]:
         """The shared fine-tune. With ``distill`` > 0 and a ``teacher`` (the model as it came in), the loss adds
         ``distill`` x the KL divergence to the teacher's softened predictions (temperature 4) on the same clean
-        batch: the teacher's knowledge of clean images, which 10% of the data alone cannot rebuild."""
+        batch: the teacher's knowledge of clean images, which 10% of the data alone cannot rebuild.
+        ``transform(images, labels, generator) -> (images, labels)`` changes each batch the student sees; the
+        teacher still sees the batch as it was (so an image stamped with a candidate trigger is taught to give
+        the teacher's answer on the unstamped image)."""
         if self.epochs == 0:
             return []
-        loss_fn = None
+        loss_fn, seen = None, {}
+        if transform is not None:
+            inner = transform
+
+            def transform(xb, yb, g):
+                seen["clean"] = xb
+                return inner(xb, yb, g)
         if self.distill > 0 and teacher is not None:
             teacher = teacher.eval()
             for p in teacher.parameters():
@@ -129,28 +316,8 @@ class Defense:
 
             def loss_fn(out, xb, yb):
                 with torch.no_grad():
-                    soft = F.softmax(teacher(xb).float() / t, 1)
+                    soft = F.softmax(teacher(seen.get("clean", xb)).float() / t, 1)
                 kd = F.kl_div(F.log_softmax(out.float() / t, 1), soft, reduction="batchmean") * t * t
                 return F.cross_entropy(out, yb) + w * kd
         return train(model, x, y, self.finetune_config(), device=device, after_step=after_step, loss_fn=loss_fn,
-                     progress=self.progress, desc=f"{self.name} fine-tune")
-
-    def repair(self, model: nn.Module, images, labels) -> DefenseResult:
-        """Repairs a copy of ``model`` (the original is untouched) with clean ``images`` and ``labels``."""
-        x = as_uint8_images(images)
-        y = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-        if len(x) != len(y) or len(x) == 0:
-            raise MapPruneError(f"need as many labels as clean images (got {len(x)} images, {len(y)} labels)")
-        device = pick_device(self.device)
-        model = copy.deepcopy(model).to(device).eval()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        result = self._repair(model, x, y, device)
-        result.timings["total"] = time.perf_counter() - t0
-        result.peak_memory_mb = peak_memory_mb(device)
-        result.model = result.model.eval()
-        return result
-
-    def _repair(self, model, x, y, device) -> DefenseResult:
-        raise NotImplementedError
+                     transform=transform, progress=self.progress, desc=f"{self.name} fine-tune")

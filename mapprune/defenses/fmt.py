@@ -9,14 +9,15 @@ keyed by module name, eval mode while testing.
 
 import copy
 import time
+from pathlib import Path
 
 import torch
 
 from ..errors import MapPruneError
-from .base import Defense, DefenseResult
+from .base import FINETUNES, CleanData, FineTuning
 from .pruning import prune
-from .scorers import SCORERS, estimate_target, suspicion
-from .scoring import IMPLEMENTATIONS, OBJECTIVES, MapTest, probe_feature_maps, score_feature_maps
+from .scorers import SCORERS, class_pull, estimate_target, suspicion
+from .scoring import IMPLEMENTATIONS, OBJECTIVES, MapTest, Patches, probe_feature_maps, score_feature_maps
 from .selection import SELECTIONS, select
 
 __all__ = ["FMT", "score_feature_maps"]
@@ -43,13 +44,13 @@ def pick_test_images(x: torch.Tensor, y: torch.Tensor, n: int, seed: int, balanc
 # algorithm; ``recommended`` is what the measurements in docs/results.md select.
 FMT_RECIPES: dict[str, dict] = {
     "paper": {"n_images": 32, "balanced": False, "eps": 0.06, "objective": "mse", "scorer": "accuracy",
-              "selection": "rank", "mask": False},
+              "selection": "rank", "mask": False, "unlearn": 0.0},
     "recommended": {"n_images": 32, "balanced": False, "eps": 0.06, "objective": "patch", "scorer": "accuracy",
-                    "selection": "global", "mask": True},
+                    "selection": "global", "mask": True, "unlearn": 0.0},
 }
 
 
-class FMT(Defense):
+class FMT(FineTuning):
     """Feature Map Testing. ``recipe="paper"``: n=32 images, alpha 0.02 (0.03 for CIFAR-100 / GTSRB), eps 0.06,
     rank selection of floor(C/64) maps per layer, fine-tune 10 epochs at lr 0.01, batch 256.
     ``recipe="recommended"`` (the default) keeps the pruned maps masked and fine-tunes with base.FINETUNES's
@@ -64,16 +65,21 @@ class FMT(Defense):
     """
 
     name = "fmt"
+    dataset_defaults = {"cifar100": {"alpha": 0.03}, "gtsrb": {"alpha": 0.03}}  # the paper's configurations
+    score_label = "accuracy under per-map attack"
 
     def __init__(self, *, recipe: str = "recommended", n_images: int | None = None, balanced: bool | None = None,
                  alpha: float = 0.02, eps: float | None = None, objective: str | None = None,
                  scorer: str | None = None, selection: str | None = None, fraction: float = 1 / 64,
                  min_per_layer: int = 1, budget: int | None = None, outlier_method: str = "elliptic",
                  contamination: float = 0.1, threshold: float = 3.5, mask: bool | None = None,
-                 detect_only: bool = False, implementation: str = "fast", batch_images: int = 1024, **finetune_kw):
+                 unlearn: float | None = None, unlearn_maps: int = 8, detect_only: bool = False,
+                 implementation: str = "fast", batch_images: int = 1024, **finetune_kw):
         super().__init__(recipe=recipe, **finetune_kw)
+        if recipe not in FMT_RECIPES:  # FineTuning has refused it already; kept for FMT-only recipes
+            raise MapPruneError(f"unknown recipe {recipe!r}; valid: {', '.join(FMT_RECIPES)}")
         given = {"n_images": n_images, "balanced": balanced, "eps": eps, "objective": objective, "scorer": scorer,
-                 "selection": selection, "mask": mask}
+                 "selection": selection, "mask": mask, "unlearn": unlearn}
         for k, v in given.items():
             setattr(self, k, FMT_RECIPES[recipe][k] if v is None else v)
         if self.selection not in SELECTIONS:
@@ -88,6 +94,13 @@ class FMT(Defense):
             raise MapPruneError(f"n_images must be >= 1, got {self.n_images}")
         if self.eps < 0 or alpha < 0:
             raise MapPruneError(f"eps and alpha must be >= 0, got eps={self.eps}, alpha={alpha}")
+        if not 0 <= self.unlearn < 1:
+            raise MapPruneError(f"unlearn is the share of each fine-tune batch stamped, in [0, 1), got {self.unlearn}")
+        if self.unlearn > 0 and self.objective != "patch":
+            raise MapPruneError("unlearn stamps the patch objective's candidate triggers; use objective='patch'")
+        if unlearn_maps < 1:
+            raise MapPruneError(f"unlearn_maps must be >= 1, got {unlearn_maps}")
+        self.unlearn_maps = unlearn_maps
         if budget is not None and budget < 0:
             raise MapPruneError(f"budget must be >= 0, got {budget}")
         if not 0 < fraction < 1:
@@ -95,6 +108,11 @@ class FMT(Defense):
         self.alpha, self.fraction, self.min_per_layer, self.budget = alpha, fraction, min_per_layer, budget
         self.outlier_method, self.contamination, self.threshold = outlier_method, contamination, threshold
         self.detect_only, self.implementation, self.batch_images = detect_only, implementation, batch_images
+
+    @classmethod
+    def recipe_defaults(cls, recipe: str | None) -> dict:
+        recipe = recipe or "recommended"
+        return {**FINETUNES.get(recipe, {}), **FMT_RECIPES.get(recipe, {})}
 
     def test_images(self, x: torch.Tensor, y: torch.Tensor):
         """The n seeded test images drawn from the clean subset."""
@@ -123,7 +141,34 @@ class FMT(Defense):
         return select("outlier", scores, method=self.outlier_method, contamination=self.contamination,
                       threshold=self.threshold, seed=self.seed)
 
-    def _repair(self, model, x, y, device):
+    def candidates(self, test: MapTest, target: int) -> tuple[Patches, list[str]]:
+        """The ``unlearn_maps`` patches that pull hardest towards the suspected target (FMT's candidate
+        triggers) and the maps they came from, as "layer[channel]"."""
+        names = [f"{layer}[{c}]" for layer, acc in test.acc.items() for c in range(len(acc))]
+        patches = Patches(torch.cat([p.pos for p in test.patches.values()]),
+                          torch.cat([p.window for p in test.patches.values()]))
+        top = class_pull(test)[:, target].topk(min(self.unlearn_maps, len(names))).indices
+        return patches.select(top), [names[i] for i in top.tolist()]
+
+    def unlearning(self, patches: Patches):
+        """The fine-tune's batch transform: a share ``unlearn`` of each batch gets one of the candidate triggers
+        stamped on, keeping its true label (FMT's own candidate poison samples, unlearned)."""
+        share = self.unlearn
+
+        def transform(xb, yb, g):
+            n = len(xb)
+            hit = torch.nonzero(torch.rand(n, generator=g) < share).flatten()
+            if len(hit) == 0:
+                return xb, yb
+            which = torch.randint(0, len(patches), (len(hit),), generator=g)
+            xb = xb.clone()
+            hit_dev = hit.to(xb.device)
+            xb[hit_dev] = patches.stamp(xb[hit_dev], which.to(xb.device))
+            return xb, yb
+        return transform
+
+    def _repair(self, model, data: CleanData, device):
+        x, y = data.x, data.y
         timings = {}
         t0 = time.perf_counter()
         test = self.probe(model, x, y)
@@ -135,7 +180,13 @@ class FMT(Defense):
         pruned = self.choose(ranked)
         timings["select"] = time.perf_counter() - t0
         extra = {"recipe": self.recipe, "suspected_target": target}
-        result = DefenseResult(model, self.name, self.params(), timings, pruned=pruned, scores=test.acc, extra=extra)
+        transform = None
+        if self.unlearn > 0:
+            patches, maps = self.candidates(test, target["target"])
+            transform = self.unlearning(patches)
+            extra["unlearning"] = {"share": self.unlearn, "maps": maps,
+                                   "patch_positions": patches.pos.tolist()}
+        result = self.result(model, timings, pruned=pruned, scores=test.acc, extra=extra)
         if self.detect_only:
             result.original = model
             return result
@@ -146,6 +197,19 @@ class FMT(Defense):
         timings["prune"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         result.history = self.finetune(model, x, y, after_step=mask if self.mask else None, device=device,
-                                       teacher=teacher)
+                                       teacher=teacher, transform=transform)
         timings["finetune"] = time.perf_counter() - t0
         return result
+
+    def figures(self, folder, report, result, data: CleanData, manifest) -> None:
+        """The inputs made for the six lowest-scoring maps, on the model as it was tested."""
+        from ..report import save_adversarial
+        from .scoring import random_start
+
+        if result.original is None:
+            return
+        flat = sorted((float(s), name, c) for name, sc in result.scores.items() for c, s in enumerate(sc.tolist()))
+        xt, _ = self.test_images(data.x, data.y)
+        xt = xt[:1].float() / 255
+        save_adversarial(Path(folder) / "adversarial.png", result.original, xt,
+                         random_start(xt, self.alpha, self.seed), flat[:6], self.eps, self.objective)

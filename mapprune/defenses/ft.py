@@ -3,15 +3,15 @@
 import copy
 import time
 
-from .base import Defense, DefenseResult
+from .base import CleanData, FineTuning
 
 
-class FineTune(Defense):
+class FineTune(FineTuning):
     name = "ft"
 
-    def _repair(self, model, x, y, device):
+    def _repair(self, model, data: CleanData, device):
         t0 = time.perf_counter()
         teacher = copy.deepcopy(model) if self.distill > 0 else None
-        history = self.finetune(model, x, y, device=device, teacher=teacher)
-        return DefenseResult(model, self.name, self.params(), {"finetune": time.perf_counter() - t0},
-                             history=history, extra={"recipe": self.recipe})
+        history = self.finetune(model, data.x, data.y, device=device, teacher=teacher)
+        return self.result(model, {"finetune": time.perf_counter() - t0}, history=history,
+                           extra={"recipe": self.recipe})

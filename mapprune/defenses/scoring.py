@@ -33,12 +33,14 @@ class MapTest:
     for (``keep_probs``): where the perturbed predictions go is what the target-concentration scorer reads.
     ``null_probs``: (n, K) softmax on the same images stepped in a random sign direction of the same size, the
     null against which a map's pull towards a class is measured. ``labels``: the n true labels.
+    ``patches``: with the ``patch`` objective, each map's universal patch (FMT's candidate triggers).
     """
 
     acc: dict[str, torch.Tensor]
     labels: torch.Tensor
     probs: dict[str, torch.Tensor] = field(default_factory=dict)
     null_probs: torch.Tensor | None = None
+    patches: dict[str, "Patches"] = field(default_factory=dict)  # the ``patch`` objective's, per map
 
 
 class _Stop(Exception):
@@ -100,26 +102,68 @@ def layer_output(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.T
     return box["out"]
 
 
-def patch_step(x0: torch.Tensor, grad: torch.Tensor, size: int) -> torch.Tensor:
-    """One universal patch per map: (k, n, C, H, W) gradients of k maps -> (k, n, C, H, W) images.
+@dataclass
+class Patches:
+    """k universal patches: ``pos`` (k, 2) top-left corners, ``window`` (k, C, s, s) pixel values in [0, 1]."""
 
-    The gradient is summed over the n images (one pattern for all, as a trigger is); the size x size window
-    where it is largest gets pixels at 1 where the summed gradient is positive and 0 where it is not (an
-    unbounded change on a small support, which a dense L-inf step cannot make); the rest of x0 is kept.
-    """
-    k, _, c, h, w = grad.shape
+    pos: torch.Tensor
+    window: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.pos)
+
+    def select(self, idx) -> "Patches":
+        return Patches(self.pos[idx], self.window[idx])
+
+    def stamp(self, x: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+        """x (n, C, H, W) with patch ``which[i]`` pasted onto image i (a copy; x is not changed)."""
+        s = self.window.shape[-1]
+        h, w = x.shape[-2:]
+        pos = self.pos.to(x.device)[which]
+        win = self.window.to(x.device, x.dtype)[which]
+        rows = torch.arange(h, device=x.device)
+        cols = torch.arange(w, device=x.device)
+        top, left = pos[:, 0], pos[:, 1]
+        in_rows = (rows[None] >= top[:, None]) & (rows[None] < top[:, None] + s)  # (n, H)
+        in_cols = (cols[None] >= left[:, None]) & (cols[None] < left[:, None] + s)  # (n, W)
+        mask = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]  # (n, 1, H, W)
+        # Scatter the window into a full-size canvas at each image's position.
+        canvas = torch.zeros_like(x)
+        r = (top[:, None] + torch.arange(s, device=x.device)[None]).clamp_(max=h - 1)  # (n, s)
+        c = (left[:, None] + torch.arange(s, device=x.device)[None]).clamp_(max=w - 1)
+        n_idx = torch.arange(len(x), device=x.device)[:, None, None, None]
+        ch_idx = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        canvas[n_idx, ch_idx, r[:, None, :, None], c[:, None, None, :]] = win
+        return torch.where(mask, canvas, x)
+
+
+def find_patches(grad: torch.Tensor, size: int) -> Patches:
+    """One universal patch per map from (k, n, C, H, W) gradients: the gradient summed over the n images (one
+    pattern for all, as a trigger is); the size x size window where it is largest, with pixels at 1 where the
+    summed gradient is positive and 0 where it is not (an unbounded change on a small support, which a dense
+    L-inf step cannot make)."""
     g = grad.sum(1)
     heat = torch.nn.functional.avg_pool2d(g.abs().sum(1, keepdim=True), size, stride=1)
     ww = heat.shape[-1]
-    pos = heat.flatten(1).argmax(1)
-    top, left = pos // ww, pos % ww
-    rows = torch.arange(h, device=x0.device)
-    cols = torch.arange(w, device=x0.device)
-    in_rows = (rows[None] >= top[:, None]) & (rows[None] < top[:, None] + size)  # (k, H)
-    in_cols = (cols[None] >= left[:, None]) & (cols[None] < left[:, None] + size)  # (k, W)
-    mask = (in_rows[:, :, None] & in_cols[:, None, :]).to(x0.dtype)[:, None, None]  # (k, 1, 1, H, W)
-    pattern = (g > 0).to(x0.dtype)[:, None]  # (k, 1, C, H, W)
-    return x0.unsqueeze(0) * (1 - mask) + pattern * mask
+    flat = heat.flatten(1).argmax(1)
+    pos = torch.stack([flat // ww, flat % ww], 1)
+    r = pos[:, 0, None] + torch.arange(size, device=grad.device)[None]  # (k, s)
+    c = pos[:, 1, None] + torch.arange(size, device=grad.device)[None]
+    k_idx = torch.arange(len(g), device=grad.device)[:, None, None, None]
+    ch_idx = torch.arange(g.shape[1], device=grad.device)[None, :, None, None]
+    window = (g[k_idx, ch_idx, r[:, None, :, None], c[:, None, None, :]] > 0).to(grad.dtype)
+    return Patches(pos, window)
+
+
+def patch_step(x0: torch.Tensor, grad: torch.Tensor, size: int, patches_out: list | None = None) -> torch.Tensor:
+    """One universal patch per map (:func:`find_patches`): (k, n, C, H, W) gradients of k maps -> (k, n, C, H, W)
+    images, x0 with map j's patch pasted on. ``patches_out`` collects the patches found."""
+    k, n = grad.shape[:2]
+    patches = find_patches(grad, size)
+    if patches_out is not None:
+        patches_out.append(Patches(patches.pos.cpu(), patches.window.cpu()))
+    which = torch.arange(k, device=x0.device).repeat_interleave(n)
+    return patches.stamp(x0.repeat(k, 1, 1, 1), which).view(k, n, *x0.shape[1:])
 
 
 def default_patch(image_shape) -> int:
@@ -128,7 +172,7 @@ def default_patch(image_shape) -> int:
 
 
 def adversarial_for_map(model, layer, x, x0, channel: int, eps: float, objective: str = "mse",
-                        sign: float = 1.0) -> torch.Tensor:
+                        sign: float = 1.0, patches_out: list | None = None) -> torch.Tensor:
     """x_adv for one feature map: one signed step from x0 away from the map's clean activation (``mse``, the
     paper's) or up the map's activation as its consumer sees it (``excite``: ``sign`` is +1, or -1 where the
     BatchNorm reading the map has a negative gamma)."""
@@ -141,21 +185,21 @@ def adversarial_for_map(model, layer, x, x0, channel: int, eps: float, objective
         loss = (layer_output(model, layer, x_start)[:, channel] - clean).square().mean()
     (grad,) = torch.autograd.grad(loss, x_start)
     if objective == "patch":
-        return patch_step(x0, grad.unsqueeze(0), default_patch(x0.shape))[0]
+        return patch_step(x0, grad.unsqueeze(0), default_patch(x0.shape), patches_out)[0]
     return (x0 + eps * grad.sign()).clamp(0, 1)
 
 
-def _score_reference(model, layers, x, y, x0, eps, progress, max_maps, objective, signs, probs_out
-                     ) -> dict[str, torch.Tensor]:
+def _score_reference(model, layers, x, y, x0, eps, progress, max_maps, objective, signs, probs_out,
+                     patches_out) -> dict[str, torch.Tensor]:
     """The plain per-map loop of the method's description: for each map, the clean activation, the gradient of
     the map's squared deviation, one signed step, and the accuracy on the n stepped images."""
     scores = {}
     for name, layer in layers.items():
         acc = torch.full((layer.out_channels,), float("nan"))
-        probs = []
+        probs, patches = [], []
         for c in range(min(layer.out_channels, max_maps)):
             sign = float(signs[name][c]) if signs is not None else 1.0
-            x_adv = adversarial_for_map(model, layer, x, x0, c, eps, objective, sign)
+            x_adv = adversarial_for_map(model, layer, x, x0, c, eps, objective, sign, patches)
             with torch.no_grad():
                 logits = model(x_adv)
                 acc[c] = (logits.argmax(1) == y).float().mean().cpu()
@@ -164,11 +208,13 @@ def _score_reference(model, layers, x, y, x0, eps, progress, max_maps, objective
         scores[name] = acc
         if probs_out is not None:
             probs_out[name] = torch.stack(probs)
+        if patches:
+            patches_out[name] = _cat_patches(patches)
     return scores
 
 
-def _score_fast(model, layers, x, y, x0, eps, progress, max_maps, batch_images, objective, signs, probs_out
-                ) -> dict[str, torch.Tensor]:
+def _score_fast(model, layers, x, y, x0, eps, progress, max_maps, batch_images, objective, signs, probs_out,
+                patches_out) -> dict[str, torch.Tensor]:
     n = len(x)
     chunk = max(1, batch_images // n)
     scores = {}
@@ -191,7 +237,7 @@ def _score_fast(model, layers, x, y, x0, eps, progress, max_maps, batch_images, 
             per_map = out.detach()[:, :channels] - clean[:, :channels]
             cot_all = scale * (2 * per_map)
         acc = torch.full((layer.out_channels,), float("nan"))
-        probs = []
+        probs, patches = [], []
         for c0 in range(0, channels, chunk):
             k = min(chunk, channels - c0)
             ks = torch.arange(k, device=x.device)
@@ -200,7 +246,7 @@ def _score_fast(model, layers, x, y, x0, eps, progress, max_maps, batch_images, 
             (grad,) = torch.autograd.grad(out, x_start, cot, retain_graph=True, is_grads_batched=True)
             with torch.inference_mode():
                 if objective == "patch":
-                    x_adv = patch_step(x0, grad, default_patch(x0.shape)).flatten(0, 1)
+                    x_adv = patch_step(x0, grad, default_patch(x0.shape), patches).flatten(0, 1)
                 else:
                     x_adv = (x0.unsqueeze(0) + eps * grad.sign()).clamp_(0, 1).flatten(0, 1)
                 x_adv = x_adv.contiguous(memory_format=torch.channels_last)
@@ -215,7 +261,13 @@ def _score_fast(model, layers, x, y, x0, eps, progress, max_maps, batch_images, 
         scores[name] = acc
         if probs_out is not None:
             probs_out[name] = torch.cat(probs)
+        if patches:
+            patches_out[name] = _cat_patches(patches)
     return scores
+
+
+def _cat_patches(parts: list) -> Patches:
+    return Patches(torch.cat([p.pos for p in parts]), torch.cat([p.window for p in parts]))
 
 
 IMPLEMENTATIONS = ("fast", "reference")
@@ -299,19 +351,21 @@ def probe_feature_maps(
     for p in model.parameters():
         p.requires_grad_(False)  # gradients are needed w.r.t. the input only
     probs = {} if keep_probs else None
+    patches = {}
     try:
         signs = consumer_signs(model, x[:1], all_layers) if objective != "mse" else None
         if implementation == "reference":
-            acc = _score_reference(model, all_layers, x, y, x0, eps, tick, max_maps, objective, signs, probs)
+            acc = _score_reference(model, all_layers, x, y, x0, eps, tick, max_maps, objective, signs, probs,
+                                   patches)
         else:
             acc = _score_fast(model, all_layers, x, y, x0, eps, tick, max_maps, batch_images, objective, signs,
-                              probs)
+                              probs, patches)
         null = None
         if keep_probs:
             x_null = (x0 + eps * _random_sign(x, seed + 1)).clamp(0, 1)
             with torch.inference_mode():
                 null = model(x_null).float().softmax(1).cpu()
-        return MapTest(acc, y.cpu(), probs or {}, null)
+        return MapTest(acc, y.cpu(), probs or {}, null, patches)
     finally:
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
