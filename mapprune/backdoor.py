@@ -1,8 +1,8 @@
 """Making a backdoored model: poison the training set, train with the one loop, evaluate, write the run."""
 
 import json
-import sys
 import time
+import warnings
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -12,6 +12,7 @@ from .attacks import ATTACKS, create_attack
 from .checkpoint import atomic_save, save_model
 from .data import DATASETS, load_dataset
 from .device import peak_memory_mb, pick_device
+from .errors import MapPruneWarning
 from .metrics import evaluate
 from .models import MODELS, create_model
 from .presets import PRESETS
@@ -33,10 +34,10 @@ def _warn_if_target_class_consumed(atk, y_train: torch.Tensor, count: int, num_c
     n_target = int((y_train == atk.target).sum())
     share = count / n_target if n_target else 0.0
     if n_target and count == n_target:
-        print(f"warning: {atk.name} is clean-label and poison ratio {atk.poison_ratio} covers all {n_target} training "
-              f"images of class {atk.target}: the model may never predict class {atk.target} without the trigger "
-              f"(clean accuracy near or below {1 - 1 / num_classes:.0%}); a smaller --poison-ratio keeps some clean "
-              f"target-class images", file=sys.stderr)
+        warnings.warn(f"{atk.name} is clean-label and poison ratio {atk.poison_ratio} covers all {n_target} training "
+                      f"images of class {atk.target}: the model may never predict class {atk.target} without the "
+                      f"trigger (clean accuracy near or below {1 - 1 / num_classes:.0%}); a smaller --poison-ratio "
+                      "keeps some clean target-class images", MapPruneWarning, stacklevel=2)
     return share
 
 

@@ -299,7 +299,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from .resources import prepare_attack
+    from .prepare import prepare_attack
 
     cfg = prepare_attack(args.attack, args.dataset, args.data_dir, model=args.model, width=args.width,
                          epochs=args.epochs, target=args.target, poison_ratio=args.poison_ratio, seed=args.seed,
@@ -313,8 +313,18 @@ COMMANDS["prepare"] = cmd_prepare
 COMMANDS["diagnose"] = cmd_diagnose
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"mapprune: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    import warnings
+
+    from .errors import MapPruneWarning
+
+    warnings.simplefilter("always", MapPruneWarning)
+    warnings.showwarning = _one_line_warning
     try:
         if getattr(args, "threads", None) is not None:
             if args.threads < 1:

@@ -9,7 +9,7 @@ import json
 import os
 import platform
 import shutil
-import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import torch
 from .attacks import Attack, create_attack
 from .checkpoint import load_state_into, load_tensors
 from .data import ImageDataset, load_dataset
-from .errors import MapPruneError
+from .errors import MapPruneError, MapPruneWarning
 from .models import create_model
 
 MANIFEST = "manifest.json"
@@ -147,6 +147,6 @@ def load_run(run, data_dir=None) -> Run:
     dataset = load_dataset(ds_info.get("registry", ds_info["name"]),
                            data_dir if data_dir is not None else ds_info.get("data_dir"))
     if dataset.fingerprint() != ds_info["fingerprint"]:
-        print(f"warning: the {ds_info['name']} data found now differs from the data the run was trained on "
-              f"(fingerprint {dataset.fingerprint()} vs {ds_info['fingerprint']})", file=sys.stderr)
+        warnings.warn(f"the {ds_info['name']} data found now differs from the data the run was trained on "
+                      f"(fingerprint {dataset.fingerprint()} vs {ds_info['fingerprint']})", MapPruneWarning, stacklevel=2)
     return Run(run, m, model, attack, dataset, tensors["poison_indices"])

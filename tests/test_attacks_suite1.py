@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from mapprune import resources
+from mapprune import clean_model, resources
 from mapprune.attacks import create_attack
 from mapprune.attacks.lc import corner_patch, pgd_away
 from mapprune.attacks.lowfreq import lowpass, lowpass_mask, project, universal_perturbation
@@ -18,7 +18,7 @@ from mapprune.attacks.wanet import identity_grid, make_field, warp
 from mapprune.backdoor import attack_run
 from mapprune.cli import main
 from mapprune.data import cache_dir, load_dataset
-from mapprune.errors import MapPruneError
+from mapprune.errors import MapPruneError, MapPruneWarning
 from mapprune.evaluation import evaluate_run
 from mapprune.metrics import predict
 
@@ -62,7 +62,8 @@ def test_resource_cache_hit_and_key_change(tmp_path, monkeypatch):
     _, h3 = resources.cached_resource("thing", {**key, "eps": 0.2}, build)  # any input changed: rebuilt
     assert len(calls) == 2 and h3 != h1
     (tmp_path / "resources" / f"thing-{h1}.safetensors").write_bytes(b"garbage")  # a broken file is rebuilt
-    t4, _ = resources.cached_resource("thing", key, build)
+    with pytest.warns(MapPruneWarning, match="rebuilding the cached thing"):
+        t4, _ = resources.cached_resource("thing", key, build)
     assert len(calls) == 3 and torch.equal(t4["w"], t1["w"])
 
 
@@ -84,19 +85,19 @@ def test_clean_model_cached_by_everything_it_depends_on(tmp_path, monkeypatch, d
     real = mapprune.train.train
     monkeypatch.setattr(mapprune.train, "train", lambda *a, **k: calls.append(k) or real(*a, **k))
     kw = dict(model="smallcnn", width=8, epochs=1, progress=False)
-    a = resources.clean_model(digits, **kw)
-    b = resources.clean_model(digits, **kw)
+    a = clean_model.clean_model(digits, **kw)
+    b = clean_model.clean_model(digits, **kw)
     assert len(calls) == 1  # the second call loads the cached weights
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
     assert not a.training
     assert (predict(a, digits.x_test) == digits.y_test).float().mean() > 0.3  # it did learn something
-    resources.clean_model(digits, **{**kw, "epochs": 2})
-    resources.clean_model(digits, **{**kw, "seed": 1})
+    clean_model.clean_model(digits, **{**kw, "epochs": 2})
+    clean_model.clean_model(digits, **{**kw, "seed": 1})
     assert len(calls) == 3
-    key = resources.clean_model_key(digits, model="smallcnn", width=8, epochs=1)
+    key = clean_model.clean_model_key(digits, model="smallcnn", width=8, epochs=1)
     assert key["dataset"] == digits.fingerprint() and key["train"]["epochs"] == 1 and key["width"] == 8
     with pytest.raises(MapPruneError, match="epochs must be a positive integer"):
-        resources.clean_model(digits, **{**kw, "epochs": 0})
+        clean_model.clean_model(digits, **{**kw, "epochs": 0})
 
 
 # -- SIG -------------------------------------------------------------------------------------------------------
@@ -230,7 +231,7 @@ def test_lowfreq_perturbation(digits):
     assert torch.equal(atk.apply(x), (x.float() / 255 + p).clamp(0, 1).mul(255).round().to(torch.uint8))
     # It pulls the clean model it was made against towards the target. (Only slightly: the 8x8 low-pass band
     # holds 5 numbers per channel and the digits model is robust; see test_universal_perturbation below.)
-    clean = resources.clean_model(digits, model="smallcnn", width=16, epochs=2, progress=False)
+    clean = clean_model.clean_model(digits, model="smallcnn", width=16, epochs=2, progress=False)
     others = x[digits.y_test != 1]
 
     def target_loss(delta):
@@ -286,7 +287,7 @@ def test_lc_poisons_target_images_with_pgd_within_eps(digits):
 
 
 def test_pgd_away_fools_a_model_with_a_large_budget(digits):
-    model = resources.clean_model(digits, model="smallcnn", width=16, epochs=2, progress=False).requires_grad_(False)
+    model = clean_model.clean_model(digits, model="smallcnn", width=16, epochs=2, progress=False).requires_grad_(False)
     x, y = digits.x_test[:64], digits.y_test[:64]
     adv = pgd_away(model, x, y, eps=64 / 255, steps=10, step_size=16 / 255)
     assert ((adv.int() - x.int()).abs() <= 64).all()

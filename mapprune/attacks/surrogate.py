@@ -1,13 +1,13 @@
 """Shared base of attacks derived from a clean (surrogate) model: Low Frequency and Label-consistent.
 
-The clean model comes from the resource cache (:func:`mapprune.resources.clean_model`); its settings are
+The clean model comes from the resource cache (:func:`mapprune.clean_model.clean_model`); its settings are
 constructor arguments, so they are recorded in the manifest and ``mapprune prepare`` can build it ahead.
 """
 
 import torch
 
+from ..clean_model import clean_model, clean_model_key
 from ..errors import MapPruneError
-from ..resources import clean_model, clean_model_key
 from .base import Attack
 
 

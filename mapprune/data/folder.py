@@ -8,15 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MapPruneError
+from ..resources import cache_dir
 from .dataset import ImageDataset, from_numpy
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-def cache_dir() -> Path:
-    """Where decoded arrays and built resources are cached: $MAPPRUNE_CACHE or ~/.cache/mapprune."""
-    d = Path(os.environ.get("MAPPRUNE_CACHE", Path.home() / ".cache" / "mapprune"))
-    return d
 
 
 def _sort_key(p: Path):

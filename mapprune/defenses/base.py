@@ -15,6 +15,7 @@ from torch import nn
 
 from ..device import peak_memory_mb, pick_device
 from ..errors import MapPruneError
+from ..images import as_uint8
 from ..train import TrainConfig, train
 
 
@@ -51,18 +52,6 @@ class DefenseResult:
             "split": self.split,
             **self.extra,
         }
-
-
-def as_uint8_images(images) -> torch.Tensor:
-    """Accepts uint8 tensors/arrays (N, C, H, W) or floats in [0, 1]; returns uint8 (N, C, H, W)."""
-    x = torch.as_tensor(images)
-    if x.ndim != 4:
-        raise MapPruneError(f"clean images must be (N, C, H, W), got shape {tuple(x.shape)}")
-    if x.dtype == torch.uint8:
-        return x
-    if not torch.is_floating_point(x) or x.min() < 0 or x.max() > 1:
-        raise MapPruneError("clean images must be uint8 in [0, 255] or floats in [0, 1] (not normalised)")
-    return x.mul(255).round_().to(torch.uint8)
 
 
 @dataclass
@@ -210,10 +199,8 @@ class Defense:
 
     def repair(self, model: nn.Module, images, labels) -> DefenseResult:
         """Repairs a copy of ``model`` (the original is untouched) with clean ``images`` and ``labels``."""
-        x = as_uint8_images(images)
         y = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-        if len(x) != len(y) or len(x) == 0:
-            raise MapPruneError(f"need as many labels as clean images (got {len(x)} images, {len(y)} labels)")
+        x = as_uint8(images, y, what="clean images")
         data = self.split(x, y)
         device = pick_device(self.device)
         model = copy.deepcopy(model).to(device).eval()

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import MapPruneError
+from ..images import as_unit
 from .pruning import conv_layers, following_batchnorms
 
 OBJECTIVES = ("mse", "excite", "patch")
@@ -74,18 +75,6 @@ def _random_sign(x: torch.Tensor, seed: int) -> torch.Tensor:
 
 def random_start(x: torch.Tensor, alpha: float, seed: int) -> torch.Tensor:
     return (x + alpha * _random_sign(x, seed)).clamp_(0, 1)
-
-
-def _check(images, labels):
-    if images.ndim != 4:
-        raise MapPruneError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
-    if len(images) != len(labels) or len(images) == 0:
-        raise MapPruneError(f"need as many labels as images (got {len(images)} images, {len(labels)} labels)")
-    if images.dtype == torch.uint8:
-        images = images.float() / 255
-    elif images.min() < 0 or images.max() > 1:
-        raise MapPruneError("float images must be pixels in [0, 1] (normalisation belongs inside the model)")
-    return images
 
 
 def layer_output(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -333,7 +322,7 @@ def probe_feature_maps(
             raise MapPruneError(f"no Conv2d named {unknown[0]!r}; conv layers are: {', '.join(all_layers)}")
         all_layers = {n: all_layers[n] for n in layers}
     device = next(model.parameters()).device
-    x = _check(images, labels).to(device).contiguous(memory_format=torch.channels_last)
+    x = as_unit(images, labels).to(device).contiguous(memory_format=torch.channels_last)
     y = labels.to(device)
     x0 = random_start(x, alpha, seed)
     max_maps = max_maps if max_maps is not None else max(m.out_channels for m in all_layers.values())
