@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="print a markdown table of runs and their defenses")
     rp.add_argument("runs", type=Path, nargs="+")
     rp.add_argument("--json", action="store_true", help="print the rows as one JSON list")
+    rp.add_argument("--compare", nargs="?", const="", metavar="D1,D2,...",
+                    help="attacks as rows, defense variants as columns (ACC / ASR / RA, means over seeds), in the "
+                         "order given (default: none, ft, fmt, then the rest)")
     rp.add_argument("--seeds", action="store_true",
                     help="one row per defense variant: mean ± sd over its seeds (folders NAME, NAME-seedN)")
 
@@ -226,7 +229,13 @@ def cmd_report(args) -> int:
     from .report import collect_rows, markdown_seed_table, markdown_table, seed_summary
 
     rows = collect_rows(args.runs)
-    if args.seeds:
+    if args.compare is not None:
+        from .report import comparison_table
+
+        groups = seed_summary(rows)
+        chosen = [d for d in args.compare.split(",") if d] or None
+        print(json.dumps(groups) if args.json else comparison_table(groups, chosen))
+    elif args.seeds:
         groups = seed_summary(rows)
         print(json.dumps(groups) if args.json else markdown_seed_table(groups))
     else:

@@ -27,7 +27,7 @@ from torch import nn
 
 from .checkpoint import atomic_save, load_tensors
 from .data import clean_subset
-from .defenses.fmt import pick_test_images
+from .defenses.base import pick_images
 from .defenses.pruning import PruneMask, conv_layers, following_batchnorms, prune
 from .defenses.scorers import estimate_target, layer_z, suspicion
 from .defenses.scoring import probe_feature_maps
@@ -285,7 +285,7 @@ def diagnose(model: nn.Module, r, *, settings: dict[str, dict] | None = None, se
         t1 = time.perf_counter()
         for s in seeds:
             idx = clean_subset(r.dataset.y_train, clean_ratio, s)
-            x, y = pick_test_images(r.dataset.x_train[idx], r.dataset.y_train[idx], n_images, s, balanced)
+            x, y = pick_images(r.dataset.x_train[idx], r.dataset.y_train[idx], n_images, s, balanced)
             test = probe_feature_maps(model, x.to(device), y.to(device), seed=s, keep_probs=True, progress=progress,
                                      **cfg)
             est = estimate_target(test)

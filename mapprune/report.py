@@ -198,3 +198,34 @@ def markdown_table(rows: list[dict]) -> str:
                      f"{100 * r['asr']:.2f} | {100 * r['ra']:.2f} | {der} | {r['pruned']} | {target} | "
                      f"{r['wall_s']:.0f} |")
     return "\n".join(lines)
+
+
+def comparison_table(groups: list[dict], defenses: list[str] | None = None) -> str:
+    """The paper's layout from :func:`seed_summary` groups: one row per run (attack), one column per defense
+    variant, each cell ACC / ASR / RA in % (means over seeds; the seed count in brackets when more than one),
+    then the mean over the runs that have every listed defense."""
+    runs = list(dict.fromkeys((g["run"], g["attack"]) for g in groups))
+    present = list(dict.fromkeys(g["defense"] for g in groups))
+    if defenses is None:
+        first = [d for d in ("none", "ft", "fmt") if d in present]
+        defenses = first + sorted(d for d in present if d not in first)
+    cell = {(g["run"], g["defense"]): g for g in groups}
+    lines = ["| attack (run) | " + " | ".join(defenses) + " |", "|" + "---|" * (len(defenses) + 1),
+             "| | " + " | ".join(["ACC / ASR / RA"] * len(defenses)) + " |"]
+
+    def fmt(g):
+        n = len(g["seeds"])
+        return (f"{100 * g['acc']['mean']:.1f} / **{100 * g['asr']['mean']:.1f}** / {100 * g['ra']['mean']:.1f}"
+                + (f" ({n})" if n > 1 else ""))
+    for run, attack in runs:
+        cells = [fmt(cell[(run, d)]) if (run, d) in cell else "-" for d in defenses]
+        lines.append(f"| {attack} ({run}) | " + " | ".join(cells) + " |")
+    complete = [(r, a) for r, a in runs if all((r, d) in cell for d in defenses)]
+    if len(complete) > 1:
+        means = []
+        for d in defenses:
+            gs = [cell[(r, d)] for r, _ in complete]
+            means.append(" / ".join(f"{100 * statistics.fmean(g[k]['mean'] for g in gs):.1f}"
+                                    for k in ("acc", "asr", "ra")))
+        lines.append(f"| mean of {len(complete)} | " + " | ".join(means) + " |")
+    return "\n".join(lines)

@@ -199,7 +199,8 @@ def test_library_example_from_readme(tmp_path, monkeypatch):
     from mapprune.cli import __file__ as cli_file
 
     readme = (Path(cli_file).resolve().parents[1] / "README.md").read_text()
-    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in readme.split("```python\n")[1:]]
+    (code,) = [b for b in blocks if "FMT().repair" in b]
 
     class MyNet(nn.Module):
         def __init__(self):

@@ -194,3 +194,23 @@ def test_found_patches_stamp_where_they_were_found():
     assert out[1, :, 13:16, 0:3].eq(0).all() and out[1, :, :13].eq(0.5).all()
     changed = (out != 0.5).any(1)
     assert changed.sum(dim=(1, 2)).tolist() == [9, 9, 9]
+
+
+def test_warp_objective_fast_equals_reference_and_identity_at_zero():
+    from mapprune.defenses.scoring import Warps, warp
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 32, 32)
+    torch.testing.assert_close(warp(x, torch.zeros(1, 2, 4, 4), 2.0), x, atol=1e-5, rtol=0)
+    shifted = warp(x, torch.ones(1, 2, 4, 4), 1.0)  # every control point 1: a one-pixel shift right and down
+    torch.testing.assert_close(shifted[..., 1:30, 1:30], x[..., 2:31, 2:31], atol=1e-4, rtol=0)
+    model = _calibrated(create_model("preactresnet18", 10, width=8), (3, 32, 32))
+    xs, y = _images_and_own_labels(model, 5, (3, 32, 32))
+    kw = {"alpha": 0.0, "seed": 1, "objective": "warp", "keep_probs": True, "eps": 1.0}
+    fast = probe_feature_maps(model, xs, y, implementation="fast", batch_images=15, **kw)
+    ref = probe_feature_maps(model, xs, y, implementation="reference", **kw)
+    for layer in ref.acc:
+        torch.testing.assert_close(fast.probs[layer], ref.probs[layer], rtol=1e-4, atol=1e-5)
+        assert isinstance(fast.patches[layer], Warps) and torch.equal(fast.patches[layer].phi, ref.patches[layer].phi)
+    one = fast.patches["net.conv1"].select(torch.tensor([0]))
+    torch.testing.assert_close(one.stamp(xs[:2], torch.tensor([0, 0])), warp(xs[:2], one.phi, 1.0))

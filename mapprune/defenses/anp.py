@@ -28,7 +28,8 @@ THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(19))  # 0, 0.05, ..., 0.9
 
 
 def check_threshold(threshold, max_drop):
-    if threshold != "auto" and (isinstance(threshold, (str, bool)) or not 0 <= threshold <= 1):
+    number = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+    if threshold != "auto" and (not number or not 0 <= threshold <= 1):
         raise MapPruneError(f"threshold must be in [0, 1], or 'auto' to choose it on held-out data; got {threshold!r}")
     if not 0 <= max_drop < 1:
         raise MapPruneError(f"max_drop is a relative accuracy drop in [0, 1), got {max_drop}")

@@ -54,6 +54,23 @@ class DefenseResult:
         }
 
 
+def pick_images(x: torch.Tensor, y: torch.Tensor, n: int, seed: int, balanced: bool = False):
+    """n seeded images of (x, y): uniformly drawn (the paper's), or ``balanced`` over the
+    classes (n // K of each, the remainder to the first classes, so a suspected target's images are few)."""
+    g = torch.Generator().manual_seed(seed)
+    if not balanced:
+        idx = torch.randperm(len(x), generator=g)[:n]
+        return x[idx], y[idx]
+    classes = torch.unique(y).tolist()
+    per = [n // len(classes) + (i < n % len(classes)) for i in range(len(classes))]
+    idx = []
+    for c, k in zip(classes, per):
+        members = torch.nonzero(y == c).flatten()
+        idx.append(members[torch.randperm(len(members), generator=g)[:k]])
+    idx = torch.cat(idx)
+    return x[idx], y[idx]
+
+
 @dataclass
 class CleanData:
     """The defender's clean subset, split once (stratified, seeded) into a fitting part and a held-out selection

@@ -2,8 +2,10 @@
 
 For each conv whose output a BatchNorm normalises directly, channel k's upper bound on its Lipschitz constant
 (UCLC) is the largest singular value of its filter, reshaped to (C_in, kh * kw), times |gamma_k / sigma_k| of that
-BatchNorm. Within a layer, channels with UCLC > mean + u * std are pruned: their filter and the BatchNorm's
-gamma and beta are zeroed, so the channel is silent on every path that reads it. No data, no fine-tune.
+BatchNorm. Within a layer, channels with UCLC > mean + u * std are pruned: the BatchNorm's gamma and beta are
+zeroed, as the paper does. No data, no fine-tune. (On PreAct networks the stem conv's output also runs along
+the identity path, which zeroing the BatchNorm does not touch; zeroing the filter as well, so the channel went
+silent there too, collapsed the CIFAR-10 WaNet model to 10% accuracy: measured, docs/results.md.)
 
 Each BatchNorm is paired with the conv that *produces* its input (traced by tensor identity,
 ``pruning.following_batchnorms``), not with the last conv registered before it: the public code's registration
@@ -25,7 +27,7 @@ def channel_lipschitz(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> torch.
     """(C_out,) UCLC of each output channel of ``conv`` as ``bn`` scales it."""
     w = conv.weight.detach().float()
     sigma_max = torch.linalg.matrix_norm(w.flatten(2), ord=2)  # (C_out,) largest singular value per filter
-    gamma = bn.weight.detach().float() if bn.weight is not None else torch.ones_like(sigma_max)
+    gamma = bn.weight.detach().float()
     std = bn.running_var.detach().float().add(bn.eps).sqrt() if bn.running_var is not None else 1.0
     return sigma_max * (gamma / std).abs()
 
@@ -54,19 +56,17 @@ class CLP(Defense):
         with torch.no_grad():
             for name, bn_name in bns.items():
                 conv, bn = convs[name], modules[bn_name]
+                if bn.weight is None:  # a BatchNorm without affine parameters has nothing to zero
+                    continue
                 uclc = channel_lipschitz(conv, bn).cpu()
                 scores[name] = uclc
                 cut = torch.nonzero(uclc > uclc.mean() + self.u * uclc.std()).flatten()
                 if len(cut) == 0:
                     continue
                 pruned[name] = cut.tolist()
-                idx = cut.to(conv.weight.device)
-                conv.weight[idx] = 0.0
-                if conv.bias is not None:
-                    conv.bias[idx] = 0.0
-                if bn.weight is not None:
-                    bn.weight[idx] = 0.0
-                    bn.bias[idx] = 0.0
+                idx = cut.to(bn.weight.device)
+                bn.weight[idx] = 0.0
+                bn.bias[idx] = 0.0
         skipped = [n for n in convs if n not in bns]
         return self.result(model, {"prune": time.perf_counter() - t0}, pruned=pruned, scores=scores,
                            extra={"batchnorm_of": bns, "skipped_convs": skipped})

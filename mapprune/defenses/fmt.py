@@ -14,30 +14,13 @@ from pathlib import Path
 import torch
 
 from ..errors import MapPruneError
-from .base import FINETUNES, CleanData, FineTuning
+from .base import FINETUNES, CleanData, FineTuning, pick_images
 from .pruning import prune
 from .scorers import SCORERS, class_pull, estimate_target, suspicion
-from .scoring import IMPLEMENTATIONS, OBJECTIVES, MapTest, Patches, probe_feature_maps, score_feature_maps
+from .scoring import IMPLEMENTATIONS, OBJECTIVES, MapTest, Patches, Warps, probe_feature_maps, score_feature_maps
 from .selection import SELECTIONS, select
 
 __all__ = ["FMT", "score_feature_maps"]
-
-
-def pick_test_images(x: torch.Tensor, y: torch.Tensor, n: int, seed: int, balanced: bool = False):
-    """n seeded test images from the clean subset: uniformly drawn (the paper's), or ``balanced`` over the
-    classes (n // K of each, the remainder to the first classes, so a suspected target's images are few)."""
-    g = torch.Generator().manual_seed(seed)
-    if not balanced:
-        idx = torch.randperm(len(x), generator=g)[:n]
-        return x[idx], y[idx]
-    classes = torch.unique(y).tolist()
-    per = [n // len(classes) + (i < n % len(classes)) for i in range(len(classes))]
-    idx = []
-    for c, k in zip(classes, per):
-        members = torch.nonzero(y == c).flatten()
-        idx.append(members[torch.randperm(len(members), generator=g)[:k]])
-    idx = torch.cat(idx)
-    return x[idx], y[idx]
 
 
 # FMT's own hyperparameters per recipe (the fine-tune's are in base.FINETUNES). ``paper`` is the published
@@ -96,8 +79,9 @@ class FMT(FineTuning):
             raise MapPruneError(f"eps and alpha must be >= 0, got eps={self.eps}, alpha={alpha}")
         if not 0 <= self.unlearn < 1:
             raise MapPruneError(f"unlearn is the share of each fine-tune batch stamped, in [0, 1), got {self.unlearn}")
-        if self.unlearn > 0 and self.objective != "patch":
-            raise MapPruneError("unlearn stamps the patch objective's candidate triggers; use objective='patch'")
+        if self.unlearn > 0 and self.objective not in ("patch", "warp"):
+            raise MapPruneError("unlearn stamps the candidate triggers of the patch or warp objective; use one of "
+                                "those objectives")
         if unlearn_maps < 1:
             raise MapPruneError(f"unlearn_maps must be >= 1, got {unlearn_maps}")
         self.unlearn_maps = unlearn_maps
@@ -116,7 +100,7 @@ class FMT(FineTuning):
 
     def test_images(self, x: torch.Tensor, y: torch.Tensor):
         """The n seeded test images drawn from the clean subset."""
-        return pick_test_images(x, y, self.n_images, self.seed, self.balanced)
+        return pick_images(x, y, self.n_images, self.seed, self.balanced)
 
     def probe(self, model, x, y) -> MapTest:
         xt, yt = self.test_images(x, y)
@@ -141,16 +125,16 @@ class FMT(FineTuning):
         return select("outlier", scores, method=self.outlier_method, contamination=self.contamination,
                       threshold=self.threshold, seed=self.seed)
 
-    def candidates(self, test: MapTest, target: int) -> tuple[Patches, list[str]]:
+    def candidates(self, test: MapTest, target: int) -> tuple["Patches | Warps", list[str]]:
         """The ``unlearn_maps`` patches that pull hardest towards the suspected target (FMT's candidate
         triggers) and the maps they came from, as "layer[channel]"."""
         names = [f"{layer}[{c}]" for layer, acc in test.acc.items() for c in range(len(acc))]
-        patches = Patches(torch.cat([p.pos for p in test.patches.values()]),
-                          torch.cat([p.window for p in test.patches.values()]))
+        parts = list(test.patches.values())
+        patches = type(parts[0]).cat(parts)
         top = class_pull(test)[:, target].topk(min(self.unlearn_maps, len(names))).indices
         return patches.select(top), [names[i] for i in top.tolist()]
 
-    def unlearning(self, patches: Patches):
+    def unlearning(self, patches: "Patches | Warps"):
         """The fine-tune's batch transform: a share ``unlearn`` of each batch gets one of the candidate triggers
         stamped on, keeping its true label (FMT's own candidate poison samples, unlearned)."""
         share = self.unlearn
@@ -184,8 +168,9 @@ class FMT(FineTuning):
         if self.unlearn > 0:
             patches, maps = self.candidates(test, target["target"])
             transform = self.unlearning(patches)
-            extra["unlearning"] = {"share": self.unlearn, "maps": maps,
-                                   "patch_positions": patches.pos.tolist()}
+            extra["unlearning"] = {"share": self.unlearn, "maps": maps}
+            if isinstance(patches, Patches):
+                extra["unlearning"]["patch_positions"] = patches.pos.tolist()
         result = self.result(model, timings, pruned=pruned, scores=test.acc, extra=extra)
         if self.detect_only:
             result.original = model

@@ -22,7 +22,8 @@ from ..errors import MapPruneError
 from ..images import as_unit
 from .pruning import conv_layers, following_batchnorms
 
-OBJECTIVES = ("mse", "excite", "patch")
+OBJECTIVES = ("mse", "excite", "patch", "warp")
+WARP_GRID = 4  # control points per side of a ``warp`` probe's flow field (WaNet's k)
 
 
 @dataclass
@@ -34,14 +35,15 @@ class MapTest:
     for (``keep_probs``): where the perturbed predictions go is what the target-concentration scorer reads.
     ``null_probs``: (n, K) softmax on the same images stepped in a random sign direction of the same size, the
     null against which a map's pull towards a class is measured. ``labels``: the n true labels.
-    ``patches``: with the ``patch`` objective, each map's universal patch (FMT's candidate triggers).
+    ``patches``: with the ``patch`` and ``warp`` objectives, each map's universal patch or warp (FMT's candidate
+    triggers: they can be stamped on any image).
     """
 
     acc: dict[str, torch.Tensor]
     labels: torch.Tensor
     probs: dict[str, torch.Tensor] = field(default_factory=dict)
     null_probs: torch.Tensor | None = None
-    patches: dict[str, "Patches"] = field(default_factory=dict)  # the ``patch`` objective's, per map
+    patches: dict[str, "Patches | Warps"] = field(default_factory=dict)  # patch / warp objectives', per map
 
 
 class _Stop(Exception):
@@ -104,6 +106,10 @@ class Patches:
     def select(self, idx) -> "Patches":
         return Patches(self.pos[idx], self.window[idx])
 
+    @staticmethod
+    def cat(parts: list["Patches"]) -> "Patches":
+        return Patches(torch.cat([p.pos for p in parts]), torch.cat([p.window for p in parts]))
+
     def stamp(self, x: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
         """x (n, C, H, W) with patch ``which[i]`` pasted onto image i (a copy; x is not changed)."""
         s = self.window.shape[-1]
@@ -124,6 +130,46 @@ class Patches:
         ch_idx = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
         canvas[n_idx, ch_idx, r[:, None, :, None], c[:, None, None, :]] = win
         return torch.where(mask, canvas, x)
+
+
+def _identity_grid(h: int, w: int, device) -> torch.Tensor:
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=device), torch.linspace(-1, 1, w, device=device),
+                            indexing="ij")
+    return torch.stack([xs, ys], -1)  # (H, W, 2), x first as grid_sample wants
+
+
+def warp(x: torch.Tensor, phi: torch.Tensor, pixels: float) -> torch.Tensor:
+    """x (n, C, H, W) resampled along a smooth flow: ``phi`` (n or 1, 2, k, k) control points, bicubically
+    upsampled, times ``pixels`` (the displacement, in pixels, where a control point is 1); bilinear sampling at
+    pixel centres, border padding. With phi = 0 it returns x exactly."""
+    h, w = x.shape[-2:]
+    flow = torch.nn.functional.interpolate(phi, size=(h, w), mode="bicubic", align_corners=True)
+    scale = torch.tensor([2 / max(1, w - 1), 2 / max(1, h - 1)], device=x.device, dtype=x.dtype)
+    grid = (_identity_grid(h, w, x.device).to(x.dtype) + pixels * flow.permute(0, 2, 3, 1) * scale).clamp(-1, 1)
+    grid = grid.expand(len(x), h, w, 2)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+@dataclass
+class Warps:
+    """k universal warps: ``phi`` (k, 2, g, g) control points of the flow, ``pixels`` its size."""
+
+    phi: torch.Tensor
+    pixels: float
+
+    def __len__(self) -> int:
+        return len(self.phi)
+
+    def select(self, idx) -> "Warps":
+        return Warps(self.phi[idx], self.pixels)
+
+    @staticmethod
+    def cat(parts: list["Warps"]) -> "Warps":
+        return Warps(torch.cat([p.phi for p in parts]), parts[0].pixels)
+
+    def stamp(self, x: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+        """x (n, C, H, W) with warp ``which[i]`` applied to image i."""
+        return warp(x, self.phi.to(x.device, x.dtype)[which], self.pixels)
 
 
 def find_patches(grad: torch.Tensor, size: int) -> Patches:
@@ -164,7 +210,15 @@ def adversarial_for_map(model, layer, x, x0, channel: int, eps: float, objective
                         sign: float = 1.0, patches_out: list | None = None) -> torch.Tensor:
     """x_adv for one feature map: one signed step from x0 away from the map's clean activation (``mse``, the
     paper's) or up the map's activation as its consumer sees it (``excite``: ``sign`` is +1, or -1 where the
-    BatchNorm reading the map has a negative gamma)."""
+    BatchNorm reading the map has a negative gamma; ``patch``: through one small patch; ``warp``: through one
+    smooth warp of the image, a signed step on its flow's control points, ``eps`` pixels)."""
+    if objective == "warp":
+        phi = torch.zeros(1, 2, WARP_GRID, WARP_GRID, device=x0.device, dtype=x0.dtype, requires_grad=True)
+        loss = sign * layer_output(model, layer, warp(x0, phi, eps))[:, channel].mean()
+        (grad,) = torch.autograd.grad(loss, phi)
+        if patches_out is not None:
+            patches_out.append(Warps(grad.sign().cpu(), eps))
+        return warp(x0, grad.sign(), eps)
     x_start = x0.clone().requires_grad_(True)
     if objective in ("excite", "patch"):
         loss = sign * layer_output(model, layer, x_start)[:, channel].mean()
@@ -211,10 +265,14 @@ def _score_fast(model, layers, x, y, x0, eps, progress, max_maps, batch_images, 
         channels = min(layer.out_channels, max_maps)
         # One forward of x0 to layer l serves every map of the layer: each map's gradient is a backward pass
         # of the same graph with another cotangent, so the backwards are batched (vmap) over maps.
-        x_start = x0.detach().requires_grad_(True)
-        out = forward_to(model, layer, x_start)
+        if objective == "warp":  # the leaf is the flow's control points, shared by the n images
+            x_start = torch.zeros(1, 2, WARP_GRID, WARP_GRID, device=x.device, dtype=x0.dtype, requires_grad=True)
+            out = forward_to(model, layer, warp(x0, x_start, eps))
+        else:
+            x_start = x0.detach().requires_grad_(True)
+            out = forward_to(model, layer, x_start)
         scale = torch.full((), 1.0 / (out[:, 0].numel()), device=x.device, dtype=out.dtype)
-        if objective in ("excite", "patch"):
+        if objective in ("excite", "patch", "warp"):
             # d/d(out) of sign * mean(out[:, c]): a constant sign / numel in channel c.
             sign = signs[name][:channels].to(x.device, out.dtype).view(1, channels, 1, 1)
             cot_all = (scale * sign).expand(out.shape[0], channels, *out.shape[2:])
@@ -236,6 +294,10 @@ def _score_fast(model, layers, x, y, x0, eps, progress, max_maps, batch_images, 
             with torch.inference_mode():
                 if objective == "patch":
                     x_adv = patch_step(x0, grad, default_patch(x0.shape), patches).flatten(0, 1)
+                elif objective == "warp":
+                    phi = grad.sign().flatten(0, 1)  # (k, 2, g, g)
+                    patches.append(Warps(phi.cpu(), eps))
+                    x_adv = warp(x0.repeat(k, 1, 1, 1), phi.repeat_interleave(n, 0), eps)
                 else:
                     x_adv = (x0.unsqueeze(0) + eps * grad.sign()).clamp_(0, 1).flatten(0, 1)
                 x_adv = x_adv.contiguous(memory_format=torch.channels_last)
@@ -255,8 +317,8 @@ def _score_fast(model, layers, x, y, x0, eps, progress, max_maps, batch_images, 
     return scores
 
 
-def _cat_patches(parts: list) -> Patches:
-    return Patches(torch.cat([p.pos for p in parts]), torch.cat([p.window for p in parts]))
+def _cat_patches(parts: list) -> "Patches | Warps":
+    return type(parts[0]).cat(parts)
 
 
 IMPLEMENTATIONS = ("fast", "reference")
@@ -303,11 +365,12 @@ def probe_feature_maps(
 
     ``images``: (n, C, H, W) uint8 or float in [0, 1], on the model's device or CPU; ``labels``: true labels.
     ``objective``: ``mse`` (the paper's: push the map away from its clean value), ``excite`` (push the map up
-    as its consumer sees it) or ``patch`` (excite it through one small universal patch; see :func:`patch_step`;
-    ``eps`` does not apply). The model is used in eval mode (BatchNorm running statistics) and left as it was
-    found. ``layers`` restricts testing to those conv names (default: every Conv2d). ``batch_images`` bounds how
-    many images one pass of the fast implementation holds (memory scales with it). ``keep_probs`` also keeps
-    every map's softmax outputs and a random-direction null (see :class:`MapTest`).
+    as its consumer sees it), ``patch`` (excite it through one small universal patch; see :func:`patch_step`;
+    ``eps`` does not apply) or ``warp`` (excite it through one smooth universal warp of ``eps`` pixels). The
+    model is used in eval mode (BatchNorm running statistics) and left as it was found. ``layers`` restricts
+    testing to those conv names (default: every Conv2d). ``batch_images`` bounds how many images one pass of the
+    fast implementation holds (memory scales with it). ``keep_probs`` also keeps every map's softmax outputs and
+    a random-direction null (see :class:`MapTest`).
     """
     if implementation not in IMPLEMENTATIONS:
         raise MapPruneError(f"unknown implementation {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}")
