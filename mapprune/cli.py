@@ -118,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--seeds", action="store_true",
                     help="one row per defense variant: mean ± sd over its seeds (folders NAME, NAME-seedN)")
 
+    bn = sub.add_parser("bench", help="run an attack x defense x seed grid (TOML) into DIR: resumable, parallel")
+    bn.add_argument("grid", type=Path, help="grid file, e.g. benchmarks/grids/digits-tiny.toml")
+    bn.add_argument("--out", type=Path, required=True, help="the grid's folder (runs, results.csv, table.md)")
+    bn.add_argument("--jobs", type=int, default=1, help="cells run at once (default 1)")
+    bn.add_argument("--backend", choices=["local", "ray"], default="local",
+                    help="local worker processes (default) or Ray tasks (pip install 'mapprune[ray]')")
+    bn.add_argument("--address", help="ray: the cluster address (default: a local Ray instance)")
+    bn.add_argument("--retry-failed", action="store_true", help="rerun the cells recorded as failed")
+    bn.add_argument("--update", action="store_true",
+                    help="accept a DIR made by another version of the grid (its unchanged cells are kept)")
+    _add_common(bn)
+
     dg = sub.add_parser("diagnose", help="evaluation only: how well feature-map scorers find the maps that carry "
                         "the run's real backdoor; writes RUN/diagnose/")
     dg.add_argument("run", type=Path)
@@ -317,9 +329,28 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    if args.data_dir:
+        import os
+
+        os.environ["MAPPRUNE_DATA"] = str(args.data_dir)  # worker processes resolve the data the same way
+    r = run_bench(args.grid, args.out, jobs=args.jobs, threads=args.threads, backend=args.backend,
+                  address=args.address, retry_failed=args.retry_failed, update=args.update,
+                  progress=not args.no_progress)
+    print(f"{r['done']}/{r['cells']} cells done; table: {args.out / 'table.md'}")
+    if r["failed"]:
+        print(f"{len(r['failed'])} failed or blocked (see {args.out / 'failed'}; --retry-failed reruns them): "
+              + "; ".join(r["failed"][:5]), file=sys.stderr)
+        return 1
+    return 0
+
+
 COMMANDS = {"attack": cmd_attack, "defend": cmd_defend, "eval": cmd_eval, "report": cmd_report, "demo": cmd_demo}
 COMMANDS["prepare"] = cmd_prepare
 COMMANDS["diagnose"] = cmd_diagnose
+COMMANDS["bench"] = cmd_bench
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):

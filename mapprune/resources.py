@@ -14,6 +14,7 @@ import os
 import re
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -55,6 +56,29 @@ def cached_resource(kind: str, key: dict, build: Callable[[], dict[str, torch.Te
     A cached file whose recorded key differs from ``key`` (a hash collision) or that cannot be read is rebuilt.
     """
     path = resource_path(kind, key)
+    # One builder at a time per resource: two bench workers needing the same clean model build it once.
+    with _build_lock(path):
+        return _cached_resource(kind, key, build, path)
+
+
+@contextmanager
+def _build_lock(path: Path):
+    try:
+        import fcntl
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path.with_name(path.name + ".lock"), "w")
+    except (ImportError, OSError):  # no POSIX locks, or an unwritable cache: build without the lock
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _cached_resource(kind, key, build, path):
     h = key_hash(key)
     plain_key = json.loads(json.dumps(key))  # what the metadata round trip gives back (tuples become lists)
     if path.is_file():

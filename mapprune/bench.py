@@ -1,0 +1,552 @@
+"""``mapprune bench GRID --out DIR``: an attack x defense x seed grid as one resumable, parallel job.
+
+A grid is a TOML file (see ``benchmarks/grids/``)::
+
+    name = "digits-tiny"
+    dataset = "digits"          # any --dataset; data_dir = "..." optional (else --data-dir / $MAPPRUNE_DATA)
+    preset = "demo"             # training preset of the backdoored models; [model] overrides its values
+    clean_ratio = 0.1           # the defenders' clean share (optional; the protocol's default otherwise)
+    seeds = [0, 1]              # defense seeds (the clean subset and every random choice of a defense)
+
+    [[attack]]
+    name = "badnets"            # poison_ratio, target, all_to_all, train_seed and opts = {...} optional;
+                                # run = "path" adopts a finished run folder instead of training one
+    [[defense]]
+    name = "fmt"
+    opts = {recipe = "paper"}   # any option of the defense
+
+Every cell (one backdoored model, or one defense on one model with one seed) is keyed by a stable hash of its
+full settings and written as an ordinary run folder: ``DIR/runs/<attack>-<hash>/`` (readable by ``eval``,
+``defend``, ``report``) and its ``defense/<variant>-<hash>[-seedN]/``. A cell whose folder is complete is never
+recomputed; a changed setting is a new cell. Failures are recorded in ``DIR/failed/`` and do not stop the other
+cells. The results: ``DIR/results.csv``, ``DIR/table.md`` and ``DIR/figures/``.
+"""
+
+import csv
+import hashlib
+import inspect
+import json
+import shutil
+import statistics
+import sys
+import time
+import tomllib
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import MapPruneError, unknown_name
+
+BACKENDS = ("local", "ray")
+GRID_KEYS = {"name", "dataset", "data_dir", "preset", "clean_ratio", "seeds", "model", "attack", "defense"}
+ATTACK_KEYS = {"name", "opts", "poison_ratio", "target", "all_to_all", "train_seed", "run", "label"}
+DEFENSE_KEYS = {"name", "opts", "label"}
+MODEL_KEYS = {"model", "width", "epochs", "batch_size", "lr", "schedule", "eval_every"}
+
+
+def _hash(settings: dict) -> str:
+    text = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+@dataclass
+class Cell:
+    """One unit of work: ``kind`` "model" (train or adopt a backdoored model) or "defense"."""
+
+    kind: str
+    label: str  # attack label, or "attack label / defense label / seed N"
+    key: str
+    settings: dict
+    path: str  # the run folder (model) or the defense folder (defense)
+    deps: list[str] = field(default_factory=list)
+    attack: str = ""
+    defense: str = ""
+    seed: int | None = None
+
+    def done(self) -> bool:
+        marker = "manifest.json" if self.kind == "model" else "result.json"
+        return (Path(self.path) / marker).is_file()
+
+
+# -- the grid ------------------------------------------------------------------------------------------------
+
+def load_grid(path) -> dict:
+    """Reads and validates a grid file; every attack, defense and option is checked here, before any work."""
+    path = Path(path)
+    try:
+        grid = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise MapPruneError(f"grid file {path} not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise MapPruneError(f"{path} is not valid TOML: {e}") from None
+    _only(grid, GRID_KEYS, f"{path}")
+    for k in ("name", "dataset"):
+        if not isinstance(grid.get(k), str) or not grid[k]:
+            raise MapPruneError(f"{path}: the grid needs a {k!r} (a string)")
+    _only(grid.get("model", {}), MODEL_KEYS, f"{path} [model]")
+    seeds = grid.setdefault("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise MapPruneError(f"{path}: seeds must be a non-empty list of non-negative integers, got {seeds!r}")
+    if not grid.get("attack") or not grid.get("defense"):
+        raise MapPruneError(f"{path}: a grid needs at least one [[attack]] and one [[defense]]")
+    _check_names(grid, path)
+    grid.pop("_shape", None)
+    return grid
+
+
+def _only(table: dict, allowed: set, where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise MapPruneError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(allowed))}")
+
+
+def _check_names(grid: dict, path) -> None:
+    from .attacks import ATTACKS
+    from .data import DATASETS
+    from .defenses import DEFENSES, create_defense
+    from .models import MODELS
+    from .presets import PRESETS
+
+    if grid["dataset"] not in DATASETS:
+        raise unknown_name("dataset", grid["dataset"], DATASETS)
+    if grid.get("preset") is not None and grid["preset"] not in PRESETS:
+        raise unknown_name("preset", grid["preset"], PRESETS)
+    if grid.get("model", {}).get("model") not in (None, *MODELS):
+        raise unknown_name("model", grid["model"]["model"], MODELS)
+    labels = set()
+    for i, a in enumerate(grid["attack"]):
+        where = f"{path} [[attack]] #{i + 1}"
+        _only(a, ATTACK_KEYS, where)
+        if a.get("name") not in ATTACKS and "run" not in a:
+            raise MapPruneError(f"{where}: unknown attack {a.get('name')!r}; valid attacks: {', '.join(ATTACKS)}")
+        if "run" in a and not (Path(a["run"]) / "manifest.json").is_file():
+            raise MapPruneError(f"{where}: {a['run']} is not a finished run folder (no manifest.json)")
+        if "run" not in a:
+            valid = _attack_options(ATTACKS[a["name"]])
+            for k in a.get("opts", {}):
+                if k not in valid:
+                    raise MapPruneError(f"{where}: attack {a['name']} has no option {k!r} (target, poison_ratio and "
+                                        f"all_to_all are keys of [[attack]] itself); valid: {', '.join(valid)}")
+            _try_attack(grid, a, where)
+        label = a.get("label") or a.get("name") or Path(a["run"]).name
+        if label in labels:
+            raise MapPruneError(f"{where}: two attacks are labelled {label!r}; give one a distinct label = \"...\"")
+        labels.add(label)
+    labels = set()
+    for i, d in enumerate(grid["defense"]):
+        where = f"{path} [[defense]] #{i + 1}"
+        _only(d, DEFENSE_KEYS, where)
+        if d.get("name") not in DEFENSES:
+            raise MapPruneError(f"{where}: unknown defense {d.get('name')!r}; valid defenses: {', '.join(DEFENSES)}")
+        if "seed" in d.get("opts", {}):
+            raise MapPruneError(f"{where}: give defense seeds with the grid's seeds = [...], not as an option")
+        try:
+            create_defense(d["name"], **d.get("opts", {}))
+        except MapPruneError as e:
+            raise MapPruneError(f"{where}: {e}") from None
+        label = _defense_label(d)
+        if label in labels:
+            raise MapPruneError(f"{where}: two defenses are labelled {label!r}; give one a distinct label")
+        labels.add(label)
+
+
+def _try_attack(grid: dict, a: dict, where: str) -> None:
+    """Builds the attack once (no training), so a bad option value fails now, not after other cells ran."""
+    from .attacks import create_attack
+    from .data import load_dataset
+
+    if "_shape" not in grid:
+        ds = load_dataset(grid["dataset"], grid.get("data_dir"))
+        grid["_shape"] = (ds.image_shape, ds.num_classes)
+    shape, classes = grid["_shape"]
+    try:
+        create_attack(a["name"], shape, classes, target=a.get("target", 0), poison_ratio=a.get("poison_ratio", 0.1),
+                      all_to_all=a.get("all_to_all", False), **a.get("opts", {}))
+    except MapPruneError as e:
+        raise MapPruneError(f"{where}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise MapPruneError(f"{where}: bad option value for attack {a['name']}: {e}") from None
+
+
+def _attack_options(cls) -> list[str]:
+    """The attack's own keyword-only options over its class chain (the base's target / ratio are grid keys)."""
+    names = []
+    for c in cls.__mro__:
+        if "__init__" in vars(c):
+            names += [k for k, p in inspect.signature(c.__init__).parameters.items()
+                      if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in names]
+    return [k for k in names if k not in ("target", "poison_ratio", "all_to_all", "clean_label")]
+
+
+def _defense_label(d: dict) -> str:
+    from .defenses import defense_class
+
+    return d.get("label") or defense_class(d["name"]).variant_name(dict(d.get("opts", {})))
+
+
+def plan(grid: dict, out: Path) -> list[Cell]:
+    """Every cell of the grid, models first, each defense cell depending on its model."""
+    cells = []
+    model_kw = dict(grid.get("model", {}))
+    for a in grid["attack"]:
+        label = a.get("label") or a.get("name") or Path(a["run"]).name
+        if "run" in a:
+            m = json.loads((Path(a["run"]) / "manifest.json").read_text())
+            settings = {"adopt": {k: m.get(k) for k in ("attack", "model", "train", "seed")},
+                        "dataset": m["dataset"]["fingerprint"]}
+        else:
+            settings = {"dataset": grid["dataset"], "preset": grid.get("preset"), "model": model_kw,
+                        "attack": a["name"], "opts": a.get("opts", {}), "poison_ratio": a.get("poison_ratio", 0.1),
+                        "target": a.get("target", 0), "all_to_all": a.get("all_to_all", False),
+                        "train_seed": a.get("train_seed", 0)}
+        key = _hash(settings)
+        run = out / "runs" / f"{label}-{key}"
+        model_cell = Cell("model", label, key, {**settings, "source": a.get("run")}, str(run), attack=label)
+        cells.append(model_cell)
+        for d in grid["defense"]:
+            dlabel = _defense_label(d)
+            for seed in grid["seeds"]:
+                dset = {"model": key, "defense": d["name"], "opts": d.get("opts", {}),
+                        "clean_ratio": grid.get("clean_ratio")}
+                # The folder is named by the defense's settings alone, so one defense lines up across models.
+                dkey = _hash({k: v for k, v in dset.items() if k != "model"})
+                folder = f"{dlabel}-{dkey}" + (f"-seed{seed}" if seed else "")
+                cells.append(Cell("defense", f"{label} / {dlabel} / seed {seed}", _hash({**dset, "seed": seed}),
+                                  {**dset, "seed": seed}, str(run / "defense" / folder), [key],
+                                  attack=label, defense=dlabel, seed=seed))
+    return cells
+
+
+# -- running one cell (in a worker process, or a Ray task) ----------------------------------------------------
+
+def run_cell(cell: dict, grid: dict, threads: int | None, progress: bool) -> dict:
+    """Does one cell's work; returns {"key", "ok", "seconds", "error"}. Never raises."""
+    t0 = time.perf_counter()
+    try:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        c = Cell(**cell)
+        if c.kind == "model":
+            _run_model(c, grid, progress)
+        else:
+            _run_defense(c, grid, progress)
+        return {"key": c.key, "ok": True, "seconds": time.perf_counter() - t0, "error": None}
+    except BaseException as e:  # recorded, so one failed cell never stops the others
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        detail = str(e) if isinstance(e, MapPruneError) else traceback.format_exc()
+        return {"key": cell["key"], "ok": False, "seconds": time.perf_counter() - t0,
+                "error": f"{type(e).__name__}: {e}", "detail": detail}
+
+
+def _run_model(c: Cell, grid: dict, progress: bool) -> None:
+    from .backdoor import attack_run
+
+    if c.settings.get("source"):
+        run = Path(c.path)
+        partial = run.with_name(run.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(c.settings["source"], partial, ignore=shutil.ignore_patterns("defense", "diagnose"))
+        partial.rename(run)
+        return
+    s = c.settings
+    model_kw = dict(s["model"])
+    eval_every = model_kw.pop("eval_every", 1)
+    attack_run(s["attack"], Path(c.path), dataset=s["dataset"], data_dir=grid.get("data_dir"), preset=s["preset"],
+               target=s["target"], all_to_all=s["all_to_all"], poison_ratio=s["poison_ratio"], seed=s["train_seed"],
+               progress=progress, eval_every=eval_every, attack_kw=s["opts"], **model_kw)
+
+
+def _run_defense(c: Cell, grid: dict, progress: bool) -> None:
+    from .defend import defend_run
+
+    s = c.settings
+    path = Path(c.path)
+    defend_run(path.parent.parent, s["defense"], clean_ratio=s["clean_ratio"], name=path.name,
+               data_dir=grid.get("data_dir"), progress=progress, seed=s["seed"], **s["opts"])
+
+
+# -- scheduling -----------------------------------------------------------------------------------------------
+
+class _Local:
+    def __init__(self, jobs: int, threads: int | None):
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        self.cf = cf
+        self.pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"))
+
+    def submit(self, *args):
+        return self.pool.submit(run_cell, *args)
+
+    def wait(self, running: dict) -> list:
+        done, _ = self.cf.wait(list(running), return_when=self.cf.FIRST_COMPLETED)
+        return [(f, f.result()) for f in done]
+
+    def close(self):
+        self.pool.shutdown(cancel_futures=True)
+
+
+class _Ray:
+    def __init__(self, jobs: int, threads: int | None, address: str | None):
+        try:
+            import ray
+        except ImportError:
+            raise MapPruneError("--backend ray needs Ray: pip install 'mapprune[ray]'") from None
+        self.ray = ray
+        if not ray.is_initialized():
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        self.remote = ray.remote(num_cpus=threads or 1)(run_cell)
+
+    def submit(self, *args):
+        return self.remote.remote(*args)
+
+    def wait(self, running: dict) -> list:
+        done, _ = self.ray.wait(list(running), num_returns=1)
+        return [(f, self.ray.get(f)) for f in done]
+
+    def close(self):
+        pass
+
+
+class _Inline:
+    """--jobs 1 on the local backend: cells run in this process (their own progress bars show)."""
+
+    def submit(self, *args):
+        return run_cell(*args)
+
+    def close(self):
+        pass
+
+
+def run_bench(grid_path, out, *, jobs: int = 1, threads: int | None = None, backend: str = "local",
+              address: str | None = None, retry_failed: bool = False, update: bool = False,
+              progress: bool = True, log=print) -> dict:
+    """Runs every missing cell of the grid into ``out``; returns {"cells", "done", "failed", "ran"}."""
+    if backend not in BACKENDS:
+        raise unknown_name("backend", backend, BACKENDS)
+    if jobs < 1 or (threads is not None and threads < 1):
+        raise MapPruneError(f"--jobs and --threads must be >= 1, got {jobs} and {threads}")
+    grid = load_grid(grid_path)
+    out = Path(out)
+    cells = plan(grid, out)
+    _claim(out, grid, Path(grid_path), update)
+    failed_dir = out / "failed"
+    by_key = {c.key: c for c in cells}
+    state = {}
+    for c in cells:
+        if c.done():
+            state[c.key] = "done"
+        elif (failed_dir / f"{c.key}.json").is_file() and not retry_failed:
+            state[c.key] = "failed"
+        else:
+            state[c.key] = "pending"
+    if retry_failed:
+        shutil.rmtree(failed_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    ran = []
+
+    def show(event: str = "") -> None:
+        counts = {s: sum(1 for v in state.values() if v == s) for s in ("done", "running", "failed", "blocked")}
+        log(f"[bench {_clock(time.perf_counter() - t0)}] {counts['done']}/{len(cells)} done, {counts['running']} "
+            f"running, {counts['failed']} failed" + (f", {counts['blocked']} blocked" if counts["blocked"] else "")
+            + (f" | {event}" if event else ""))
+
+    def finish(c: Cell, res: dict) -> None:
+        ran.append(c.key)
+        if res["ok"]:
+            state[c.key] = "done"
+            show(f"finished {c.label} ({res['seconds']:.0f} s)")
+        else:
+            state[c.key] = "failed"
+            failed_dir.mkdir(parents=True, exist_ok=True)
+            (failed_dir / f"{c.key}.json").write_text(json.dumps({"cell": asdict(c), **res}, indent=1))
+            show(f"FAILED {c.label}: {res['error']}")
+
+    def ready() -> list[Cell]:
+        out_cells = []
+        for c in cells:
+            if state[c.key] != "pending":
+                continue
+            deps = [state[d] for d in c.deps]
+            if any(d in ("failed", "blocked") for d in deps):
+                state[c.key] = "blocked"
+            elif all(d == "done" for d in deps):
+                out_cells.append(c)
+        return out_cells
+
+    show("start")
+    inline = backend == "local" and jobs == 1
+    engine = _Inline() if inline else (_Local(jobs, threads) if backend == "local" else _Ray(jobs, threads, address))
+    cell_progress = progress and inline and sys.stderr.isatty()
+    try:
+        if inline:
+            if threads:
+                import torch
+
+                torch.set_num_threads(threads)
+            while todo := ready():
+                c = todo[0]
+                state[c.key] = "running"
+                show(f"started {c.label}")
+                finish(c, engine.submit(asdict(c), grid, None, cell_progress))
+        else:
+            running = {}
+            while True:
+                for c in ready():
+                    if len(running) >= jobs:
+                        break
+                    state[c.key] = "running"
+                    running[engine.submit(asdict(c), grid, threads, False)] = c
+                    show(f"started {c.label}")
+                if not running:
+                    break
+                for f, res in engine.wait(running):
+                    finish(running.pop(f), res)
+    finally:
+        engine.close()
+    write_results(cells, grid, out)
+    show("results written to " + str(out))
+    failed = [by_key[k].label for k, v in state.items() if v in ("failed", "blocked")]
+    return {"cells": len(cells), "done": sum(v == "done" for v in state.values()), "failed": failed, "ran": ran}
+
+
+def _clock(s: float) -> str:
+    return f"{int(s // 3600)}:{int(s % 3600 // 60):02d}:{int(s % 60):02d}"
+
+
+def _claim(out: Path, grid: dict, grid_path: Path, update: bool) -> None:
+    """DIR/bench.json names the grid that made DIR; another grid is refused unless ``update``."""
+    out.mkdir(parents=True, exist_ok=True)
+    meta = out / "bench.json"
+    digest = _hash(grid)
+    if meta.is_file():
+        old = json.loads(meta.read_text())
+        if old.get("grid_hash") != digest and not update:
+            raise MapPruneError(f"{out} was made by grid {old.get('name')!r} with other settings; pass --update to "
+                                "add this grid's cells to it (unchanged cells are kept), or choose another --out")
+    elif any(p for p in out.iterdir()):
+        raise MapPruneError(f"{out} is not empty and was not made by mapprune bench; choose another --out")
+    meta.write_text(json.dumps({"name": grid["name"], "grid_hash": digest, "grid": grid}, indent=1))
+    shutil.copyfile(grid_path, out / "grid.toml")
+
+
+# -- results ----------------------------------------------------------------------------------------------------
+
+def collect(cells: list[Cell]) -> list[dict]:
+    """One row per finished cell: settings, metrics before and after, DER, wall time per phase, peak memory."""
+    rows = []
+    for c in cells:
+        if not c.done():
+            continue
+        if c.kind == "model":
+            m = json.loads((Path(c.path) / "manifest.json").read_text())
+            rows.append({"attack": c.attack, "defense": "none", "seed": None, "key": c.key, "path": c.path,
+                         "acc": m["metrics"]["acc"], "asr": m["metrics"]["asr"], "ra": m["metrics"]["ra"],
+                         "acc_before": None, "asr_before": None, "ra_before": None, "der": None,
+                         "wall_s": m["timings"].get("train_s"), "timings": json.dumps(m["timings"]),
+                         "peak_memory_mb": m.get("peak_memory_mb"), "settings": json.dumps(c.settings)})
+            continue
+        r = json.loads((Path(c.path) / "result.json").read_text())
+        rows.append({"attack": c.attack, "defense": c.defense, "seed": c.seed, "key": c.key, "path": c.path,
+                     "acc": r["after"]["acc"], "asr": r["after"]["asr"], "ra": r["after"]["ra"],
+                     "acc_before": r["before"]["acc"], "asr_before": r["before"]["asr"],
+                     "ra_before": r["before"]["ra"], "der": r["der"], "wall_s": r["wall_s"],
+                     "timings": json.dumps(r["timings"]), "peak_memory_mb": r.get("peak_memory_mb"),
+                     "settings": json.dumps({**c.settings, "params": r["params"]})})
+    return rows
+
+
+def summarise(rows: list[dict]) -> dict:
+    """{(attack, defense): {"n", "acc"/"asr"/"ra": (mean, sd or None)}}."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["attack"], r["defense"]), []).append(r)
+    out = {}
+    for k, members in groups.items():
+        s = {"n": len(members)}
+        for m in ("acc", "asr", "ra"):
+            v = [x[m] for x in members]
+            s[m] = (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else None)
+        out[k] = s
+    return out
+
+
+def markdown(rows: list[dict], title: str) -> str:
+    """Attacks as rows, defenses as columns: ASR / RA (mean ± sd over seeds), then ACC, each with the mean over
+    attacks as the last row."""
+    summary = summarise(rows)
+    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    defenses = list(dict.fromkeys(r["defense"] for r in rows))
+
+    def pm(v):
+        return f"{100 * v[0]:.2f}" + ("" if v[1] is None else f" ± {100 * v[1]:.2f}")
+
+    parts = [f"# {title}", ""]
+    for what, cell in (("ASR % / RA %", lambda s: f"{pm(s['asr'])} / {100 * s['ra'][0]:.2f}"),
+                       ("clean ACC %", lambda s: pm(s["acc"]))):
+        parts += [f"## {what} (mean ± sd over defense seeds)", "",
+                  "| attack | " + " | ".join(defenses) + " |", "|" + "---|" * (len(defenses) + 1)]
+        for a in attacks:
+            parts.append(f"| {a} | " + " | ".join(cell(summary[(a, d)]) if (a, d) in summary else "-"
+                                                  for d in defenses) + " |")
+        avg = []
+        for d in defenses:
+            ss = [summary[(a, d)] for a in attacks if (a, d) in summary]
+            if what.startswith("ASR"):
+                avg.append(f"{100 * statistics.fmean(s['asr'][0] for s in ss):.2f} / "
+                           f"{100 * statistics.fmean(s['ra'][0] for s in ss):.2f}")
+            else:
+                avg.append(f"{100 * statistics.fmean(s['acc'][0] for s in ss):.2f}")
+        parts += ["| **average** | " + " | ".join(avg) + " |", ""]
+    return "\n".join(parts)
+
+
+def write_results(cells: list[Cell], grid: dict, out: Path) -> None:
+    rows = collect(cells)
+    if not rows:
+        return
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (out / "table.md").write_text(markdown(rows, f"{grid['name']}: {grid['dataset']}"))
+    _figures(rows, out / "figures")
+
+
+def _figures(rows: list[dict], folder: Path) -> None:
+    from .report import _plt
+
+    plt = _plt()
+    folder.mkdir(exist_ok=True)
+    summary = summarise(rows)
+    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    defenses = list(dict.fromkeys(r["defense"] for r in rows))
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for d in defenses:
+        pts = [r for r in rows if r["defense"] == d]
+        ax.scatter([100 * r["acc"] for r in pts], [100 * r["asr"] for r in pts], label=d, s=18, alpha=0.8)
+    ax.set_xlabel("clean ACC %")
+    ax.set_ylabel("ASR %")
+    ax.set_ylim(-3, 103)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title("each point: one attack x seed", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(folder / "asr_vs_acc.png", dpi=110)
+    plt.close(fig)
+    grid = [[100 * summary[(a, d)]["asr"][0] if (a, d) in summary else float("nan") for d in defenses]
+            for a in attacks]
+    fig, ax = plt.subplots(figsize=(2.5 + 1.1 * len(defenses), 2.5 + 0.5 * len(attacks)))
+    im = ax.imshow(grid, cmap="Reds", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(defenses)), defenses, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(attacks)), attacks, fontsize=8)
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            if v == v:
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax, label="mean ASR %")
+    fig.tight_layout()
+    fig.savefig(folder / "asr_heatmap.png", dpi=110)
+    plt.close(fig)

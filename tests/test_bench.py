@@ -1,0 +1,160 @@
+"""mapprune bench: the grid is validated before any work, runs into ordinary run folders, survives being killed
+half-way without recomputing a finished cell, and gives the same table on every backend."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mapprune.bench import load_grid, plan, run_bench
+from mapprune.errors import MapPruneError
+
+GRIDS = Path(__file__).resolve().parents[1] / "benchmarks" / "grids"
+
+
+def _quiet(*a, **k):
+    pass
+
+
+def _table(out: Path) -> list[dict]:
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    return sorted(({k: r[k] for k in ("attack", "defense", "seed", "acc", "asr", "ra")} for r in rows),
+                  key=lambda r: (r["attack"], r["defense"], r["seed"]))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The shipped CI grid, run once, killed after five cells and resumed."""
+    out = tmp_path_factory.mktemp("bench") / "digits"
+    grid = GRIDS / "digits-tiny.toml"
+    finished = []
+
+    def kill_after_five(msg):
+        if "finished" in msg:
+            finished.append(msg)
+            if len(finished) == 5:
+                raise KeyboardInterrupt  # as a ^C half-way through the grid
+
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(grid, out, progress=False, log=kill_after_five)
+    cells = plan(load_grid(grid), out)
+    done_before = {c.key: Path(c.path).stat().st_mtime_ns for c in cells if c.done()}
+    assert len(done_before) == 5
+    result = run_bench(grid, out, progress=False, log=_quiet)
+    return out, grid, cells, done_before, result
+
+
+def test_tiny_grid_completes_after_a_kill_without_recomputing(tiny):
+    out, grid, cells, done_before, result = tiny
+    assert len(cells) == 2 + 2 * 3 * 2 and result["done"] == len(cells) and not result["failed"]
+    assert not set(result["ran"]) & set(done_before), "a finished cell was run again"
+    for c in cells:
+        if c.key in done_before:
+            assert Path(c.path).stat().st_mtime_ns == done_before[c.key]
+    again = run_bench(grid, out, progress=False, log=_quiet)
+    assert again["ran"] == [] and again["done"] == len(cells)
+
+
+def test_results_table_and_figures(tiny):
+    out, _, cells, _, _ = tiny
+    rows = _table(out)
+    assert len(rows) == len(cells)
+    assert {r["defense"] for r in rows} >= {"none", "clp"}
+    fmt = [r for r in rows if r["defense"].startswith("fmt") and r["attack"] == "badnets"]
+    assert len(fmt) == 2 and all(float(r["asr"]) < 0.1 for r in fmt), fmt  # the backdoor is really removed
+    table = (out / "table.md").read_text()
+    assert "| badnets |" in table and "**average**" in table and "±" in table
+    assert (out / "figures" / "asr_heatmap.png").is_file() and (out / "figures" / "asr_vs_acc.png").is_file()
+    # ordinary run folders: eval and report read them
+    from mapprune.cli import main
+
+    model_dirs = sorted((out / "runs").iterdir())
+    assert main(["report", *map(str, model_dirs), "--compare"]) == 0
+    assert main(["eval", str(model_dirs[0]), "--json"]) == 0
+
+
+def test_parallel_workers_give_the_same_table(tiny, tmp_path):
+    out, grid, _, _, _ = tiny
+    one_attack = tmp_path / "grid.toml"
+    text = grid.read_text().replace('[[attack]]\nname = "blended"\n', "")
+    one_attack.write_text(text)
+    par = tmp_path / "par"
+    result = run_bench(one_attack, par, jobs=2, threads=1, progress=False, log=_quiet)
+    assert result["done"] == 1 + 3 * 2 and not result["failed"]
+    want = [r for r in _table(out) if r["attack"] == "badnets"]
+    assert _table(par) == want
+
+
+def test_ray_backend_gives_the_same_table(tiny, tmp_path):
+    pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'mapprune[ray]')")
+    out, grid, _, _, _ = tiny
+    ray_out = tmp_path / "ray"
+    result = run_bench(grid, ray_out, jobs=2, threads=1, backend="ray", progress=False, log=_quiet)
+    assert not result["failed"] and _table(ray_out) == _table(out)
+
+
+@pytest.mark.parametrize("edit, msg", [
+    (('name = "badnets"', 'name = "badnet"'), "unknown attack 'badnet'"),
+    (('name = "clp"', 'name = "clpp"'), "unknown defense 'clpp'"),
+    (('name = "clp"', 'name = "clp"\nopts = {v = 3}'), "clp has no option 'v'"),
+    (('name = "clp"', 'name = "clp"\nopts = {u = -1.0}'), "u must be"),
+    (('name = "clp"', 'name = "clp"\nopts = {seed = 1}'), "seeds"),
+    (('[[attack]]\nname = "badnets"', '[[attack]]\nname = "badnets"\nopts = {size = 3}'), "no option 'size'"),
+    (('[[attack]]\nname = "badnets"', '[[attack]]\nname = "badnets"\nopts = {patch_size = "x"}'), "patch_size must be"),
+    (("seeds = [0, 1]", "seeds = []"), "seeds"),
+    (('preset = "demo"', 'preset = "fast"'), "unknown preset"),
+    (('preset = "demo"', 'preset = "demo"\nepochs = 3'), "unknown key 'epochs'"),
+])
+def test_bad_grids_fail_before_any_work(tmp_path, edit, msg):
+    text = (GRIDS / "digits-tiny.toml").read_text()
+    assert edit[0] in text
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace(edit[0], edit[1], 1))
+    with pytest.raises(MapPruneError, match=msg):
+        run_bench(bad, tmp_path / "out", progress=False, log=_quiet)
+    assert not (tmp_path / "out").exists(), "nothing is written before the grid is valid"
+
+
+def test_a_folder_of_another_grid_is_refused(tiny, tmp_path):
+    out, grid, _, _, _ = tiny
+    other = tmp_path / "other.toml"
+    other.write_text(grid.read_text().replace("seeds = [0, 1]", "seeds = [0]"))
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    with pytest.raises(MapPruneError, match="--update"):
+        run_bench(other, copy, progress=False, log=_quiet)
+    r = run_bench(other, copy, update=True, progress=False, log=_quiet)  # a sub-grid: everything already there
+    assert r["ran"] == [] and r["done"] == 2 + 2 * 3
+    assert json.loads((copy / "bench.json").read_text())["grid"]["seeds"] == [0]
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("mine")
+    with pytest.raises(MapPruneError, match="not made by mapprune bench"):
+        run_bench(grid, stray, progress=False, log=_quiet)
+
+
+def test_a_failing_cell_is_recorded_and_retried(tmp_path, monkeypatch):
+    import mapprune.bench as bench
+
+    grid = tmp_path / "g.toml"
+    grid.write_text((GRIDS / "digits-tiny.toml").read_text().replace('[[attack]]\nname = "blended"\n', "")
+                    .replace("seeds = [0, 1]", "seeds = [0]"))
+    real = bench._run_defense
+
+    def broken(c, g, progress):
+        if c.defense == "clp":
+            raise RuntimeError("disk on fire")
+        return real(c, g, progress)
+    monkeypatch.setattr(bench, "_run_defense", broken)
+    out = tmp_path / "out"
+    r = run_bench(grid, out, progress=False, log=_quiet)
+    assert r["failed"] == ["badnets / clp / seed 0"] and r["done"] == 3
+    record = json.loads(next((out / "failed").glob("*.json")).read_text())
+    assert "disk on fire" in record["error"]
+    assert run_bench(grid, out, progress=False, log=_quiet)["ran"] == []  # not retried unless asked
+    monkeypatch.setattr(bench, "_run_defense", real)
+    r = run_bench(grid, out, retry_failed=True, progress=False, log=_quiet)
+    assert r["failed"] == [] and r["done"] == 4 and len(r["ran"]) == 1
