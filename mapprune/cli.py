@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(FT: the paper's fine-tune). Any option below overrides its recipe value")
     f.add_argument("--selection", choices=["rank", "outlier", "global"], help="fmt: pruning rule (default rank)")
     f.add_argument("--scorer", choices=["accuracy", "target"], help="fmt: per-map score (default accuracy)")
-    f.add_argument("--objective", choices=["mse", "excite"], help="fmt: per-map step objective (default mse)")
+    f.add_argument("--objective", choices=["mse", "excite", "patch", "warp"],
+                   help="fmt: per-map probe (recommended: patch; paper: mse; warp: a smooth warp of --eps pixels)")
     f.add_argument("--budget", type=int, help="fmt global: maps pruned (default: the rank rule's count)")
     f.add_argument("--outlier-method", choices=["elliptic", "mad"], help="fmt outlier: detector (default elliptic)")
     f.add_argument("--contamination", type=float, help="fmt outlier elliptic: contamination (default 0.1)")
