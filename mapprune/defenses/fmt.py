@@ -15,21 +15,52 @@ import torch
 
 from ..errors import MapPruneError
 from .base import FINETUNES, CleanData, FineTuning, pick_images
-from .pruning import prune
+from .pruning import conv_layers, prune
 from .scorers import SCORERS, class_pull, estimate_target, suspicion
-from .scoring import IMPLEMENTATIONS, OBJECTIVES, MapTest, Patches, Warps, probe_feature_maps, score_feature_maps
+from .scoring import (
+    IMPLEMENTATIONS,
+    OBJECTIVES,
+    MapTest,
+    Patches,
+    Warps,
+    adversarial_for_map,
+    consumer_signs,
+    probe_feature_maps,
+    random_start,
+    score_feature_maps,
+)
 from .selection import SELECTIONS, select
 
 __all__ = ["FMT", "score_feature_maps"]
+
+
+class Union:
+    """Several candidate-trigger sets (patches, warps) as one: candidate i of the union is stamped by its set."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.sizes = [len(p) for p in parts]
+
+    def __len__(self) -> int:
+        return sum(self.sizes)
+
+    def stamp(self, x: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+        out, start = x.clone(), 0
+        for part, size in zip(self.parts, self.sizes):
+            sel = torch.nonzero((which >= start) & (which < start + size)).flatten()
+            if len(sel):
+                out[sel] = part.stamp(x[sel], which[sel] - start)
+            start += size
+        return out
 
 
 # FMT's own hyperparameters per recipe (the fine-tune's are in base.FINETUNES). ``paper`` is the published
 # algorithm; ``recommended`` is what the measurements in docs/results.md select.
 FMT_RECIPES: dict[str, dict] = {
     "paper": {"n_images": 32, "balanced": False, "eps": 0.06, "objective": "mse", "scorer": "accuracy",
-              "selection": "rank", "mask": False, "unlearn": 0.0},
+              "selection": "rank", "mask": False, "unlearn": 0.0, "unlearn_warp": 0.0},
     "recommended": {"n_images": 32, "balanced": False, "eps": 0.06, "objective": "patch", "scorer": "accuracy",
-                    "selection": "global", "mask": True, "unlearn": 0.2},
+                    "selection": "global", "mask": True, "unlearn": 0.2, "unlearn_warp": 0.0},
 }
 
 
@@ -56,13 +87,15 @@ class FMT(FineTuning):
                  scorer: str | None = None, selection: str | None = None, fraction: float = 1 / 64,
                  min_per_layer: int = 1, budget: int | None = None, outlier_method: str = "elliptic",
                  contamination: float = 0.1, threshold: float = 3.5, mask: bool | None = None,
-                 unlearn: float | None = None, unlearn_maps: int = 8, detect_only: bool = False,
+                 unlearn: float | None = None, unlearn_maps: int = 8, unlearn_warp: float | None = None,
+                 detect_only: bool = False,
                  implementation: str = "fast", batch_images: int = 1024, **finetune_kw):
         super().__init__(recipe=recipe, **finetune_kw)
         if recipe not in FMT_RECIPES:  # FineTuning has refused it already; kept for FMT-only recipes
             raise MapPruneError(f"unknown recipe {recipe!r}; valid: {', '.join(FMT_RECIPES)}")
         given = {"n_images": n_images, "balanced": balanced, "eps": eps, "objective": objective, "scorer": scorer,
-                 "selection": selection, "mask": mask, "unlearn": unlearn}
+                 "selection": selection, "mask": mask, "unlearn": unlearn,
+                 "unlearn_warp": unlearn_warp}
         for k, v in given.items():
             setattr(self, k, FMT_RECIPES[recipe][k] if v is None else v)
         if self.selection not in SELECTIONS:
@@ -84,6 +117,8 @@ class FMT(FineTuning):
                                 "those objectives")
         if unlearn_maps < 1:
             raise MapPruneError(f"unlearn_maps must be >= 1, got {unlearn_maps}")
+        if self.unlearn_warp < 0:
+            raise MapPruneError(f"unlearn_warp is a displacement in pixels, >= 0; got {self.unlearn_warp}")
         self.unlearn_maps = unlearn_maps
         if budget is not None and budget < 0:
             raise MapPruneError(f"budget must be >= 0, got {budget}")
@@ -134,7 +169,23 @@ class FMT(FineTuning):
         top = class_pull(test)[:, target].topk(min(self.unlearn_maps, len(names))).indices
         return patches.select(top), [names[i] for i in top.tolist()]
 
-    def unlearning(self, patches: "Patches | Warps"):
+    def warps_for(self, model, x, y, maps: list[str]) -> Warps:
+        """For the candidate maps, the smooth warp of ``unlearn_warp`` pixels that excites each (the ``warp``
+        probe, run on these maps only): a second trigger family, for triggers that move pixels."""
+        xt, _ = self.test_images(x, y)
+        device = next(model.parameters()).device
+        xt = xt.to(device).float() / 255
+        x0 = random_start(xt, self.alpha, self.seed)
+        layers = conv_layers(model)
+        signs = consumer_signs(model, x0[:1], layers)
+        found = []
+        for m in maps:
+            layer, c = m[:-1].split("[")
+            adversarial_for_map(model, layers[layer], xt, x0, int(c), self.unlearn_warp, "warp",
+                                float(signs[layer][int(c)]), found)
+        return Warps.cat(found)
+
+    def unlearning(self, patches: "Patches | Warps | Union"):
         """The fine-tune's batch transform: a share ``unlearn`` of each batch gets one of the candidate triggers
         stamped on, keeping its true label (FMT's own candidate poison samples, unlearned)."""
         share = self.unlearn
@@ -167,10 +218,15 @@ class FMT(FineTuning):
         transform = None
         if self.unlearn > 0:
             patches, maps = self.candidates(test, target["target"])
-            transform = self.unlearning(patches)
             extra["unlearning"] = {"share": self.unlearn, "maps": maps}
             if isinstance(patches, Patches):
                 extra["unlearning"]["patch_positions"] = patches.pos.tolist()
+                if self.unlearn_warp > 0:
+                    t0 = time.perf_counter()
+                    patches = Union([patches, self.warps_for(model, x, y, maps)])
+                    timings["warps"] = time.perf_counter() - t0
+                    extra["unlearning"]["warp_pixels"] = self.unlearn_warp
+            transform = self.unlearning(patches)
         result = self.result(model, timings, pruned=pruned, scores=test.acc, extra=extra)
         if self.detect_only:
             result.original = model
