@@ -15,20 +15,9 @@ import torch
 
 from ..errors import MapPruneError
 from .base import FINETUNES, CleanData, FineTuning, pick_images
-from .pruning import conv_layers, prune
+from .pruning import prune
 from .scorers import SCORERS, class_pull, estimate_target, suspicion
-from .scoring import (
-    IMPLEMENTATIONS,
-    OBJECTIVES,
-    MapTest,
-    Patches,
-    Warps,
-    adversarial_for_map,
-    consumer_signs,
-    probe_feature_maps,
-    random_start,
-    score_feature_maps,
-)
+from .scoring import IMPLEMENTATIONS, OBJECTIVES, MapTest, Patches, Warps, probe_feature_maps, score_feature_maps
 from .selection import SELECTIONS, select
 
 __all__ = ["FMT", "score_feature_maps"]
@@ -169,21 +158,17 @@ class FMT(FineTuning):
         top = class_pull(test)[:, target].topk(min(self.unlearn_maps, len(names))).indices
         return patches.select(top), [names[i] for i in top.tolist()]
 
-    def warps_for(self, model, x, y, maps: list[str]) -> Warps:
-        """For the candidate maps, the smooth warp of ``unlearn_warp`` pixels that excites each (the ``warp``
-        probe, run on these maps only): a second trigger family, for triggers that move pixels."""
-        xt, _ = self.test_images(x, y)
-        device = next(model.parameters()).device
-        xt = xt.to(device).float() / 255
-        x0 = random_start(xt, self.alpha, self.seed)
-        layers = conv_layers(model)
-        signs = consumer_signs(model, x0[:1], layers)
-        found = []
-        for m in maps:
-            layer, c = m[:-1].split("[")
-            adversarial_for_map(model, layers[layer], xt, x0, int(c), self.unlearn_warp, "warp",
-                                float(signs[layer][int(c)]), found)
-        return Warps.cat(found)
+    def warp_candidates(self, model, x, y) -> tuple[Warps, list[str], dict]:
+        """A second probe over every map with the ``warp`` objective (``unlearn_warp`` pixels): the warps of the
+        ``unlearn_maps`` maps that pull hardest to the class it suspects, for triggers that move pixels, which
+        the patch probe cannot make."""
+        xt, yt = self.test_images(x, y)
+        test = probe_feature_maps(model, xt, yt, eps=self.unlearn_warp, alpha=self.alpha, seed=self.seed,
+                                  objective="warp", implementation=self.implementation,
+                                  batch_images=self.batch_images, keep_probs=True, progress=self.progress)
+        target = estimate_target(test)
+        warps, maps = self.candidates(test, target["target"])
+        return warps, maps, target
 
     def unlearning(self, patches: "Patches | Warps | Union"):
         """The fine-tune's batch transform: a share ``unlearn`` of each batch gets one of the candidate triggers
@@ -223,9 +208,11 @@ class FMT(FineTuning):
                 extra["unlearning"]["patch_positions"] = patches.pos.tolist()
                 if self.unlearn_warp > 0:
                     t0 = time.perf_counter()
-                    patches = Union([patches, self.warps_for(model, x, y, maps)])
-                    timings["warps"] = time.perf_counter() - t0
-                    extra["unlearning"]["warp_pixels"] = self.unlearn_warp
+                    warps, warp_maps, warp_target = self.warp_candidates(model, x, y)
+                    patches = Union([patches, warps])
+                    timings["test_warp"] = time.perf_counter() - t0
+                    extra["unlearning"].update({"warp_pixels": self.unlearn_warp, "warp_maps": warp_maps,
+                                                "warp_suspected_target": warp_target})
             transform = self.unlearning(patches)
         result = self.result(model, timings, pruned=pruned, scores=test.acc, extra=extra)
         if self.detect_only:
