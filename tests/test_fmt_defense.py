@@ -241,3 +241,40 @@ def test_recommended_recipe_spares_a_clean_model(tmp_path):
     assert c["recipe"] == b["recipe"] == "recommended"
     assert c["suspected_target"]["anomaly_index"] < b["suspected_target"]["anomaly_index"], (
         c["suspected_target"], b["suspected_target"])
+
+
+def test_unlearning_stamps_candidates_found_where_the_trigger_is(digits_run):
+    """FMT's candidate triggers on the digits BadNets model sit on the trigger (the bottom-right pixel), the
+    fine-tune stamps them on about ``unlearn`` of each batch, and the backdoor is removed."""
+    from mapprune.data import clean_subset
+    from mapprune.defenses.fmt import Union
+    from mapprune.defenses.scoring import Patches, Warps
+    from mapprune.metrics import evaluate
+
+    r = digits_run
+    idx = clean_subset(r.dataset.y_train, 0.1, 0)
+    x, y = r.dataset.x_train[idx], r.dataset.y_train[idx]
+    kw = {"hflip": False, "batch_size": 32, "fraction": 1 / 8, "distill": 0.0}
+    result = FMT(unlearn=0.3, **kw).repair(r.model, x, y)
+    positions = result.extra["unlearning"]["patch_positions"]
+    assert len(positions) == 8 and sum(p == [7, 7] for p in positions) >= 4, positions
+    assert evaluate(result.model, r.test_sets())["asr"] <= 0.05
+
+    fmt = FMT(unlearn=0.5, **kw)
+    patches = Patches(torch.tensor([[7, 7]]), torch.ones(1, 1, 1, 1))
+    transform = fmt.unlearning(patches)
+    xb = torch.zeros(400, 1, 8, 8)
+    yb = torch.arange(400) % 10
+    out, labels = transform(xb, yb, torch.Generator().manual_seed(0))
+    stamped = out[:, 0, 7, 7] == 1
+    assert torch.equal(labels, yb) and 150 < int(stamped.sum()) < 250  # true labels kept, about half stamped
+    assert out[:, :, :7].abs().sum() == 0 and out[:, :, :, :7].abs().sum() == 0  # only the patch changed
+    both = Union([patches, Warps(torch.ones(1, 2, 4, 4), 1.0)])
+    mixed = both.stamp(torch.rand(6, 1, 8, 8), torch.tensor([0, 1, 0, 1, 0, 1]))
+    assert (mixed[0::2, 0, 7, 7] == 1).all() and len(both) == 2
+    with pytest.raises(MapPruneError, match="unlearn"):
+        FMT(unlearn=1.0)
+    with pytest.raises(MapPruneError, match="patch or warp"):
+        FMT(unlearn=0.2, objective="mse")
+    with pytest.raises(MapPruneError, match="unlearn_warp"):
+        FMT(unlearn_warp=-1.0)
