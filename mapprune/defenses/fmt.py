@@ -49,7 +49,7 @@ FMT_RECIPES: dict[str, dict] = {
     "paper": {"n_images": 32, "balanced": False, "eps": 0.06, "objective": "mse", "scorer": "accuracy",
               "selection": "rank", "mask": False, "unlearn": 0.0, "unlearn_warp": 0.0},
     "recommended": {"n_images": 32, "balanced": False, "eps": 0.06, "objective": "patch", "scorer": "accuracy",
-                    "selection": "global", "mask": True, "unlearn": 0.2, "unlearn_warp": 0.0},
+                    "selection": "global", "mask": True, "unlearn": 0.2, "unlearn_warp": 1.0},
 }
 
 
