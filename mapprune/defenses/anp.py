@@ -35,7 +35,7 @@ def check_threshold(threshold, max_drop):
         raise MapPruneError(f"max_drop is a relative accuracy drop in [0, 1), got {max_drop}")
 
 
-def prune_by_threshold(model, masks, data: CleanData, threshold, max_drop, device):
+def prune_by_threshold(model, masks, data: CleanData, threshold, max_drop):
     """Prunes a copy of ``model`` at ``threshold``, or (``"auto"``) at the most aggressive grid threshold the
     held-out split allows. Returns (pruned model, threshold, pruned channels, the sweep as [[threshold, accuracy]
     ...], the first entry being the unpruned model's)."""
@@ -122,8 +122,7 @@ class ANP(Defense):
         masks = self.learn_masks(model, *data.fit, device)
         timings = {"masks": time.perf_counter() - t0}
         t0 = time.perf_counter()
-        repaired, threshold, pruned, sweep = prune_by_threshold(model, masks, data, self.threshold, self.max_drop,
-                                                                device)
+        repaired, threshold, pruned, sweep = prune_by_threshold(model, masks, data, self.threshold, self.max_drop)
         timings["prune"] = time.perf_counter() - t0
         return self.result(repaired, timings, pruned=pruned, scores=masks,
                            extra={"threshold": threshold, "sweep": sweep})

@@ -100,12 +100,9 @@ def split_clean(x: torch.Tensor, y: torch.Tensor, held_out: float, seed: int) ->
     per class; with ``held_out`` 0 the selection part is empty)."""
     if held_out == 0:
         return CleanData(x, y, torch.arange(len(x)), torch.zeros(0, dtype=torch.long))
-    from ..data import clean_subset
+    from ..data import split_holdout
 
-    sel = clean_subset(y, held_out, seed)
-    keep = torch.ones(len(y), dtype=torch.bool)
-    keep[sel] = False
-    fit = torch.nonzero(keep).flatten()
+    fit, sel = split_holdout(torch.arange(len(y)), y, held_out, seed)
     if len(fit) == 0:
         raise MapPruneError(f"a clean subset of {len(x)} images leaves nothing to fit on after holding out "
                             f"{held_out:.0%}; give the defense more clean images")

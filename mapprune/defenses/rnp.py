@@ -87,8 +87,7 @@ class RNP(Defense):
         masks = self.recover_masks(unlearned, x, y, device)
         timings["recover"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        repaired, threshold, pruned, sweep = prune_by_threshold(model, masks, data, self.threshold, self.max_drop,
-                                                                device)
+        repaired, threshold, pruned, sweep = prune_by_threshold(model, masks, data, self.threshold, self.max_drop)
         timings["prune"] = time.perf_counter() - t0
         return self.result(repaired, timings, pruned=pruned, scores=masks, history=history,
                            extra={"threshold": threshold, "sweep": sweep,
