@@ -141,9 +141,11 @@ def collect_rows(runs) -> list[dict]:
                      "suspected_target": None})
         for res in sorted((run / "defense").glob("*/result.json")):
             r = json.loads(res.read_text())
-            # Results written before recipes existed were all made with the paper's.
+            # Fine-tuning results written before recipes existed were all made with the paper's; defenses that
+            # do not fine-tune have no recipe.
+            recipe = r.get("recipe", "paper" if "epochs" in r.get("params", {}) else None)
             rows.append({**base, "defense": r["name"], **r["after"], "der": r["der"], "pruned": r["num_pruned"],
-                         "wall_s": r["wall_s"], "seed": r["clean_subset"]["seed"], "recipe": r.get("recipe", "paper"),
+                         "wall_s": r["wall_s"], "seed": r["clean_subset"]["seed"], "recipe": recipe,
                          "suspected_target": r.get("suspected_target")})
     return rows
 
