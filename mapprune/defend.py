@@ -1,13 +1,14 @@
 """Defending a run folder: the same clean subset for every defense, before/after metrics, result.json, figures.
 
-Writes ``RUN/defense/<name>/``: model.safetensors (unless detect-only), result.json and figures, built in a
+Writes ``RUN/defense/<name>/``: model.safetensors (unless detect-only), result.json, tensors.safetensors where
+a defense made tensors worth keeping (NC's reversed triggers), and figures, built in a
 ``.partial`` folder and moved into place when complete.
 """
 
 import time
 from pathlib import Path
 
-from .checkpoint import save_model
+from .checkpoint import atomic_save, save_model
 from .data import clean_subset
 from .defenses import create_defense, defense_class
 from .device import pick_device
@@ -64,6 +65,8 @@ def defend_run(run, defense: str, *, clean_ratio: float | None = None, name: str
     }
     if not detect_only:
         save_model(result.model.cpu(), writer.path("model.safetensors"), {"defense": name})
+    if result.tensors:
+        atomic_save(result.tensors, writer.path("tensors.safetensors"), {"defense": name})
     from .report import save_defense_figures
 
     save_defense_figures(writer.partial, r.manifest, report, result, d.split(x, y), d)

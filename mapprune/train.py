@@ -21,6 +21,7 @@ from .device import autocast
 from .errors import MapPruneError
 
 SCHEDULES = ("cosine", "onecycle", "constant")
+OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass
@@ -40,6 +41,9 @@ class TrainConfig:
     pad: int | None = None  # crop padding; None = 4 pixels per 32 (4 on CIFAR, 1 on 8x8 digits)
     amp: bool = True
     seed: int = 0
+    optimizer: str = "sgd"  # "sgd" (momentum, nesterov as set) or "adam" (i-BAU, SAU, NC's trigger search)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    freeze_bn: bool = False  # keep the model in eval mode while training (BatchNorm statistics frozen)
 
     def validate(self) -> None:
         if self.epochs < 0 or self.batch_size < 1:
@@ -48,6 +52,8 @@ class TrainConfig:
             raise MapPruneError(f"learning rate must be positive, got {self.lr}")
         if self.schedule not in SCHEDULES:
             raise MapPruneError(f"unknown schedule {self.schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise MapPruneError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
 
     def lr_at(self, step: int, total: int) -> float:
         if self.schedule == "constant":
@@ -91,7 +97,9 @@ def _save_checkpoint(path: Path, model, opt, epoch: int, history: list, g: torch
 
 def _load_checkpoint(path: Path, model, opt, g: torch.Generator, cfg: TrainConfig):
     tensors, meta = load_tensors(path)
-    if meta.get("config") != asdict(cfg):
+    # A field added since the checkpoint was written counts as its default (older checkpoints stay resumable).
+    saved = {**asdict(TrainConfig()), **meta.get("config", {})}
+    if saved != asdict(cfg):
         raise MapPruneError(
             f"{path} is a checkpoint of a run with other training settings; delete it to start afresh "
             "or rerun with the settings it was made with"
@@ -120,6 +128,7 @@ def train(
     transform: Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple] | None = None,
     parameters: list[torch.Tensor] | None = None,
     stop: Callable[[dict], bool] | None = None,
+    before_epoch: Callable[[nn.Module, int], None] | None = None,
     progress: bool = True,
     desc: str = "train",
 ) -> list[dict]:
@@ -135,6 +144,7 @@ def train(
     randomness from the loop's generator, so a resumed run stays reproducible. ``parameters``: what the
     optimiser updates (default: all of the model's; ANP and RNP train masks only). ``stop(record)`` ends
     training after an epoch whose record it accepts (RNP's unlearning stops at a low training accuracy).
+    ``before_epoch(model, epoch)`` runs before each epoch (i-BAU recomputes its universal perturbation there).
     """
     cfg.validate()
     if eval_every < 1:
@@ -145,8 +155,14 @@ def train(
         raise MapPruneError("no training images")
     device = device or next(model.parameters()).device
     model.to(device, memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters() if parameters is None else parameters, lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0)
+    params = list(model.parameters() if parameters is None else parameters)
+    if cfg.optimizer == "adam":
+        if checkpoint is not None:
+            raise MapPruneError("checkpoints keep SGD's state only; train with the sgd optimizer to checkpoint")
+        opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                              nesterov=cfg.nesterov and cfg.momentum > 0)
     g = torch.Generator().manual_seed(cfg.seed)
     start, history = 0, []
     if checkpoint is not None and Path(checkpoint).is_file():
@@ -163,7 +179,9 @@ def train(
                    leave=False, mininterval=0.1 if sys.stderr.isatty() else 30)
     try:
         for epoch in range(start, cfg.epochs):
-            model.train()
+            if before_epoch is not None:
+                before_epoch(model, epoch)
+            model.train(not cfg.freeze_bn)
             t0 = time.perf_counter()
             perm = torch.randperm(len(x), generator=g).to(device)
             loss_sum = torch.zeros((), device=device)

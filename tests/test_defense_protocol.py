@@ -18,6 +18,11 @@ FAST = {
     "clp": {},
     "anp": {"iterations": 20},
     "rnp": {"unlearn_epochs": 2, "recover_epochs": 2},
+    "nad": {"teacher_epochs": 1, "epochs": 1, "batch_size": 32},
+    "nc": {"reverse_epochs": 2, "n_images": 100, "epochs": 1, "batch_size": 32},
+    "ibau": {"rounds": 1, "batch_size": 32},
+    "sau": {"rounds": 1, "batch_size": 64},
+    "fst": {"epochs": 1, "batch_size": 32},
 }
 
 

@@ -6,12 +6,18 @@ from .base import RUNTIME, CleanData, Defense, DefenseResult, FineTuning
 from .clp import CLP
 from .fmt import FMT
 from .fp import FinePruning
+from .fst import FST
 from .ft import FineTune
+from .ibau import IBAU
+from .nad import NAD
+from .nc import NeuralCleanse
 from .rnp import RNP
+from .sau import SAU
 from .scoring import score_feature_maps
 
 # One line per defense: adding one is a file in this folder and its class here.
-DEFENSES: dict[str, type[Defense]] = {cls.name: cls for cls in (FMT, FineTune, FinePruning, CLP, ANP, RNP)}
+DEFENSES: dict[str, type[Defense]] = {cls.name: cls for cls in (FMT, FineTune, FinePruning, CLP, ANP, RNP, NAD,
+                                                                    NeuralCleanse, IBAU, SAU, FST)}
 
 
 def defense_class(name: str) -> type[Defense]:
@@ -35,5 +41,6 @@ def create_defense(name: str, **kw) -> Defense:
     return cls(**kw)
 
 
-__all__ = ["ANP", "CLP", "DEFENSES", "FMT", "RNP", "CleanData", "Defense", "DefenseResult", "FinePruning", "FineTune",
-           "FineTuning", "create_defense", "defense_class", "defense_options", "score_feature_maps"]
+__all__ = ["ANP", "CLP", "DEFENSES", "FMT", "FST", "IBAU", "NAD", "RNP", "SAU", "CleanData", "Defense", "DefenseResult",
+           "FinePruning", "FineTune", "FineTuning", "NeuralCleanse", "create_defense", "defense_class",
+           "defense_options", "score_feature_maps"]

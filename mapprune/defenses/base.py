@@ -34,6 +34,7 @@ class DefenseResult:
     extra: dict = field(default_factory=dict)  # method-specific results (FMT: suspected target, suspicions)
     original: nn.Module | None = None  # the model as tested (FMT keeps it for figures), not serialised
     split: dict = field(default_factory=dict)  # the fit / held-out indices into the clean subset
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # saved beside result.json (NC: its triggers)
 
     @property
     def num_pruned(self) -> int:
@@ -137,6 +138,23 @@ def most_aggressive(candidates, acc_of, acc0: float, max_drop: float):
     return chosen, tried
 
 
+def stamping(triggers, share: float):
+    """A fine-tune batch transform (for :func:`mapprune.train.train`) that stamps one of ``triggers`` (anything
+    with ``len()`` and ``stamp(images, which)``) on a random ``share`` of each batch and keeps the true labels:
+    unlearning candidate triggers (FMT's own, NC's reversed ones) while the model fine-tunes."""
+
+    def transform(xb, yb, g):
+        hit = torch.nonzero(torch.rand(len(xb), generator=g) < share).flatten()
+        if len(hit) == 0:
+            return xb, yb
+        which = torch.randint(0, len(triggers), (len(hit),), generator=g)
+        xb = xb.clone()
+        hit_dev = hit.to(xb.device)
+        xb[hit_dev] = triggers.stamp(xb[hit_dev], which.to(xb.device))
+        return xb, yb
+    return transform
+
+
 class Defense:
     """The protocol every defense follows; a subclass sets ``name`` and implements :meth:`_repair`.
 
@@ -194,6 +212,11 @@ class Defense:
         defaults = cls.defaults(recipe)
         name = cls.name if recipe in (None, "recommended") else f"{cls.name}-{recipe}"
         for k, v in kw.items():
+            if isinstance(v, list | tuple):
+                v = tuple(v)
+                if isinstance(defaults.get(k), tuple) and tuple(map(float, defaults[k])) == tuple(map(float, v)):
+                    continue
+                v = "_".join(f"{e:g}" if isinstance(e, float) else str(e) for e in v)
             if k in ("recipe", "seed", "detect_only") or v is None or defaults.get(k, None) == v:
                 continue
             if k == "selection":

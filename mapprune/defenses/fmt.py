@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MapPruneError
-from .base import FINETUNES, CleanData, FineTuning, pick_images
+from .base import FINETUNES, CleanData, FineTuning, pick_images, stamping
 from .pruning import prune
 from .scorers import SCORERS, class_pull, estimate_target, suspicion
 from .scoring import IMPLEMENTATIONS, OBJECTIVES, MapTest, Patches, Warps, probe_feature_maps, score_feature_maps
@@ -173,19 +173,7 @@ class FMT(FineTuning):
     def unlearning(self, patches: "Patches | Warps | Union"):
         """The fine-tune's batch transform: a share ``unlearn`` of each batch gets one of the candidate triggers
         stamped on, keeping its true label (FMT's own candidate poison samples, unlearned)."""
-        share = self.unlearn
-
-        def transform(xb, yb, g):
-            n = len(xb)
-            hit = torch.nonzero(torch.rand(n, generator=g) < share).flatten()
-            if len(hit) == 0:
-                return xb, yb
-            which = torch.randint(0, len(patches), (len(hit),), generator=g)
-            xb = xb.clone()
-            hit_dev = hit.to(xb.device)
-            xb[hit_dev] = patches.stamp(xb[hit_dev], which.to(xb.device))
-            return xb, yb
-        return transform
+        return stamping(patches, self.unlearn)
 
     def _repair(self, model, data: CleanData, device):
         x, y = data.x, data.y
