@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--scorer", choices=["accuracy", "target"], help="fmt: per-map score (default accuracy)")
     f.add_argument("--objective", choices=["mse", "excite", "patch", "warp"],
                    help="fmt: per-map probe (recommended: patch; paper: mse; warp: a smooth warp of --eps pixels)")
-    f.add_argument("--budget", type=int, help="fmt global: maps pruned (default: the rank rule's count)")
+    f.add_argument("--budget", type=_budget, help="fmt global: maps pruned (default: the rank rule's count), or "
+                   "auto: the most that keep held-out clean accuracy within max_drop (--opt max_drop=0.1)")
     f.add_argument("--outlier-method", choices=["elliptic", "mad"], help="fmt outlier: detector (default elliptic)")
     f.add_argument("--contamination", type=float, help="fmt outlier elliptic: contamination (default 0.1)")
     f.add_argument("--fraction", type=float, help="fmt rank: share of maps pruned per layer (default 1/64)")
@@ -161,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_poison_choice(pr)
     _add_common(pr)
     return ap
+
+
+def _budget(value: str):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of maps or 'auto', not {value!r}") from None
 
 
 def _attack_opts(pairs: list[str], flag: str = "--attack-opt") -> dict:

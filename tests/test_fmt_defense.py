@@ -278,3 +278,43 @@ def test_unlearning_stamps_candidates_found_where_the_trigger_is(digits_run):
         FMT(unlearn=0.2, objective="mse")
     with pytest.raises(MapPruneError, match="unlearn_warp"):
         FMT(unlearn_warp=-1.0)
+
+
+def test_adaptive_budget_prunes_the_most_that_keep_held_out_accuracy(digits_run):
+    """budget='auto': every candidate up to the chosen one keeps the held-out accuracy within max_drop of the
+    unpruned model's, the next one tried (if any) does not, and the pruned count is the chosen candidate."""
+    from mapprune.data import clean_subset
+
+    r = digits_run
+    idx = clean_subset(r.dataset.y_train, 0.3, 0)
+    x, y = r.dataset.x_train[idx], r.dataset.y_train[idx]
+    for drop in (0.02, 0.2):
+        result = FMT(budget="auto", max_drop=drop, hflip=False, batch_size=32, fraction=1 / 8, epochs=0,
+                     unlearn_warp=0.0).repair(r.model, x, y)
+        sweep = result.extra["budget_sweep"]
+        acc0 = sweep[0][1]
+        kept = [k for k, a in sweep[1:] if a >= (1 - drop) * acc0]
+        assert kept == [k for k, _ in sweep[1:len(kept) + 1]], "the sweep stops at the first candidate that fails"
+        assert result.num_pruned == (kept[-1] if kept else 0)
+        if len(kept) < len(sweep) - 1:
+            assert sweep[len(kept) + 1][1] < (1 - drop) * acc0
+    with pytest.raises(MapPruneError, match="global"):
+        FMT(budget="auto", selection="rank")
+    with pytest.raises(MapPruneError, match="held-out"):
+        FMT(budget="auto", held_out=0.0)
+    with pytest.raises(MapPruneError, match="budget"):
+        FMT(budget="many")
+
+
+def test_bf16_and_fp32_testing_select_the_same_maps(digits_run):
+    from mapprune.data import clean_subset
+
+    r = digits_run
+    idx = clean_subset(r.dataset.y_train, 0.1, 0)
+    x, y = r.dataset.x_train[idx], r.dataset.y_train[idx]
+    kw = {"hflip": False, "fraction": 1 / 8, "detect_only": True, "unlearn_warp": 0.0}
+    fp32 = FMT(precision="fp32", **kw).repair(r.model, x, y)
+    bf16 = FMT(precision="bf16", **kw).repair(r.model, x, y)
+    assert bf16.pruned == fp32.pruned
+    with pytest.raises(MapPruneError, match="precision"):
+        FMT(precision="fp8")

@@ -13,14 +13,17 @@ from pathlib import Path
 
 import torch
 
+from ..device import amp_dtype
 from ..errors import MapPruneError
-from .base import FINETUNES, CleanData, FineTuning, pick_images, stamping
+from .base import FINETUNES, CleanData, FineTuning, accuracy, most_aggressive, pick_images, stamping
 from .pruning import prune
 from .scorers import SCORERS, class_pull, estimate_target, suspicion
 from .scoring import IMPLEMENTATIONS, OBJECTIVES, MapTest, Patches, Warps, probe_feature_maps, score_feature_maps
 from .selection import SELECTIONS, select
 
 __all__ = ["FMT", "score_feature_maps"]
+
+PRECISIONS = ("auto", "fp32", "bf16")  # the testing phase's; auto = bf16 on a GPU that has it, else fp32
 
 
 class Union:
@@ -74,10 +77,11 @@ class FMT(FineTuning):
     def __init__(self, *, recipe: str = "recommended", n_images: int | None = None, balanced: bool | None = None,
                  alpha: float = 0.02, eps: float | None = None, objective: str | None = None,
                  scorer: str | None = None, selection: str | None = None, fraction: float = 1 / 64,
-                 min_per_layer: int = 1, budget: int | None = None, outlier_method: str = "elliptic",
+                 min_per_layer: int = 1, budget: int | str | None = None, max_drop: float = 0.1,
+                 outlier_method: str = "elliptic",
                  contamination: float = 0.1, threshold: float = 3.5, mask: bool | None = None,
                  unlearn: float | None = None, unlearn_maps: int = 8, unlearn_warp: float | None = None,
-                 detect_only: bool = False,
+                 detect_only: bool = False, precision: str = "auto",
                  implementation: str = "fast", batch_images: int = 1024, **finetune_kw):
         super().__init__(recipe=recipe, **finetune_kw)
         if recipe not in FMT_RECIPES:  # FineTuning has refused it already; kept for FMT-only recipes
@@ -109,8 +113,19 @@ class FMT(FineTuning):
         if self.unlearn_warp < 0:
             raise MapPruneError(f"unlearn_warp is a displacement in pixels, >= 0; got {self.unlearn_warp}")
         self.unlearn_maps = unlearn_maps
-        if budget is not None and budget < 0:
-            raise MapPruneError(f"budget must be >= 0, got {budget}")
+        if budget == "auto":
+            if self.selection != "global":
+                raise MapPruneError("budget='auto' chooses how many maps the global selection prunes; use "
+                                    "selection='global'")
+            if self.held_out == 0:
+                raise MapPruneError("budget='auto' stops on held-out clean accuracy; use held_out > 0")
+        elif budget is not None and (isinstance(budget, str) or budget < 0):
+            raise MapPruneError(f"budget must be a number of maps >= 0 or 'auto', got {budget!r}")
+        if not 0 <= max_drop < 1:
+            raise MapPruneError(f"max_drop is a relative accuracy drop in [0, 1), got {max_drop}")
+        if precision not in PRECISIONS:
+            raise MapPruneError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+        self.max_drop, self.precision = max_drop, precision
         if not 0 < fraction < 1:
             raise MapPruneError(f"rank fraction must be in (0, 1), got {fraction}")
         self.alpha, self.fraction, self.min_per_layer, self.budget = alpha, fraction, min_per_layer, budget
@@ -126,26 +141,52 @@ class FMT(FineTuning):
         """The n seeded test images drawn from the clean subset."""
         return pick_images(x, y, self.n_images, self.seed, self.balanced)
 
-    def probe(self, model, x, y) -> MapTest:
+    def probe(self, model, x, y, objective: str | None = None, eps: float | None = None) -> MapTest:
+        """Tests every map (``objective``/``eps`` default to the defense's) under the chosen precision."""
         xt, yt = self.test_images(x, y)
-        return probe_feature_maps(model, xt, yt, eps=self.eps, alpha=self.alpha, seed=self.seed,
-                                  objective=self.objective, implementation=self.implementation,
-                                  batch_images=self.batch_images, keep_probs=True, progress=self.progress)
+        device = next(model.parameters()).device
+        bf16 = self.precision == "bf16" or self.precision == "auto" and device.type == "cuda" \
+            and amp_dtype(device) == torch.bfloat16
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return probe_feature_maps(model, xt, yt, eps=self.eps if eps is None else eps, alpha=self.alpha,
+                                      seed=self.seed, objective=objective or self.objective,
+                                      implementation=self.implementation, batch_images=self.batch_images,
+                                      keep_probs=True, progress=self.progress)
+
+    def adaptive_budget(self, model, ranked: dict, data: CleanData, base: int) -> tuple[dict, list]:
+        """``budget='auto'``: the most maps, in the global order, whose pruning (before the fine-tune) keeps the
+        held-out clean accuracy within ``max_drop`` (relative) of the unpruned model's; candidates from a quarter
+        to four times the rank rule's count ``base``."""
+        xs, ys = data.select
+        example = xs[:1].to(next(model.parameters()).device).float() / 255
+        acc0 = accuracy(model, xs, ys)
+
+        def acc_of(k):
+            pruned_copy = copy.deepcopy(model)
+            prune(pruned_copy, select("global", ranked, budget=k), example)
+            return accuracy(pruned_copy, xs, ys)
+
+        candidates = sorted({max(1, round(base * f)) for f in (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4)})
+        k, tried = most_aggressive(candidates, acc_of, acc0, self.max_drop)
+        sweep = [[0, round(acc0, 6)]] + [[kk, round(a, 6)] for kk, a in tried]
+        return select("global", ranked, budget=k or 0), sweep
 
     def score(self, model, x, y) -> dict[str, torch.Tensor]:
         """The paper's per-map accuracy scores."""
         return self.probe(model, x, y).acc
+
+    def rank_count(self, scores: dict[str, torch.Tensor]) -> int:
+        """The rank rule's count: 25 maps of a width-16 PreActResNet18, 75 at width 64."""
+        rank = select("rank", scores, fraction=self.fraction, min_per_layer=self.min_per_layer)
+        return sum(len(v) for v in rank.values())
 
     def choose(self, scores: dict[str, torch.Tensor]) -> dict[str, list[int]]:
         """Maps to prune from per-map scores where low = suspicious."""
         if self.selection == "rank":
             return select("rank", scores, fraction=self.fraction, min_per_layer=self.min_per_layer)
         if self.selection == "global":
-            budget = self.budget
-            if budget is None:  # the rank rule's count: 25 maps of a width-16 PreActResNet18, 75 at width 64
-                rank = select("rank", scores, fraction=self.fraction, min_per_layer=self.min_per_layer)
-                budget = sum(len(v) for v in rank.values())
-            return select("global", scores, budget=budget)
+            return select("global", scores, budget=self.rank_count(scores) if self.budget in (None, "auto")
+                          else self.budget)
         return select("outlier", scores, method=self.outlier_method, contamination=self.contamination,
                       threshold=self.threshold, seed=self.seed)
 
@@ -162,10 +203,7 @@ class FMT(FineTuning):
         """A second probe over every map with the ``warp`` objective (``unlearn_warp`` pixels): the warps of the
         ``unlearn_maps`` maps that pull hardest to the class it suspects, for triggers that move pixels, which
         the patch probe cannot make."""
-        xt, yt = self.test_images(x, y)
-        test = probe_feature_maps(model, xt, yt, eps=self.unlearn_warp, alpha=self.alpha, seed=self.seed,
-                                  objective="warp", implementation=self.implementation,
-                                  batch_images=self.batch_images, keep_probs=True, progress=self.progress)
+        test = self.probe(model, x, y, objective="warp", eps=self.unlearn_warp)
         target = estimate_target(test)
         warps, maps = self.candidates(test, target["target"])
         return warps, maps, target
@@ -186,8 +224,10 @@ class FMT(FineTuning):
         ranked = test.acc if self.scorer == "accuracy" else \
             {k: -v for k, v in suspicion(test, self.scorer, target["target"]).items()}
         pruned = self.choose(ranked)
-        timings["select"] = time.perf_counter() - t0
         extra = {"recipe": self.recipe, "suspected_target": target}
+        if self.budget == "auto":
+            pruned, extra["budget_sweep"] = self.adaptive_budget(model, ranked, data, self.rank_count(ranked))
+        timings["select"] = time.perf_counter() - t0
         transform = None
         if self.unlearn > 0:
             patches, maps = self.candidates(test, target["target"])
