@@ -318,3 +318,18 @@ def test_bf16_and_fp32_testing_select_the_same_maps(digits_run):
     assert bf16.pruned == fp32.pruned
     with pytest.raises(MapPruneError, match="precision"):
         FMT(precision="fp8")
+
+
+def test_random_candidates_control_keeps_counts_and_sizes():
+    from mapprune.defenses.fmt import Union, random_candidates
+    from mapprune.defenses.scoring import Patches, Warps
+
+    found = Union([Patches(torch.tensor([[0, 0], [3, 3]]), torch.ones(2, 3, 5, 5)), Warps(torch.zeros(3, 2, 4, 4), 1.0)])
+    rand = random_candidates(found, (32, 32), seed=0)
+    patches, warps = rand.parts
+    assert len(rand) == 5 and patches.window.shape == (2, 3, 5, 5) and warps.phi.shape == (3, 2, 4, 4)
+    assert int(patches.pos.min()) >= 0 and int(patches.pos.max()) <= 27 and warps.pixels == 1.0
+    assert set(patches.window.unique().tolist()) <= {0.0, 1.0} and set(warps.phi.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(random_candidates(found, (32, 32), seed=0).parts[0].pos, patches.pos)  # seeded
+    with pytest.raises(MapPruneError, match="candidates"):
+        FMT(candidates="oracle")

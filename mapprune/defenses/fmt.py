@@ -46,6 +46,24 @@ class Union:
         return out
 
 
+CANDIDATES = ("probe", "random")
+
+
+def random_candidates(found, image_hw: tuple[int, int], seed: int):
+    """The control for unlearning: as many patches (and warps) of the same sizes as FMT found, at random positions
+    with random 0/1 pixels (random +-1 control points for warps). If unlearning these works as well as unlearning
+    FMT's own, the choice of candidates does not matter."""
+    g = torch.Generator().manual_seed(seed + 7919)
+    if isinstance(found, Union):
+        return Union([random_candidates(p, image_hw, seed + i) for i, p in enumerate(found.parts)])
+    if isinstance(found, Warps):
+        return Warps(torch.randint(0, 2, found.phi.shape, generator=g).float() * 2 - 1, found.pixels)
+    k, s = len(found), found.window.shape[-1]
+    pos = torch.stack([torch.randint(0, image_hw[0] - s + 1, (k,), generator=g),
+                       torch.randint(0, image_hw[1] - s + 1, (k,), generator=g)], 1)
+    return Patches(pos, torch.randint(0, 2, found.window.shape, generator=g).float())
+
+
 # FMT's own hyperparameters per recipe (the fine-tune's are in base.FINETUNES). ``paper`` is the published
 # algorithm; ``recommended`` is what the measurements in docs/results.md select.
 FMT_RECIPES: dict[str, dict] = {
@@ -81,7 +99,7 @@ class FMT(FineTuning):
                  outlier_method: str = "elliptic",
                  contamination: float = 0.1, threshold: float = 3.5, mask: bool | None = None,
                  unlearn: float | None = None, unlearn_maps: int = 8, unlearn_warp: float | None = None,
-                 detect_only: bool = False, precision: str = "auto",
+                 candidates: str = "probe", detect_only: bool = False, precision: str = "auto",
                  implementation: str = "fast", batch_images: int = 1024, **finetune_kw):
         super().__init__(recipe=recipe, **finetune_kw)
         if recipe not in FMT_RECIPES:  # FineTuning has refused it already; kept for FMT-only recipes
@@ -125,7 +143,9 @@ class FMT(FineTuning):
             raise MapPruneError(f"max_drop is a relative accuracy drop in [0, 1), got {max_drop}")
         if precision not in PRECISIONS:
             raise MapPruneError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
-        self.max_drop, self.precision = max_drop, precision
+        if candidates not in CANDIDATES:
+            raise MapPruneError(f"unknown candidates {candidates!r}; valid: {', '.join(CANDIDATES)}")
+        self.max_drop, self.precision, self.candidates = max_drop, precision, candidates
         if not 0 < fraction < 1:
             raise MapPruneError(f"rank fraction must be in (0, 1), got {fraction}")
         self.alpha, self.fraction, self.min_per_layer, self.budget = alpha, fraction, min_per_layer, budget
@@ -241,6 +261,9 @@ class FMT(FineTuning):
                     timings["test_warp"] = time.perf_counter() - t0
                     extra["unlearning"].update({"warp_pixels": self.unlearn_warp, "warp_maps": warp_maps,
                                                 "warp_suspected_target": warp_target})
+            if self.candidates == "random":
+                patches = random_candidates(patches, tuple(x.shape[-2:]), self.seed)
+                extra["unlearning"]["candidates"] = "random (control)"
             transform = self.unlearning(patches)
         result = self.result(model, timings, pruned=pruned, scores=test.acc, extra=extra)
         if self.detect_only:
