@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .attacks import ATTACKS, create_attack
+from .attacks import ATTACKS, create_attack, load_plugins
 from .checkpoint import atomic_save, save_model
 from .data import DATASETS, load_dataset
 from .device import peak_memory_mb, pick_device
@@ -109,6 +109,7 @@ def attack_run(
     if eval_every < 1:  # checked here too: train() would only see it after the poisoning and resources
         raise MapPruneError(f"--eval-every must be a positive number of epochs, got {eval_every}")
     # Names are checked before anything is written, so a typo leaves no folder behind.
+    load_plugins()
     for kind, name, registry in (("dataset", dataset, DATASETS), ("attack", attack, ATTACKS), ("model", model, MODELS)):
         if name not in registry:
             raise unknown_name(kind, name, registry)

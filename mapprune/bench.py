@@ -101,11 +101,13 @@ def _only(table: dict, allowed: set, where: str) -> None:
 
 
 def _check_names(grid: dict, path) -> None:
-    from .attacks import ATTACKS
+    from .attacks import ATTACKS, load_plugins
     from .data import DATASETS
     from .defenses import DEFENSES, create_defense
     from .models import MODELS
     from .presets import PRESETS
+
+    load_plugins()
 
     if grid["dataset"] not in DATASETS:
         raise unknown_name("dataset", grid["dataset"], DATASETS)

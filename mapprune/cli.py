@@ -63,7 +63,26 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--overwrite", action="store_true", help="replace a run already at --out")
     a.add_argument("--attack-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="an attack hyperparameter, e.g. --attack-opt alpha=0.1 (repeatable; values parsed as JSON)")
+    a.add_argument("--pattern", type=Path, metavar="IMG",
+                   help="patch, blended: your own trigger image (blended resizes it to the images' size)")
+    a.add_argument("--mask", type=Path, metavar="IMG", help="patch: a grey mask of the pattern's size (white = pattern)")
+    place = a.add_mutually_exclusive_group()
+    place.add_argument("--position", type=_position, metavar="ROW,COL",
+                       help="patch: top-left corner of the patch (default: the bottom-right corner)")
+    place.add_argument("--random-position", action="store_true", help="patch: a random place on every image")
     _add_common(a)
+
+    ib = sub.add_parser("import-backdoorbench", help="a BackdoorBench attack result as a mapprune run folder")
+    ib.add_argument("path", type=Path, help="BackdoorBench's attack_result.pt, or the record folder holding it")
+    ib.add_argument("--out", required=True, type=Path, help="run folder to write")
+    ib.add_argument("--attack", required=True,
+                    help="BackdoorBench's attack (its name is not in the file): badnet, blended (with --pattern), sig")
+    ib.add_argument("--pattern", type=Path, metavar="IMG", help="blended: the blend image the attack used")
+    ib.add_argument("--target", type=int, default=0, help="the attack's target label (default 0, BackdoorBench's)")
+    ib.add_argument("--attack-opt", action="append", default=[], metavar="KEY=VALUE",
+                    help="an attack setting, e.g. --attack-opt alpha=0.2 (repeatable)")
+    ib.add_argument("--overwrite", action="store_true", help="replace a run already at --out")
+    _add_common(ib)
 
     e = sub.add_parser("eval", help="reload a run and recompute ACC / ASR / RA")
     e.add_argument("run", type=Path)
@@ -164,6 +183,27 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _position(value: str) -> list[int]:
+    try:
+        row, col = (int(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ROW,COL as two whole numbers, not {value!r}") from None
+    return [row, col]
+
+
+def _trigger_opts(args) -> dict:
+    """--attack-opt pairs plus the trigger flags (--pattern, --mask, --position, --random-position)."""
+    opts = _attack_opts(args.attack_opt)
+    given = {"pattern": args.pattern and str(args.pattern), "mask": args.mask and str(args.mask),
+             "position": "random" if args.random_position else args.position}
+    for k, v in given.items():
+        if v is not None:
+            if k in opts:
+                raise MapPruneError(f"--{k} and --attack-opt {k}= both given; give it once")
+            opts[k] = v
+    return opts
+
+
 def _budget(value: str):
     if value == "auto":
         return value
@@ -193,7 +233,7 @@ def cmd_attack(args) -> int:
                    model=args.model, width=args.width, target=args.target, all_to_all=args.all_to_all,
                    poison_ratio=args.poison_ratio, seed=args.seed, device=args.device, overwrite=args.overwrite,
                    progress=not args.no_progress, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                   schedule=args.schedule, eval_every=args.eval_every, attack_kw=_attack_opts(args.attack_opt))
+                   schedule=args.schedule, eval_every=args.eval_every, attack_kw=_trigger_opts(args))
     r = m["metrics"]
     print(f"{args.out}: ACC {100 * r['acc']:.2f}%  ASR {100 * r['asr']:.2f}%  RA {100 * r['ra']:.2f}%  "
           f"(train {m['timings']['train_s']:.0f} s)")
@@ -362,6 +402,23 @@ COMMANDS = {"attack": cmd_attack, "defend": cmd_defend, "eval": cmd_eval, "repor
 COMMANDS["prepare"] = cmd_prepare
 COMMANDS["diagnose"] = cmd_diagnose
 COMMANDS["bench"] = cmd_bench
+
+
+def cmd_import_backdoorbench(args) -> int:
+    from .interop import import_backdoorbench
+
+    kw = _attack_opts(args.attack_opt)
+    if args.pattern is not None:
+        kw["pattern"] = str(args.pattern)
+    m = import_backdoorbench(args.path, args.out, attack=args.attack, attack_kw=kw, target=args.target,
+                             data_dir=args.data_dir, overwrite=args.overwrite, device=args.device)
+    r = m["metrics"]
+    print(f"{args.out}: ACC {100 * r['acc']:.2f}%  ASR {100 * r['asr']:.2f}%  RA {100 * r['ra']:.2f}%  "
+          f"({m['poison']['count']} poisoned training images)")
+    return 0
+
+
+COMMANDS["import-backdoorbench"] = cmd_import_backdoorbench
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):

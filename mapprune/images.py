@@ -29,3 +29,29 @@ def as_unit(images, labels=None, *, what: str = "images") -> torch.Tensor:
     """Float pixels in [0, 1]."""
     x = checked_images(images, labels, what=what)
     return x.float() / 255 if x.dtype == torch.uint8 else x
+
+
+def read_image(path, channels: int, *, what: str = "image", size: tuple[int, int] | None = None) -> torch.Tensor:
+    """An image file as float pixels (channels, H, W) in [0, 1]: converted to grey (1 channel) or RGB (3);
+    resized (bilinear) to ``size`` = (H, W) when given. A missing or unreadable file is one clear error."""
+    from pathlib import Path
+
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise MapPruneError(f"{what} {path} does not exist")
+    if channels not in (1, 3):
+        raise MapPruneError(f"{what}: images with {channels} channels cannot be read from a picture file")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            if size is not None and im.size != (size[1], size[0]):
+                im = im.resize((size[1], size[0]), Image.BILINEAR)
+            a = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as e:
+        raise MapPruneError(f"cannot read {what} {path}: {e}") from None
+    a = a[:, :, None] if a.ndim == 2 else a
+    return torch.from_numpy(a.copy()).permute(2, 0, 1).float() / 255

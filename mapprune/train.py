@@ -5,6 +5,7 @@ is done on whole batches. SGD with a cosine or one-cycle schedule, channels_last
 bf16 on CPUs that support it), a checkpoint after each epoch so an interrupted run resumes where it stopped.
 """
 
+import json
 import math
 import sys
 import time
@@ -98,8 +99,11 @@ def _save_checkpoint(path: Path, model, opt, epoch: int, history: list, g: torch
 def _load_checkpoint(path: Path, model, opt, g: torch.Generator, cfg: TrainConfig):
     tensors, meta = load_tensors(path)
     # A field added since the checkpoint was written counts as its default (older checkpoints stay resumable).
-    saved = {**asdict(TrainConfig()), **meta.get("config", {})}
-    if saved != asdict(cfg):
+    def plain(d):  # as JSON stores it (tuples become lists)
+        return json.loads(json.dumps(d))
+
+    saved = {**plain(asdict(TrainConfig())), **meta.get("config", {})}
+    if saved != plain(asdict(cfg)):
         raise MapPruneError(
             f"{path} is a checkpoint of a run with other training settings; delete it to start afresh "
             "or rerun with the settings it was made with"

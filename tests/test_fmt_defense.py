@@ -331,5 +331,5 @@ def test_random_candidates_control_keeps_counts_and_sizes():
     assert int(patches.pos.min()) >= 0 and int(patches.pos.max()) <= 27 and warps.pixels == 1.0
     assert set(patches.window.unique().tolist()) <= {0.0, 1.0} and set(warps.phi.unique().tolist()) == {-1.0, 1.0}
     assert torch.equal(random_candidates(found, (32, 32), seed=0).parts[0].pos, patches.pos)  # seeded
-    with pytest.raises(MapPruneError, match="candidates"):
-        FMT(candidates="oracle")
+    with pytest.raises(MapPruneError, match="unlearn_candidates"):
+        FMT(unlearn_candidates="oracle")

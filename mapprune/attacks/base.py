@@ -43,8 +43,18 @@ class Attack:
         """Tensors needed to re-create the trigger (patterns, fields); saved beside the model."""
         return {}
 
+    state_names: ClassVar[tuple[str, ...]] = ()  # the tensors :meth:`state` saves; the only ones loaded back
+
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restores the tensors :meth:`state` saved. Only names in ``state_names`` are accepted: a file never sets
+        arbitrary attributes."""
+        unknown = sorted(set(tensors) - set(self.state_names))
+        if unknown:
+            raise MapPruneError(f"the saved {self.name} attack state has unexpected entries {unknown}; it takes "
+                                f"only {list(self.state_names) or 'none'} (a file from another attack or version?)")
         for k, v in tensors.items():
+            if not isinstance(v, torch.Tensor):
+                raise MapPruneError(f"the saved {self.name} attack state {k!r} is not a tensor")
             setattr(self, k, v)
 
     def prepare(self, dataset, *, device=None, progress: bool = True) -> None:

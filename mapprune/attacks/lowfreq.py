@@ -75,6 +75,7 @@ def universal_perturbation(model, x: torch.Tensor, y: torch.Tensor, *, target: i
 
 class LowFrequency(SurrogateAttack):
     name = "lowfreq"
+    state_names = ("perturbation",)
 
     def __init__(self, image_shape, num_classes, *, eps: float = 0.1, cutoff: float = 0.25, steps: int = 200,
                  step_size: float | None = None, uap_seed: int = 0, filter: str = "fft", resource: str | None = None,

@@ -47,6 +47,7 @@ def warp(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 
 class WaNet(Attack):
     name = "wanet"
+    state_names = ("field", "noise_indices")
 
     def __init__(self, image_shape, num_classes, *, k: int = 4, s: float = 0.5, grid_rescale: float = 1.0,
                  cross_ratio: float = 2.0, field_seed: int = 20210101, **kw):

@@ -99,7 +99,7 @@ class FMT(FineTuning):
                  outlier_method: str = "elliptic",
                  contamination: float = 0.1, threshold: float = 3.5, mask: bool | None = None,
                  unlearn: float | None = None, unlearn_maps: int = 8, unlearn_warp: float | None = None,
-                 candidates: str = "probe", detect_only: bool = False, precision: str = "auto",
+                 unlearn_candidates: str = "probe", detect_only: bool = False, precision: str = "auto",
                  implementation: str = "fast", batch_images: int = 1024, **finetune_kw):
         super().__init__(recipe=recipe, **finetune_kw)
         if recipe not in FMT_RECIPES:  # FineTuning has refused it already; kept for FMT-only recipes
@@ -143,9 +143,9 @@ class FMT(FineTuning):
             raise MapPruneError(f"max_drop is a relative accuracy drop in [0, 1), got {max_drop}")
         if precision not in PRECISIONS:
             raise MapPruneError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
-        if candidates not in CANDIDATES:
-            raise MapPruneError(f"unknown candidates {candidates!r}; valid: {', '.join(CANDIDATES)}")
-        self.max_drop, self.precision, self.candidates = max_drop, precision, candidates
+        if unlearn_candidates not in CANDIDATES:
+            raise MapPruneError(f"unknown unlearn_candidates {unlearn_candidates!r}; valid: {', '.join(CANDIDATES)}")
+        self.max_drop, self.precision, self.unlearn_candidates = max_drop, precision, unlearn_candidates
         if not 0 < fraction < 1:
             raise MapPruneError(f"rank fraction must be in (0, 1), got {fraction}")
         self.alpha, self.fraction, self.min_per_layer, self.budget = alpha, fraction, min_per_layer, budget
@@ -261,7 +261,7 @@ class FMT(FineTuning):
                     timings["test_warp"] = time.perf_counter() - t0
                     extra["unlearning"].update({"warp_pixels": self.unlearn_warp, "warp_maps": warp_maps,
                                                 "warp_suspected_target": warp_target})
-            if self.candidates == "random":
+            if self.unlearn_candidates == "random":
                 patches = random_candidates(patches, tuple(x.shape[-2:]), self.seed)
                 extra["unlearning"]["candidates"] = "random (control)"
             transform = self.unlearning(patches)

@@ -4,6 +4,7 @@ Every model returned by :func:`create_model` is wrapped in :class:`Normalized`, 
 """
 
 from collections.abc import Callable
+from functools import partial
 
 from torch import nn
 
@@ -16,6 +17,7 @@ from .wrapper import Normalized
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "preactresnet18": PreActResNet18,
+    "preactresnet18-bb": partial(PreActResNet18, final_bn=False),  # BackdoorBench's layout (import-backdoorbench)
     "resnet18": ResNet18,
     "vgg16_bn": VGG16BN,
     "smallcnn": SmallCNN,

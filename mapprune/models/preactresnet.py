@@ -1,7 +1,9 @@
 """PreActResNet18 in BackdoorBench's layout, with a width multiplier.
 
 stem conv -> 4 stages x 2 pre-activation blocks (1x1 shortcut conv where shape changes) -> avgpool -> linear.
-``width=64`` is the paper's model; ``width=16`` is the CPU preset.
+``width=64`` is the paper's model; ``width=16`` is the CPU preset. BackdoorBench's own PreActResNet18 has no
+BatchNorm + ReLU between the last stage and the pooling: ``final_bn=False`` (registered as
+``preactresnet18-bb``) is exactly that layout, so its checkpoints load unchanged.
 """
 
 import torch.nn.functional as F
@@ -29,7 +31,7 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet18(nn.Module):
-    def __init__(self, num_classes: int = 10, width: int = 64, in_channels: int = 3):
+    def __init__(self, num_classes: int = 10, width: int = 64, in_channels: int = 3, final_bn: bool = True):
         super().__init__()
         w = [width, 2 * width, 4 * width, 8 * width]
         self.in_planes = w[0]
@@ -38,7 +40,9 @@ class PreActResNet18(nn.Module):
         self.layer2 = self._stage(w[1], 2)
         self.layer3 = self._stage(w[2], 2)
         self.layer4 = self._stage(w[3], 2)
-        self.bn = nn.BatchNorm2d(w[3])
+        self.final_bn = final_bn  # False: BackdoorBench's exact layout (no BatchNorm + ReLU before the pooling)
+        if final_bn:
+            self.bn = nn.BatchNorm2d(w[3])
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(w[3], num_classes)
 
@@ -52,5 +56,6 @@ class PreActResNet18(nn.Module):
     def forward(self, x):
         out = self.conv1(x)
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        out = F.relu(self.bn(out))
+        if self.final_bn:
+            out = F.relu(self.bn(out))
         return self.linear(self.avgpool(out).flatten(1))

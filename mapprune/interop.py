@@ -1,0 +1,170 @@
+"""BackdoorBench interop: ``mapprune import-backdoorbench PATH --out RUN`` turns one of BackdoorBench's attack
+results (``attack_result.pt``: the model's weights, the poisoned training indices, the dataset's name) into a
+mapprune run folder that ``eval``, ``defend`` and ``report`` use.
+
+The file is a pickle. It is read with PyTorch's restricted (``weights_only``) unpickler, allowing only tensors,
+NumPy arrays of plain numbers and plain containers: anything else (an arbitrary class, a function to call) is
+refused before it can run, with an error that names it. BackdoorBench's attack name and settings are not in the
+file; the user gives them (``--attack``, ``--attack-opt``, ``--target``, and ``--pattern`` for Blended's image).
+Triggers rebuilt: BadNets (the 3x3 white corner square), Blended (with the user's blend image), SIG; for the
+others the import stops and says which test-time trigger is missing.
+"""
+
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import MapPruneError
+
+# BackdoorBench's input normalisation per dataset (its models take normalised tensors; mapprune's take pixels and
+# normalise inside, so the imported model gets these in its wrapper).
+NORMALISATION = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "gtsrb": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+}
+MODELS = {"preactresnet18": "preactresnet18-bb"}  # BackdoorBench's model name -> mapprune's architecture
+ATTACK_NAMES = {"badnet": "badnets", "badnets": "badnets", "blended": "blended", "sig": "sig"}
+REBUILDABLE = ("badnets", "blended", "sig")
+REQUIRED = ("model_name", "num_classes", "model", "clean_data", "bd_test")
+
+
+def _allowed_globals() -> list:
+    """What the restricted unpickler accepts besides tensors and containers: NumPy arrays of numbers and booleans
+    (the poison indicators), never object arrays."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # NumPy 1.x
+        from numpy.core.multiarray import _reconstruct
+    allowed = [_reconstruct, np.ndarray, np.dtype]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        allowed += [getattr(dtypes, n) for n in dir(dtypes)
+                    if n.endswith("DType") and n not in ("ObjectDType", "VoidDType", "StringDType")
+                    and isinstance(getattr(dtypes, n), type)]
+    return allowed
+
+
+def read_backdoorbench(path) -> dict:
+    """The content of a BackdoorBench ``attack_result.pt`` (or a folder holding one), through the restricted
+    unpickler. Refuses a file that holds anything but tensors, number arrays and plain containers."""
+    import pickle
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "attack_result.pt"
+    if not path.is_file():
+        raise MapPruneError(f"{path} does not exist; give BackdoorBench's attack_result.pt or the folder holding it")
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        what = str(e).strip().splitlines()
+        detail = next((line.strip() for line in what if "GLOBAL" in line or "Unsupported" in line), what[-1] if what
+                      else "")
+        raise MapPruneError(f"refused {path}: it holds objects other than tensors, number arrays and plain "
+                            f"containers ({detail}). mapprune never unpickles arbitrary objects; nothing in the "
+                            "file was run") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise MapPruneError(f"cannot read {path} as a PyTorch file: {e}") from None
+    if not isinstance(data, dict) or any(k not in data for k in REQUIRED):
+        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise MapPruneError(f"{path} is not a BackdoorBench attack result: expected the keys {list(REQUIRED)}, "
+                            f"found {keys}")
+    return data
+
+
+def _poison_indices(data: dict) -> torch.Tensor:
+    train = data.get("bd_train")
+    if not train:
+        return torch.zeros(0, dtype=torch.long)
+    indicator = train.get("poison_indicator") if isinstance(train, dict) else None
+    if indicator is None:
+        raise MapPruneError("the attack result's bd_train has no poison_indicator; cannot tell which training "
+                            "images were poisoned")
+    return torch.nonzero(torch.as_tensor(indicator).flatten() > 0).flatten().long()
+
+
+def import_backdoorbench(path, out, *, attack: str, attack_kw: dict | None = None, target: int = 0,
+                         data_dir=None, overwrite: bool = False, device=None) -> dict:
+    """Writes a mapprune run folder at ``out`` from BackdoorBench's attack result at ``path``; returns the
+    manifest. ``attack`` is BackdoorBench's attack (badnet, blended, sig), ``attack_kw`` its settings."""
+    from .attacks import create_attack
+    from .checkpoint import atomic_save, load_state_into, save_model
+    from .data import load_dataset
+    from .device import pick_device
+    from .metrics import evaluate
+    from .models import create_model
+    from .report import save_samples
+    from .runs import RunWriter, versions, write_json
+
+    name = ATTACK_NAMES.get(attack.lower())
+    if name is None:
+        raise MapPruneError(f"the {attack} trigger cannot be rebuilt from BackdoorBench's files (its test-time "
+                            f"trigger is not in attack_result.pt); importable: {', '.join(sorted(ATTACK_NAMES))}")
+    t0 = time.perf_counter()
+    data = read_backdoorbench(path)
+    arch = MODELS.get(str(data["model_name"]))
+    if arch is None:
+        raise MapPruneError(f"BackdoorBench model {data['model_name']!r} has no mapprune architecture yet; "
+                            f"importable: {', '.join(MODELS)}")
+    dataset = str(data["clean_data"])
+    if dataset not in NORMALISATION:
+        raise MapPruneError(f"BackdoorBench dataset {dataset!r} is not one mapprune loads; known: "
+                            f"{', '.join(NORMALISATION)}")
+    state = data["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MapPruneError("the attack result's 'model' is not a state dict of tensors")
+    if "conv1.weight" not in state:
+        raise MapPruneError("the attack result's weights have no conv1.weight: not BackdoorBench's PreActResNet18")
+    ds = load_dataset(dataset, data_dir)
+    num_classes = int(data["num_classes"])
+    if num_classes != ds.num_classes:
+        raise MapPruneError(f"the model has {num_classes} classes but {dataset} has {ds.num_classes}")
+    kw = dict(attack_kw or {})
+    atk = create_attack(name, ds.image_shape, ds.num_classes, target=target, **kw)
+    poison = _poison_indices(data)
+    if len(poison) and int(poison.max()) >= len(ds.y_train):
+        raise MapPruneError(f"poison indices reach {int(poison.max())} but {dataset} has {len(ds.y_train)} training "
+                            "images: the attack result is of another dataset split")
+    mean, std = NORMALISATION[dataset]
+    width = int(state["conv1.weight"].shape[0])
+    spec = {"name": arch, "num_classes": num_classes, "width": width, "in_channels": ds.image_shape[0],
+            "mean": list(mean), "std": list(std)}
+    model = create_model(arch, num_classes, width=width, in_channels=ds.image_shape[0], mean=mean, std=std)
+    load_state_into(model.net, state, Path(path), what=f"BackdoorBench's {data['model_name']}")
+    writer = RunWriter(out, overwrite)
+    dev = pick_device(device)
+    metrics = evaluate(model.to(dev), {"clean": (ds.x_test, ds.y_test), "backdoor": atk.backdoor_test(ds.x_test,
+                                                                                                    ds.y_test)})
+    save_model(model.cpu(), writer.path("model.safetensors"), {"model": spec})
+    atomic_save({**{f"state.{k}": v for k, v in atk.state().items()}, "poison_indices": poison},
+                writer.path("attack.safetensors"), {"attack": atk.config()})
+    show = torch.stack([torch.nonzero(ds.y_test == c)[0, 0] for c in ds.y_test.unique()[:8]])
+    save_samples(writer.path("samples.png"), ds.x_test[show], atk.apply(ds.x_test[show]))
+    summary = ds.summary()
+    summary["data_dir"] = str(Path(ds.source).resolve())
+    summary["registry"] = dataset
+    manifest = {
+        "kind": "attack",
+        "model": spec,
+        "attack": atk.config(),
+        "dataset": summary,
+        "train": {},
+        "preset": None,
+        "seed": None,
+        "device": str(dev),
+        "versions": versions(),
+        "poison": {"count": len(poison), "file": "attack.safetensors:poison_indices"},
+        "imported_from": {"format": "backdoorbench", "path": str(Path(path).resolve()), "attack": attack,
+                          "model_name": str(data["model_name"]), "img_size": list(data.get("img_size") or [])},
+        "timings": {"total_s": time.perf_counter() - t0},
+        "metrics": metrics,
+        "history": [],
+    }
+    write_json(writer.path("manifest.json"), manifest)
+    writer.finish()
+    return manifest
