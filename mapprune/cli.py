@@ -72,6 +72,25 @@ def build_parser() -> argparse.ArgumentParser:
     place.add_argument("--random-position", action="store_true", help="patch: a random place on every image")
     _add_common(a)
 
+    sc = sub.add_parser("scan", help="is this model backdoored? exit status 3 if the verdict is yes, 0 if not")
+    sc.add_argument("model", type=Path, help="a run folder, or a safetensors checkpoint (with --arch, --num-classes)")
+    sc.add_argument("--arch", help=f"checkpoint architecture: one of {', '.join(MODELS)}")
+    sc.add_argument("--num-classes", type=int, help="checkpoint: number of classes")
+    sc.add_argument("--width", type=int, help="checkpoint: first-stage channels (default: the architecture's)")
+    sc.add_argument("--dataset", default="cifar10", help="checkpoint: where the clean images come from (default "
+                    "cifar10; a run folder uses its own)")
+    sc.add_argument("--clean-ratio", type=_ratio, default=0.1,
+                    help="clean class-balanced share of the training set used as the defender's images (default 0.1)")
+    sc.add_argument("--threshold", type=float, help="the suspected target's pull above which the verdict is "
+                    "backdoored (default 0.5, set on clean models; docs/results.md)")
+    sc.add_argument("--no-nc", action="store_true", help="skip Neural Cleanse's second opinion (saves ~10 minutes "
+                    "on a CPU for a CIFAR model)")
+    sc.add_argument("--nc-opt", action="append", default=[], metavar="KEY=VALUE", help="a Neural Cleanse option")
+    sc.add_argument("--seed", type=int, default=0, help="clean subset and probe seed (default 0)")
+    sc.add_argument("--out", type=Path, help="report folder (default: RUN/scan, or CHECKPOINT's folder/scan-NAME)")
+    sc.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_common(sc)
+
     ib = sub.add_parser("import-backdoorbench", help="a BackdoorBench attack result as a mapprune run folder")
     ib.add_argument("path", type=Path, help="BackdoorBench's attack_result.pt, or the record folder holding it")
     ib.add_argument("--out", required=True, type=Path, help="run folder to write")
@@ -419,6 +438,66 @@ def cmd_import_backdoorbench(args) -> int:
 
 
 COMMANDS["import-backdoorbench"] = cmd_import_backdoorbench
+
+
+def _scan_target(args):
+    """(model, dataset, default report folder) for a run folder or a safetensors checkpoint."""
+    from .data import load_dataset
+    from .runs import load_run
+
+    if args.model.is_dir():
+        run = load_run(args.model, args.data_dir)
+        return run.model, run.dataset, args.model / "scan"
+    if args.model.suffix != ".safetensors":
+        raise MapPruneError(f"{args.model}: give a run folder or a .safetensors checkpoint; mapprune never unpickles "
+                            "checkpoints (.pt/.pth can run code when loaded): convert it with safetensors' save_file "
+                            "where you trust it")
+    if args.arch is None or args.num_classes is None:
+        raise MapPruneError("a checkpoint needs --arch and --num-classes")
+    from .checkpoint import load_state_into, load_tensors
+    from .models import create_model
+
+    tensors, _ = load_tensors(args.model)  # checked before the dataset is loaded
+    ds = load_dataset(args.dataset, args.data_dir)
+    model = create_model(args.arch, args.num_classes, width=args.width, in_channels=ds.image_shape[0], mean=ds.mean,
+                         std=ds.std)
+    wrapped = any(k.startswith("net.") for k in tensors)  # mapprune's own (normalisation inside) or a bare network
+    load_state_into(model if wrapped else model.net, tensors, args.model,
+                    what=f"{args.arch} with {args.num_classes} classes")
+    return model.eval(), ds, args.model.parent / f"scan-{args.model.stem}"
+
+
+def cmd_scan(args) -> int:
+    from .data import clean_subset
+    from .runs import write_json
+    from .scan import EXIT_BACKDOORED, THRESHOLD, save_scan_figure, scan
+
+    nc_options = _attack_opts(args.nc_opt, "--nc-opt")
+    if nc_options and args.no_nc:
+        raise MapPruneError("--nc-opt with --no-nc: Neural Cleanse is not run")
+    model, ds, default_out = _scan_target(args)
+    idx = clean_subset(ds.y_train, args.clean_ratio, args.seed)
+    result = scan(model, ds.x_train[idx], ds.y_train[idx], threshold=args.threshold or THRESHOLD,
+                  nc=not args.no_nc, nc_options=nc_options, seed=args.seed, device=args.device,
+                  progress=not args.no_progress)
+    out = args.out or default_out
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"model": str(args.model), "dataset": ds.name, "clean_images": len(idx), **result.to_json()}
+    write_json(out / "scan.json", report)
+    save_scan_figure(out / "scan.png", result)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        nc = result.nc
+        print(f"{args.model}: {report['verdict']} (FMT pull {result.score:.2f}, threshold {result.threshold:g}; "
+              f"suspected target class {result.target}, anomaly index {result.anomaly_index:.1f})")
+        if nc:
+            print(f"  Neural Cleanse: anomaly index {nc['anomaly_index']:.2f}, flagged {nc['flagged'] or 'none'}")
+        print(f"  report: {out / 'scan.json'}, {out / 'scan.png'}")
+    return EXIT_BACKDOORED if result.backdoored else 0
+
+
+COMMANDS["scan"] = cmd_scan
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):

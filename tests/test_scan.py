@@ -1,0 +1,67 @@
+"""mapprune scan: a verdict on a model from FMT's testing phase (and Neural Cleanse's second opinion), from a run
+folder or a bare safetensors checkpoint, with the exit status scripts gate on."""
+
+import json
+
+import pytest
+import torch
+
+from mapprune.errors import MapPruneError
+
+
+@pytest.fixture(scope="module")
+def digits_clean(tmp_path_factory):
+    from mapprune.backdoor import attack_run
+
+    out = tmp_path_factory.mktemp("digits") / "clean"
+    attack_run("badnets", out, dataset="digits", preset="demo", progress=False, poison_ratio=0.0)
+    return out
+
+
+def test_scan_tells_the_backdoored_model_from_the_clean_one(digits_backdoor, digits_clean, capsys):
+    from mapprune.cli import main
+
+    folder, _ = digits_backdoor
+    assert main(["scan", str(folder), "--no-nc", "--no-progress", "--out", str(folder.parent / "s1")]) == 3
+    assert "backdoored" in capsys.readouterr().out
+    report = json.loads((folder.parent / "s1" / "scan.json").read_text())
+    assert report["suspected_target"] == 0 and report["score"] > 0.5 and report["suspicious_maps"]
+    assert (folder.parent / "s1" / "scan.png").is_file()
+    assert main(["scan", str(digits_clean), "--no-nc", "--no-progress", "--json"]) == 0
+    clean = json.loads(capsys.readouterr().out)
+    assert clean["verdict"] == "no backdoor found" and clean["score"] < 0.5
+    assert (digits_clean / "scan" / "scan.json").is_file()
+
+
+def test_scan_api_with_neural_cleanse_on_any_module(digits_backdoor):
+    from mapprune.data import clean_subset
+    from mapprune.scan import scan
+
+    _, run = digits_backdoor
+    idx = clean_subset(run.dataset.y_train, 0.3, 0)
+    result = scan(run.model, run.dataset.x_train[idx], run.dataset.y_train[idx],
+                  nc_options={"reverse_epochs": 3, "n_images": 100, "hflip": False})
+    assert result.backdoored and result.target == 0 and len(result.suspicious_maps) == 10
+    assert set(result.nc) >= {"anomaly_index", "flagged", "norms"} and len(result.nc["norms"]) == 10
+    assert set(result.timings) == {"fmt_probe", "neural_cleanse"}
+    with pytest.raises(MapPruneError, match="threshold"):
+        scan(run.model, run.dataset.x_train[idx], run.dataset.y_train[idx], threshold=2.0)
+    with pytest.raises(MapPruneError, match="no option"):
+        scan(run.model, run.dataset.x_train[idx], run.dataset.y_train[idx], nc_options={"bogus": 1})
+
+
+def test_scan_reads_a_bare_checkpoint_and_never_a_pickle(digits_backdoor, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from mapprune.cli import main
+
+    _, run = digits_backdoor
+    bare = {k[4:]: v.contiguous() for k, v in run.model.state_dict().items() if k.startswith("net.")}
+    save_file(bare, str(tmp_path / "model.safetensors"))  # a network without mapprune's wrapper
+    argv = ["scan", str(tmp_path / "model.safetensors"), "--dataset", "digits", "--no-nc", "--no-progress"]
+    assert main(argv + ["--arch", "smallcnn", "--num-classes", "10"]) == 3
+    assert (tmp_path / "scan-model" / "scan.json").is_file()
+    assert main(argv) == 2 and "--arch" in capsys.readouterr().err
+    torch.save(bare, tmp_path / "model.pt")
+    assert main(["scan", str(tmp_path / "model.pt"), "--arch", "smallcnn", "--num-classes", "10"]) == 2
+    assert "never unpickles" in capsys.readouterr().err
