@@ -55,3 +55,21 @@ def digits_backdoor(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits") / "badnets"
     attack_run("badnets", out, dataset="digits", preset="demo", progress=False)
     return out, load_run(out)
+
+
+@pytest.fixture(scope="session")
+def digits_defender(digits_backdoor):
+    """ratio -> (backdoored digits model, a clean class-balanced share ``ratio`` of its training set (images,
+    labels), its test sets, its metrics before any defense)."""
+    from mapprune.data import clean_subset
+    from mapprune.metrics import evaluate
+
+    _, run = digits_backdoor
+    tests = run.test_sets()
+    before = evaluate(run.model, tests)
+    assert before["asr"] > 0.9
+
+    def make(ratio: float):
+        idx = clean_subset(run.dataset.y_train, ratio, 0)
+        return run.model, run.dataset.x_train[idx], run.dataset.y_train[idx], tests, before
+    return make

@@ -11,16 +11,8 @@ from mapprune.models import create_model
 
 
 @pytest.fixture(scope="module")
-def digits(digits_backdoor):
-    from mapprune.data import clean_subset
-    from mapprune.metrics import evaluate
-
-    _, run = digits_backdoor
-    idx = clean_subset(run.dataset.y_train, 0.1, 0)
-    tests = run.test_sets()
-    before = evaluate(run.model, tests)
-    assert before["asr"] > 0.9
-    return run.model, run.dataset.x_train[idx], run.dataset.y_train[idx], tests, before
+def digits(digits_defender):
+    return digits_defender(0.1)
 
 
 @pytest.mark.parametrize("name, kw, msg", [

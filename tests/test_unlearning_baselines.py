@@ -14,18 +14,10 @@ from mapprune.models import create_model
 
 
 @pytest.fixture(scope="module")
-def digits(digits_backdoor):
+def digits(digits_defender):
     """The backdoored digits model, half the training set as the defender's clean subset (8x8 digits give few
     images: at 10% NAD and FST have ~4 batches an epoch), its test sets and its metrics before any defense."""
-    from mapprune.data import clean_subset
-    from mapprune.metrics import evaluate
-
-    _, run = digits_backdoor
-    idx = clean_subset(run.dataset.y_train, 0.5, 0)
-    tests = run.test_sets()
-    before = evaluate(run.model, tests)
-    assert before["asr"] > 0.9
-    return run.model, run.dataset.x_train[idx], run.dataset.y_train[idx], tests, before
+    return digits_defender(0.5)
 
 
 def _repaired(digits, name, **kw):
