@@ -246,7 +246,7 @@ def _attack_opts(pairs: list[str], flag: str = "--attack-opt") -> dict:
 
 
 def cmd_attack(args) -> int:
-    from .backdoor import attack_run
+    from .jobs.attack import attack_run
 
     m = attack_run(args.attack, args.out, dataset=args.dataset, data_dir=args.data_dir, preset=args.preset,
                    model=args.model, width=args.width, target=args.target, all_to_all=args.all_to_all,
@@ -276,9 +276,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_defend(args) -> int:
-    from .defend import defend_run
     from .defenses import DEFENSES
     from .errors import unknown_name
+    from .jobs.defend import defend_run
 
     if args.defense not in DEFENSES:
         raise unknown_name("defense", args.defense, DEFENSES)
@@ -350,7 +350,7 @@ def _settings(specs: list[str]) -> dict | None:
 
 
 def cmd_diagnose(args) -> int:
-    from .diagnose import diagnose_run
+    from .jobs.diagnose import diagnose_run
 
     settings = _settings(args.setting)
     if args.n_eval < 1 or args.budget < 1:
@@ -383,14 +383,14 @@ def cmd_diagnose(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import demo
+    from .jobs.demo import demo
 
     demo(out=args.out, device=args.device, progress=not args.no_progress)
     return 0
 
 
 def cmd_prepare(args) -> int:
-    from .prepare import prepare_attack
+    from .jobs.prepare import prepare_attack
 
     cfg = prepare_attack(args.attack, args.dataset, args.data_dir, model=args.model, width=args.width,
                          epochs=args.epochs, target=args.target, poison_ratio=args.poison_ratio, seed=args.seed,
@@ -400,7 +400,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import run_bench
+    from .jobs.bench import run_bench
 
     if args.data_dir:
         import os
@@ -424,7 +424,7 @@ COMMANDS["bench"] = cmd_bench
 
 
 def cmd_import_backdoorbench(args) -> int:
-    from .interop import import_backdoorbench
+    from .jobs.import_backdoorbench import import_backdoorbench
 
     kw = _attack_opts(args.attack_opt)
     if args.pattern is not None:
@@ -469,8 +469,8 @@ def _scan_target(args):
 
 def cmd_scan(args) -> int:
     from .data import clean_subset
+    from .jobs.scan import EXIT_BACKDOORED, THRESHOLD, save_scan_figure, scan
     from .runs import write_json
-    from .scan import EXIT_BACKDOORED, THRESHOLD, save_scan_figure, scan
 
     nc_options = _attack_opts(args.nc_opt, "--nc-opt")
     if nc_options and args.no_nc:

@@ -49,7 +49,7 @@ def shared_data() -> Path:
 def digits_backdoor(tmp_path_factory):
     """A BadNets-backdoored small CNN on the embedded 8x8 digits (the demo preset): (run folder, loaded run).
     Tests that defend it copy the folder first."""
-    from mapprune.backdoor import attack_run
+    from mapprune.jobs.attack import attack_run
     from mapprune.runs import load_run
 
     out = tmp_path_factory.mktemp("digits") / "badnets"

@@ -15,11 +15,11 @@ from mapprune.attacks import create_attack
 from mapprune.attacks.lc import corner_patch, pgd_away
 from mapprune.attacks.lowfreq import lowpass, lowpass_mask, project, universal_perturbation
 from mapprune.attacks.wanet import identity_grid, make_field, warp
-from mapprune.backdoor import attack_run
 from mapprune.cli import main
 from mapprune.data import cache_dir, load_dataset
 from mapprune.errors import MapPruneError, MapPruneWarning
 from mapprune.evaluation import evaluate_run
+from mapprune.jobs.attack import attack_run
 from mapprune.metrics import predict
 
 # The clean model LF and LC are built from in these tests: the small CNN, 2 epochs on the digits (seconds).

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from mapprune.backdoor import attack_run
 from mapprune.data import load_dataset
 from mapprune.evaluation import evaluate_run
+from mapprune.jobs.attack import attack_run
 from mapprune.metrics import predict
 from mapprune.runs import load_run
 
@@ -74,8 +74,8 @@ def test_partial_target_class_share_is_recorded_without_warning():
     import warnings
 
     from mapprune.attacks import create_attack
-    from mapprune.backdoor import _warn_if_target_class_consumed
     from mapprune.errors import MapPruneWarning
+    from mapprune.jobs.attack import _warn_if_target_class_consumed
 
     y = torch.arange(10).repeat(100)  # 100 images per class
     for ratio, share, warned in ((0.05, 0.5, False), (0.1, 1.0, True), (0.5, 1.0, True)):

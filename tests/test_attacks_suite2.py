@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from mapprune.attacks import _generators, create_attack, ssba
-from mapprune.backdoor import attack_run
 from mapprune.data import cache_dir, from_numpy, load_dataset
 from mapprune.errors import MapPruneError
 from mapprune.evaluation import evaluate_run
+from mapprune.jobs.attack import attack_run
 from mapprune.runs import attack_from_manifest
 
 # Test-sized settings (the constructor defaults are CIFAR-sized); all seeded.

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mapprune.errors import MapPruneError
-from mapprune.interop import read_backdoorbench
+from mapprune.jobs.import_backdoorbench import read_backdoorbench
 from mapprune.models.preactresnet import PreActResNet18
 
 
@@ -56,7 +56,7 @@ def test_the_restricted_reader_accepts_arrays_and_refuses_code(tmp_path):
 
 def test_import_writes_a_run_that_eval_reloads(tmp_path, shared_data, user_cache):
     from mapprune.cli import main
-    from mapprune.interop import NORMALISATION
+    from mapprune.jobs.import_backdoorbench import NORMALISATION
     from mapprune.runs import load_run
 
     net = _bb_file(tmp_path / "attack_result.pt").eval()
@@ -74,7 +74,7 @@ def test_import_writes_a_run_that_eval_reloads(tmp_path, shared_data, user_cache
 
 
 def test_import_says_what_it_cannot_rebuild(tmp_path, shared_data, user_cache):
-    from mapprune.interop import import_backdoorbench
+    from mapprune.jobs.import_backdoorbench import import_backdoorbench
 
     _bb_file(tmp_path / "attack_result.pt")
     with pytest.raises(MapPruneError, match="wanet trigger cannot be rebuilt"):

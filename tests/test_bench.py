@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mapprune.bench import load_grid, plan, run_bench
 from mapprune.errors import MapPruneError
+from mapprune.jobs.bench import load_grid, plan, run_bench
 
 GRIDS = Path(__file__).resolve().parents[1] / "benchmarks" / "grids"
 
@@ -137,7 +137,7 @@ def test_a_folder_of_another_grid_is_refused(tiny, tmp_path):
 
 
 def test_a_failing_cell_is_recorded_and_retried(tmp_path, monkeypatch):
-    import mapprune.bench as bench
+    import mapprune.jobs.bench as bench
 
     grid = tmp_path / "g.toml"
     grid.write_text((GRIDS / "digits-tiny.toml").read_text().replace('[[attack]]\nname = "blended"\n', "")

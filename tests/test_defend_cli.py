@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from mapprune.backdoor import attack_run
 from mapprune.cli import main
+from mapprune.jobs.attack import attack_run
 from mapprune.runs import load_run
 
 
@@ -62,7 +62,7 @@ def test_detect_only_changes_nothing_and_ft_uses_same_subset(run, capsys):
 
 def test_defense_seed_names_its_own_folder(run, capsys):
     """A seed sweep never collides with the default run: seed N != 0 goes to <variant>-seedN."""
-    from mapprune.defend import variant_name
+    from mapprune.jobs.defend import variant_name
 
     assert variant_name("fmt", {"selection": "outlier", "mask": True, "seed": 2}) == "fmt-outlier-seed2"
     assert variant_name("fmt", {"recipe": "paper", "mask": True}) == "fmt-paper-mask"

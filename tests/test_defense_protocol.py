@@ -133,7 +133,7 @@ def test_contract(name, digits_backdoor, tripwire, tmp_path):
     defense), the split, per-phase timings; the run's model is untouched; uint8 and float inputs agree."""
     import shutil
 
-    from mapprune.defend import defend_run
+    from mapprune.jobs.defend import defend_run
 
     folder, run = digits_backdoor
     work = tmp_path / "run"

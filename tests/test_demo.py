@@ -1,6 +1,6 @@
 """`mapprune demo`: the repaired model really loses the backdoor and keeps its clean accuracy."""
 
-from mapprune.demo import demo
+from mapprune.jobs.demo import demo
 
 
 def test_demo_repairs_the_backdoor(tmp_path, capsys):

@@ -9,7 +9,8 @@ import torch
 from mapprune.defenses.pruning import conv_layers
 from mapprune.defenses.scorers import estimate_target, robust_z, suspicion
 from mapprune.defenses.scoring import probe_feature_maps
-from mapprune.diagnose import (
+from mapprune.errors import MapPruneError
+from mapprune.jobs.diagnose import (
     SingleMapPruner,
     auroc,
     causal_effect,
@@ -18,13 +19,12 @@ from mapprune.diagnose import (
     pruning_curve,
     spearman,
 )
-from mapprune.errors import MapPruneError
 from mapprune.models import create_model
 
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
-    from mapprune.backdoor import attack_run
+    from mapprune.jobs.attack import attack_run
     from mapprune.runs import load_run
 
     out = tmp_path_factory.mktemp("diag") / "run"

@@ -106,7 +106,7 @@ def test_residual_convs_regrow_unless_masked():
 
 
 def _digits_backdoor(tmp_path_factory):
-    from mapprune.backdoor import attack_run
+    from mapprune.jobs.attack import attack_run
     from mapprune.runs import load_run
 
     out = tmp_path_factory.mktemp("fmt") / "run"
@@ -131,7 +131,7 @@ def test_fmt_and_ft_on_a_really_backdoored_model(digits_run):
     x, y = r.dataset.x_train[idx], r.dataset.y_train[idx]
     original = {k: v.clone() for k, v in r.model.state_dict().items()}
 
-    # The demo's settings for 8x8 digits (see mapprune/demo.py): eps 0.06 barely moves a digits CNN.
+    # The demo's settings for 8x8 digits (see mapprune/jobs/demo.py): eps 0.06 barely moves a digits CNN.
     fmt = FMT(hflip=False, batch_size=32, mask=True, eps=0.2, fraction=1 / 8)
     result = fmt.repair(r.model, x, y)
     after = evaluate(result.model, tests)
@@ -227,8 +227,8 @@ def test_library_example_from_readme(tmp_path, monkeypatch):
 def test_recommended_recipe_spares_a_clean_model(tmp_path):
     """On a model that was never poisoned, the recommended recipe (with the demo's digits settings) costs at most
     two points of clean accuracy, and the suspected-target anomaly stays below the backdoored model's."""
-    from mapprune.backdoor import attack_run
-    from mapprune.defend import defend_run
+    from mapprune.jobs.attack import attack_run
+    from mapprune.jobs.defend import defend_run
 
     clean, bad = tmp_path / "clean", tmp_path / "bad"
     attack_run("badnets", clean, dataset="digits", preset="demo", poison_ratio=0.0, progress=False)

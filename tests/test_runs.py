@@ -8,12 +8,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from mapprune import backdoor, cli
-from mapprune.backdoor import attack_run
+from mapprune import cli
 from mapprune.checkpoint import save_model
 from mapprune.data import load_dataset
 from mapprune.errors import MapPruneError
 from mapprune.evaluation import evaluate_run
+from mapprune.jobs import attack as backdoor
+from mapprune.jobs.attack import attack_run
 from mapprune.models import create_model
 from mapprune.train import TrainConfig, train
 
@@ -118,7 +119,7 @@ def test_cli_eval_text(run, capsys):
     (["attack", "badnets", "--dataset", "mnist"], "unknown dataset 'mnist'; valid datasets: cifar10, cifar100, digits"),
     (["attack", "nope", "--dataset", "digits"], "unknown attack 'nope'; valid attacks: badnets, blended, "),
     (["attack", "badnets", "--dataset", "digits", "--model", "resnet50"],
-     "unknown model 'resnet50'; valid models: preactresnet18, resnet18, smallcnn, vgg16_bn"),
+     "unknown model 'resnet50'; valid models: preactresnet18, preactresnet18-bb, resnet18, smallcnn, vgg16_bn"),
     (["attack", "badnets", "--dataset", "digits", "--preset", "fast"], "unknown preset 'fast'; valid presets: cpu"),
     (["attack", "badnets", "--dataset", "digits", "--preset", "demo", "--target", "10"],
      r"target label must be in [0, 9]"),

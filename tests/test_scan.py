@@ -11,7 +11,7 @@ from mapprune.errors import MapPruneError
 
 @pytest.fixture(scope="module")
 def digits_clean(tmp_path_factory):
-    from mapprune.backdoor import attack_run
+    from mapprune.jobs.attack import attack_run
 
     out = tmp_path_factory.mktemp("digits") / "clean"
     attack_run("badnets", out, dataset="digits", preset="demo", progress=False, poison_ratio=0.0)
@@ -35,7 +35,7 @@ def test_scan_tells_the_backdoored_model_from_the_clean_one(digits_backdoor, dig
 
 def test_scan_api_with_neural_cleanse_on_any_module(digits_backdoor):
     from mapprune.data import clean_subset
-    from mapprune.scan import scan
+    from mapprune.jobs.scan import scan
 
     _, run = digits_backdoor
     idx = clean_subset(run.dataset.y_train, 0.3, 0)

@@ -37,7 +37,7 @@ def test_random_position_moves_the_patch_per_image_and_is_seeded():
 
 
 def test_a_patch_run_reloads_without_the_image_files(tmp_path):
-    from mapprune.backdoor import attack_run
+    from mapprune.jobs.attack import attack_run
     from mapprune.runs import load_run
 
     pattern = _png(tmp_path / "logo.png", [[255, 0], [0, 255]])
@@ -55,7 +55,7 @@ def test_a_patch_run_reloads_without_the_image_files(tmp_path):
 
 
 def test_blended_takes_a_user_pattern_resized_and_keeps_it(tmp_path):
-    from mapprune.backdoor import attack_run
+    from mapprune.jobs.attack import attack_run
     from mapprune.runs import load_run
 
     img = _png(tmp_path / "kitty.png", np.full((20, 20, 3), 200))
@@ -111,7 +111,7 @@ def test_loading_a_state_never_sets_arbitrary_attributes():
 
 
 def test_a_users_attack_registers_and_its_run_reloads_by_name(tmp_path):
-    from mapprune.backdoor import attack_run
+    from mapprune.jobs.attack import attack_run
     from mapprune.runs import load_run
 
     @register_attack

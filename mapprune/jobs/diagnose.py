@@ -25,16 +25,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import atomic_save, load_tensors
-from .data import clean_subset
-from .defenses.base import pick_images
-from .defenses.pruning import PruneMask, conv_layers, following_batchnorms, prune
-from .defenses.scorers import estimate_target, layer_z, suspicion
-from .defenses.scoring import probe_feature_maps
-from .defenses.selection import select_rank
-from .errors import MapPruneError
-from .metrics import evaluate, predict
-from .runs import load_run, write_json
+from ..checkpoint import atomic_save, load_tensors
+from ..data import clean_subset
+from ..defenses.base import pick_images
+from ..defenses.pruning import PruneMask, conv_layers, following_batchnorms, prune
+from ..defenses.scorers import estimate_target, layer_z, suspicion
+from ..defenses.scoring import probe_feature_maps
+from ..defenses.selection import select_rank
+from ..errors import MapPruneError
+from ..metrics import evaluate, predict
+from ..runs import load_run, write_json
 
 # Testing settings a diagnosis compares by default: the paper's probe and the recommended recipe's patch probe.
 DEFAULT_SETTINGS = {"paper": {"n_images": 32, "eps": 0.06, "objective": "mse"},
@@ -345,7 +345,7 @@ def finetune_controls(model, r, index, orders: dict[str, list[int]], budget: int
                       progress: bool) -> dict:
     """Prune the first ``budget`` maps of each ordering, then the defenses' fine-tune with the mask on (FT's
     settings, the same clean subset); ACC / ASR / RA on the full test sets. Also plain FT for reference."""
-    from .defenses.ft import FineTune
+    from ..defenses.ft import FineTune
 
     ft = FineTune(seed=seed, hflip=r.dataset.hflip, progress=progress)
     idx = clean_subset(r.dataset.y_train, clean_ratio, seed)
@@ -368,8 +368,8 @@ def diagnose_run(run, *, defense: str | None = None, data_dir=None, device=None,
     Also scores every FMT result already in the run (``defense/*/result.json`` with per-map scores) as a
     further ordering, so past defenses are judged without being re-run.
     """
-    from .device import pick_device
-    from .runs import load_model_file
+    from ..device import pick_device
+    from ..runs import load_model_file
 
     run = Path(run)
     r = load_run(run, data_dir)
@@ -418,7 +418,7 @@ def _add_saved_fmt_scores(run: Path, model, r, report: dict, flat: dict, n_eval:
 
 def save_diagnose_figures(folder: Path, report: dict, flat: dict) -> None:
     """curves.png: ASR(k) and ACC(k) per ordering; scores_vs_truth.png: each scorer against the causal effect."""
-    from .report import _plt
+    from ..report import _plt
 
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))

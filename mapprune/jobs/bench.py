@@ -35,7 +35,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import MapPruneError, unknown_name
+from ..errors import MapPruneError, unknown_name
 
 BACKENDS = ("local", "ray")
 GRID_KEYS = {"name", "dataset", "data_dir", "preset", "clean_ratio", "seeds", "model", "attack", "defense"}
@@ -101,11 +101,11 @@ def _only(table: dict, allowed: set, where: str) -> None:
 
 
 def _check_names(grid: dict, path) -> None:
-    from .attacks import ATTACKS, load_plugins
-    from .data import DATASETS
-    from .defenses import DEFENSES, create_defense
-    from .models import MODELS
-    from .presets import PRESETS
+    from ..attacks import ATTACKS, load_plugins
+    from ..data import DATASETS
+    from ..defenses import DEFENSES, create_defense
+    from ..models import MODELS
+    from ..presets import PRESETS
 
     load_plugins()
 
@@ -154,8 +154,8 @@ def _check_names(grid: dict, path) -> None:
 
 def _try_attack(grid: dict, a: dict, where: str) -> None:
     """Builds the attack once (no training), so a bad option value fails now, not after other cells ran."""
-    from .attacks import create_attack
-    from .data import load_dataset
+    from ..attacks import create_attack
+    from ..data import load_dataset
 
     if "_shape" not in grid:
         ds = load_dataset(grid["dataset"], grid.get("data_dir"))
@@ -181,7 +181,7 @@ def _attack_options(cls) -> list[str]:
 
 
 def _defense_label(d: dict) -> str:
-    from .defenses import defense_class
+    from ..defenses import defense_class
 
     return d.get("label") or defense_class(d["name"]).variant_name(dict(d.get("opts", {})))
 
@@ -244,7 +244,7 @@ def run_cell(cell: dict, grid: dict, threads: int | None, progress: bool) -> dic
 
 
 def _run_model(c: Cell, grid: dict, progress: bool) -> None:
-    from .backdoor import attack_run
+    from .attack import attack_run
 
     if c.settings.get("source"):
         run = Path(c.path)
@@ -519,7 +519,7 @@ def write_results(cells: list[Cell], grid: dict, out: Path) -> None:
 
 
 def _figures(rows: list[dict], folder: Path) -> None:
-    from .report import _plt
+    from ..report import _plt
 
     plt = _plt()
     folder.mkdir(exist_ok=True)

@@ -8,12 +8,12 @@ a defense made tensors worth keeping (NC's reversed triggers), and figures, buil
 import time
 from pathlib import Path
 
-from .checkpoint import atomic_save, save_model
-from .data import clean_subset
-from .defenses import create_defense, defense_class
-from .device import pick_device
-from .metrics import der, evaluate
-from .runs import RunWriter, load_run, versions, write_json
+from ..checkpoint import atomic_save, save_model
+from ..data import clean_subset
+from ..defenses import create_defense, defense_class
+from ..device import pick_device
+from ..metrics import der, evaluate
+from ..runs import RunWriter, load_run, versions, write_json
 
 # The protocol's clean share: 10% of the training set (FMT's), 5% for GTSRB.
 DEFAULT_CLEAN_RATIO = {"gtsrb": 0.05}
@@ -21,7 +21,7 @@ DEFAULT_CLEAN_RATIO = {"gtsrb": 0.05}
 
 def variant_name(defense: str, kw: dict) -> str:
     """Folder name of a defense variant (see :meth:`Defense.variant_name`)."""
-    from .defenses import defense_class
+    from ..defenses import defense_class
 
     return defense_class(defense).variant_name(kw)
 
@@ -67,7 +67,7 @@ def defend_run(run, defense: str, *, clean_ratio: float | None = None, name: str
         save_model(result.model.cpu(), writer.path("model.safetensors"), {"defense": name})
     if result.tensors:
         atomic_save(result.tensors, writer.path("tensors.safetensors"), {"defense": name})
-    from .report import save_defense_figures
+    from ..report import save_defense_figures
 
     save_defense_figures(writer.partial, r.manifest, report, result, d.split(x, y), d)
     write_json(writer.path("result.json"), report)

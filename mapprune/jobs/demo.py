@@ -5,9 +5,9 @@ backdoor a small CNN with BadNets, repair it with FMT, and print one before/afte
 import tempfile
 from pathlib import Path
 
-from .backdoor import attack_run
+from ..report import format_table
+from .attack import attack_run
 from .defend import defend_run
-from .report import format_table
 
 
 def demo(out: Path | None = None, device=None, progress: bool = True) -> list[dict]:

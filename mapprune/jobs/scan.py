@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import MapPruneError
-from .images import as_uint8
+from ..errors import MapPruneError
+from ..images import as_uint8
 
 THRESHOLD = 0.5
 EXIT_BACKDOORED = 3  # the command's exit status when the verdict is "backdoored" (0: none found; 1, 2: errors)
@@ -52,9 +52,9 @@ class ScanResult:
 def scan(model: nn.Module, images, labels, *, threshold: float = THRESHOLD, n_maps: int = 10, nc: bool = True,
          nc_options: dict | None = None, seed: int = 0, device=None, progress: bool = False) -> ScanResult:
     """Scans ``model`` (any nn.Module taking [0, 1] pixels) with the clean ``images`` and ``labels``."""
-    from .defenses import FMT, create_defense
-    from .defenses.scorers import class_pull, estimate_target
-    from .device import pick_device
+    from ..defenses import FMT, create_defense
+    from ..defenses.scorers import class_pull, estimate_target
+    from ..device import pick_device
 
     if not 0 < threshold < 1 or n_maps < 1:
         raise MapPruneError(f"threshold is a pull in (0, 1) and n_maps >= 1, got {threshold} and {n_maps}")
@@ -85,7 +85,7 @@ def scan(model: nn.Module, images, labels, *, threshold: float = THRESHOLD, n_ma
 
 def save_scan_figure(path, result: ScanResult) -> None:
     """Per-class pull of FMT's probe (the suspected target in red) and, with NC, its mask norm per class."""
-    from .report import _plt
+    from ..report import _plt
 
     plt = _plt()
     panels = 2 if result.nc else 1

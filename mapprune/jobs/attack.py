@@ -8,17 +8,17 @@ from pathlib import Path
 
 import torch
 
-from .attacks import ATTACKS, create_attack, load_plugins
-from .checkpoint import atomic_save, save_model
-from .data import DATASETS, load_dataset
-from .device import peak_memory_mb, pick_device
-from .errors import MapPruneWarning
-from .metrics import evaluate
-from .models import MODELS, create_model
-from .presets import PRESETS
-from .report import save_samples
-from .runs import RunWriter, versions, write_json
-from .train import TrainConfig, train
+from ..attacks import ATTACKS, create_attack, load_plugins
+from ..checkpoint import atomic_save, save_model
+from ..data import DATASETS, load_dataset
+from ..device import peak_memory_mb, pick_device
+from ..errors import MapPruneWarning
+from ..metrics import evaluate
+from ..models import MODELS, create_model
+from ..presets import PRESETS
+from ..report import save_samples
+from ..runs import RunWriter, versions, write_json
+from ..train import TrainConfig, train
 
 SETTINGS = "run_settings.json"  # in RUN.partial while training: what the checkpoint there was made with
 
@@ -47,7 +47,7 @@ def _check_resumable(writer: RunWriter, overwrite: bool, settings: dict) -> None
     The training checkpoint only records the training settings, so without this check an interrupted BadNets
     run would silently be continued as, say, a Blended run with another target.
     """
-    from .errors import MapPruneError
+    from ..errors import MapPruneError
 
     settings = json.loads(json.dumps(settings))
     path = writer.path(SETTINGS)
@@ -92,7 +92,7 @@ def attack_run(
     ``preset`` fills model, width and training settings; explicit arguments (not None) override it.
     ``eval_every`` sets how often the history records test metrics (the last epoch always does).
     """
-    from .errors import MapPruneError, unknown_name
+    from ..errors import MapPruneError, unknown_name
 
     if preset is not None and preset not in PRESETS:
         raise unknown_name("preset", preset, PRESETS)

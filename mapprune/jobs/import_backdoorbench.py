@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import MapPruneError
+from ..errors import MapPruneError
 
 # BackdoorBench's input normalisation per dataset (its models take normalised tensors; mapprune's take pixels and
 # normalise inside, so the imported model gets these in its wrapper).
@@ -92,14 +92,14 @@ def import_backdoorbench(path, out, *, attack: str, attack_kw: dict | None = Non
                          data_dir=None, overwrite: bool = False, device=None) -> dict:
     """Writes a mapprune run folder at ``out`` from BackdoorBench's attack result at ``path``; returns the
     manifest. ``attack`` is BackdoorBench's attack (badnet, blended, sig), ``attack_kw`` its settings."""
-    from .attacks import create_attack
-    from .checkpoint import atomic_save, load_state_into, save_model
-    from .data import load_dataset
-    from .device import pick_device
-    from .metrics import evaluate
-    from .models import create_model
-    from .report import save_samples
-    from .runs import RunWriter, versions, write_json
+    from ..attacks import create_attack
+    from ..checkpoint import atomic_save, load_state_into, save_model
+    from ..data import load_dataset
+    from ..device import pick_device
+    from ..metrics import evaluate
+    from ..models import create_model
+    from ..report import save_samples
+    from ..runs import RunWriter, versions, write_json
 
     name = ATTACK_NAMES.get(attack.lower())
     if name is None:
