@@ -22,7 +22,10 @@
 
 Search cost on a CPU: BackdoorBench's 80 epochs over 2,500 images per class is ~9x a 100-epoch fine-tune; the
 defaults here search on ``n_images`` (1,000) class-balanced fitting images with batch 32 for at most
-``reverse_epochs`` (20) per class (``--opt reverse_epochs=80 reverse_batch_size=256 n_images=None`` for BB's).
+``reverse_epochs`` (40) per class: an epoch is then the original's "step" (31 mini-batches of 32), and 40 of them
+are 1,240 Adam steps, more than BackdoorBench's 800 (``--opt reverse_epochs=80 reverse_batch_size=256
+n_images=None`` for BB's). Shorter searches leave the clean classes' norms uneven and flag clean models
+(docs/results.md).
 """
 
 import copy
@@ -59,8 +62,8 @@ class ReversedTriggers:
 def anomaly_index(norms: torch.Tensor, threshold: float = 2.0) -> dict:
     """Neural Cleanse's MAD outlier test over per-class mask norms: the anomaly index of the smallest norm and the
     classes flagged (below the median with an index above ``threshold``), smallest norm first."""
-    median = norms.median()
-    mad = 1.4826 * (norms - median).abs().median()
+    median = torch.quantile(norms.float(), 0.5)  # the mean of the middle two for an even K (np.median's, NC's)
+    mad = 1.4826 * torch.quantile((norms.float() - median).abs(), 0.5)
     dev = (norms - median).abs()
     if float(mad) == 0:
         index = torch.where(dev > 0, torch.full_like(dev, math.inf), torch.zeros_like(dev))
@@ -74,7 +77,7 @@ def anomaly_index(norms: torch.Tensor, threshold: float = 2.0) -> dict:
 class NeuralCleanse(FineTuning):
     name = "nc"
 
-    def __init__(self, *, mode: str = "unlearn", n_images: int | None = 1000, reverse_epochs: int = 20,
+    def __init__(self, *, mode: str = "unlearn", n_images: int | None = 1000, reverse_epochs: int = 40,
                  reverse_batch_size: int = 32, reverse_lr: float = 0.1, init_cost: float = 1e-3,
                  success: float = 0.98, patience: int = 5, early_stop: int = 25, anomaly_threshold: float = 2.0,
                  unlearn: float = 0.2, prune_stop: float = 0.05, **kw):

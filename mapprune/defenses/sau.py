@@ -6,9 +6,10 @@ batch of every round:
 
 1. Shared PGD, per image, in pixel space: delta starts at +``eps`` everywhere, then ``pgd_steps`` signed steps of
    ``step_size``, each projected on the L-inf ball of ``eps``, minimising
-   ``beta1`` x L_adv + ``beta2`` x L_share, where L_adv = -1/2 (mean CE of h, mean CE of h0) over the images not
+   ``beta1`` x L_adv + ``beta2`` x L_share, where L_adv = -1/2 (CE of h + CE of h0) summed over the images not
    yet misclassified by each, and L_share = the Jensen-Shannon divergence between h's and h0's predictions summed
-   over the images not yet shared adversarial. Stops early once every image is shared adversarial.
+   over the images not yet shared adversarial, both divided by the batch size (BackdoorBench's scaling). Stops
+   early once every image is shared adversarial.
 2. One Adam step (lr 1e-4) on h for the batch [x, x + delta]: ``lmd1`` x CE(h(x)) + ``lmd2`` x CE(h(x + delta))
    + ``lmd3`` x L_sh, with L_sh = -mean over the images where h0 is fooled (h0(x + delta) differs from y and from
    h0(x)) of log(1 - p_h(h0(x + delta) | x + delta)).
@@ -66,12 +67,10 @@ class SAU(Defense):
             if bool(shared.all()):
                 break
             right, right0 = pred == y, pred0 == y
-            adv = torch.zeros((), device=x.device)
-            if right.any():
-                adv = adv - 0.5 * F.cross_entropy(out[right].float(), y[right])
-            if right0.any():
-                adv = adv - 0.5 * F.cross_entropy(out0[right0].float(), y[right0])
-            share = js_divergence(out, out0)[~shared].sum()
+            b = len(x)  # both terms over the whole batch, as BackdoorBench's: only their ratio matters to a signed step
+            adv = -(F.cross_entropy(out[right].float(), y[right], reduction="sum")
+                    + F.cross_entropy(out0[right0].float(), y[right0], reduction="sum")) / (2 * b)
+            share = js_divergence(out, out0)[~shared].sum() / b
             grad = torch.autograd.grad(self.beta1 * adv + self.beta2 * share, delta)[0]
             delta = (delta.detach() - self.step_size * grad.sign()).clamp(-self.eps, self.eps)
         delta = delta.detach()
@@ -97,8 +96,11 @@ class SAU(Defense):
                 loss = loss + self.lmd2 * F.cross_entropy(adv, y)
             fooled = (state["pred0_adv"] != y) & (state["pred0_adv"] != state["pred0"])
             if self.lmd3 > 0 and fooled.any():
-                p = F.softmax(adv, 1).gather(1, state["pred0_adv"][:, None])[:, 0].clamp(1e-6, 0.999)
-                loss = loss - self.lmd3 * ((1 - p).log() * fooled).sum() / n
+                # log(1 - p) kept finite without flattening it where p is near 1 (the confidently backdoored shared
+                # examples, the ones that matter): BackdoorBench's two bounded forms, averaged
+                p = F.softmax(adv, 1).gather(1, state["pred0_adv"][:, None])[:, 0]
+                log_rest = 0.5 * (torch.log(1e-6 + (1 - p).clamp(max=0.999)) + torch.log(1 + 1e-6 - p.clamp(min=1e-3)))
+                loss = loss - self.lmd3 * (log_rest * fooled).sum() / n
             return loss
 
         cfg = TrainConfig(epochs=self.rounds, batch_size=self.batch_size, lr=self.lr, weight_decay=0.0,
