@@ -111,17 +111,20 @@ def split_clean(x: torch.Tensor, y: torch.Tensor, held_out: float, seed: int) ->
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> float:
-    """Clean accuracy of ``model`` (eval mode, no augmentation) on uint8 images: the held-out selection signal."""
+def predictions(model: nn.Module, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    """The model's predicted classes (eval mode, no augmentation) for uint8 images, on the CPU."""
     device = next(model.parameters()).device
     was = model.training
     model.eval()
-    correct = 0
-    for i in range(0, len(x), batch):
-        xb = x[i:i + batch].to(device).float().div_(255).contiguous(memory_format=torch.channels_last)
-        correct += int((model(xb).argmax(1) == y[i:i + batch].to(device)).sum())
+    out = [model(x[i:i + batch].to(device).float().div_(255).contiguous(memory_format=torch.channels_last))
+           .argmax(1).cpu() for i in range(0, len(x), batch)]
     model.train(was)
-    return correct / max(1, len(x))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> float:
+    """Clean accuracy of ``model`` on uint8 images: the held-out selection signal."""
+    return int((predictions(model, x, batch) == y.cpu()).sum()) / max(1, len(x))
 
 
 def most_aggressive(candidates, acc_of, acc0: float, max_drop: float):

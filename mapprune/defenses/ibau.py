@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import MapPruneError
 from ..train import TrainConfig, train
-from .base import CleanData, Defense
+from .base import CleanData, Defense, predictions
 
 
 def hypergradient_loss(outer: torch.Tensor, leaf: torch.Tensor, inner, delta: torch.Tensor, step: float,
@@ -69,9 +69,7 @@ class IBAU(Defense):
     def perturbation(self, model, x: torch.Tensor, device) -> torch.Tensor:
         """The round's universal perturbation: one pass of SGD over ``x`` against the model's own predictions."""
         delta = torch.zeros(1, *x.shape[1:], device=device, requires_grad=True)
-        with torch.no_grad():
-            pred = torch.cat([model(x[i:i + 512].to(device).float().div(255)).argmax(1).cpu()
-                              for i in range(0, len(x), 512)])
+        pred = predictions(model, x)
         reg = self.inner_reg
         cfg = TrainConfig(epochs=1, batch_size=self.batch_size, lr=self.inner_lr, momentum=0.0, weight_decay=0.0,
                           schedule="constant", augment=False, freeze_bn=True, amp=False, seed=self.seed)
