@@ -120,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(FT: the paper's fine-tune). Any option below overrides its recipe value")
     f.add_argument("--selection", choices=["rank", "outlier", "global"], help="fmt: pruning rule (default rank)")
     f.add_argument("--scorer", choices=["accuracy", "target"], help="fmt: per-map score (default accuracy)")
-    f.add_argument("--objective", choices=["mse", "excite", "patch", "warp"],
-                   help="fmt: per-map probe (recommended: patch; paper: mse; warp: a smooth warp of --eps pixels)")
+    f.add_argument("--objective", choices=["mse", "excite", "patch", "warp", "smooth"],
+                   help="fmt: per-map probe (recommended: patch; paper: mse; warp: a smooth warp of --eps pixels; "
+                        "smooth: a smooth additive change of L-inf --eps)")
     f.add_argument("--budget", type=_budget, help="fmt global: maps pruned (default: the rank rule's count), or "
                    "auto: the most that keep held-out clean accuracy within max_drop (--opt max_drop=0.1)")
     f.add_argument("--outlier-method", choices=["elliptic", "mad"], help="fmt outlier: detector (default elliptic)")

@@ -158,3 +158,34 @@ def test_a_failing_cell_is_recorded_and_retried(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "_run_defense", real)
     r = run_bench(grid, out, retry_failed=True, progress=False, log=_quiet)
     assert r["failed"] == [] and r["done"] == 4 and len(r["ran"]) == 1
+
+
+def test_adopted_runs_bring_their_matching_defense_results(tiny, tmp_path):
+    """adopt_defenses copies a finished result made with exactly a cell's settings (same numbers, marked
+    adopted_from) and computes the cells whose settings differ."""
+    out, grid, cells, _, _ = tiny
+    source = next(c for c in cells if c.kind == "model" and c.attack == "badnets")
+    seeded = {Path(c.path).name: c for c in cells if c.kind == "defense" and c.attack == "badnets"}
+    text = grid.read_text().replace('[[attack]]\nname = "blended"\n', "").replace(
+        '[[attack]]\nname = "badnets"\n', f'[[attack]]\nname = "badnets"\nrun = "{source.path}"\nadopt_defenses = true\n')
+    text = text.replace('name = "clp"', 'name = "clp"\nopts = {u = 2.5}')  # not in the source: computed
+    adopted = tmp_path / "adopt.toml"
+    adopted.write_text(text)
+    new = tmp_path / "new"
+    r = run_bench(adopted, new, progress=False, log=_quiet)
+    assert not r["failed"] and r["done"] == 1 + 3 * 2
+    with open(new / "results.csv") as f:
+        rows = [row for row in csv.DictReader(f) if row["defense"] != "none"]
+    for row in rows:
+        mine = json.loads((Path(row["path"]) / "result.json").read_text())
+        if row["defense"].startswith("clp"):
+            assert not row["adopted_from"] and "adopted_from" not in mine
+            continue
+        src = Path(row["adopted_from"])
+        assert src.parent.parent == Path(source.path) and src.name in seeded
+        theirs = json.loads((src / "result.json").read_text())
+        assert mine["after"] == theirs["after"] and mine["params"] == theirs["params"]
+    with pytest.raises(MapPruneError, match="adopt_defenses"):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(grid.read_text().replace('name = "blended"\n', 'name = "blended"\nadopt_defenses = true\n'))
+        run_bench(bad, tmp_path / "bad", progress=False, log=_quiet)

@@ -214,3 +214,28 @@ def test_warp_objective_fast_equals_reference_and_identity_at_zero():
         assert isinstance(fast.patches[layer], Warps) and torch.equal(fast.patches[layer].phi, ref.patches[layer].phi)
     one = fast.patches["net.conv1"].select(torch.tensor([0]))
     torch.testing.assert_close(one.stamp(xs[:2], torch.tensor([0, 0])), warp(xs[:2], one.phi, 1.0))
+
+
+def test_smooth_objective_fast_equals_reference_and_stays_smooth_and_bounded():
+    from mapprune.defenses.scoring import Shifts, smooth_shift
+
+    torch.manual_seed(0)
+    x = torch.full((2, 3, 32, 32), 0.5)
+    torch.testing.assert_close(smooth_shift(x, torch.zeros(1, 3, 8, 8), 0.1), x)
+    checker = torch.ones(1, 3, 8, 8)
+    checker[..., ::2, :] = -1  # the sharpest field 8 control points can make: rows alternate
+    out = smooth_shift(x, checker, 0.1)
+    assert (out - x).abs().max() <= 0.1 + 1e-6, "the L-inf size is eps"
+    # Low-pass: neighbouring pixels differ by far less than the field's range (a patch would jump by 1).
+    assert (out[..., 1:, :] - out[..., :-1, :]).abs().max() < 0.1
+    model = _calibrated(create_model("preactresnet18", 10, width=8), (3, 32, 32))
+    xs, y = _images_and_own_labels(model, 5, (3, 32, 32))
+    kw = {"alpha": 0.0, "seed": 1, "objective": "smooth", "keep_probs": True, "eps": 0.1}
+    fast = probe_feature_maps(model, xs, y, implementation="fast", batch_images=15, **kw)
+    ref = probe_feature_maps(model, xs, y, implementation="reference", **kw)
+    for layer in ref.acc:
+        torch.testing.assert_close(fast.probs[layer], ref.probs[layer], rtol=1e-4, atol=1e-5)
+        assert isinstance(fast.patches[layer], Shifts) and torch.equal(fast.patches[layer].phi, ref.patches[layer].phi)
+        assert fast.patches[layer].phi.shape[1:] == (3, 8, 8)
+    one = fast.patches["net.conv1"].select(torch.tensor([0]))
+    torch.testing.assert_close(one.stamp(xs[:2], torch.tensor([0, 0])), smooth_shift(xs[:2], one.phi, 0.1))

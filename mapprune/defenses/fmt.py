@@ -18,7 +18,7 @@ from ..errors import MapPruneError
 from .base import FINETUNES, CleanData, FineTuning, accuracy, most_aggressive, pick_images, stamping
 from .pruning import prune
 from .scorers import SCORERS, class_pull, estimate_target, suspicion
-from .scoring import IMPLEMENTATIONS, OBJECTIVES, MapTest, Patches, Warps, probe_feature_maps, score_feature_maps
+from .scoring import IMPLEMENTATIONS, OBJECTIVES, Field, MapTest, Patches, probe_feature_maps, score_feature_maps
 from .selection import SELECTIONS, select
 
 __all__ = ["FMT", "score_feature_maps"]
@@ -56,8 +56,8 @@ def random_candidates(found, image_hw: tuple[int, int], seed: int):
     g = torch.Generator().manual_seed(seed + 7919)
     if isinstance(found, Union):
         return Union([random_candidates(p, image_hw, seed + i) for i, p in enumerate(found.parts)])
-    if isinstance(found, Warps):
-        return Warps(torch.randint(0, 2, found.phi.shape, generator=g).float() * 2 - 1, found.pixels)
+    if isinstance(found, Field):
+        return type(found)(torch.randint(0, 2, found.phi.shape, generator=g).float() * 2 - 1, found.pixels)
     k, s = len(found), found.window.shape[-1]
     pos = torch.stack([torch.randint(0, image_hw[0] - s + 1, (k,), generator=g),
                        torch.randint(0, image_hw[1] - s + 1, (k,), generator=g)], 1)
@@ -68,9 +68,11 @@ def random_candidates(found, image_hw: tuple[int, int], seed: int):
 # algorithm; ``recommended`` is what the measurements in docs/results.md select.
 FMT_RECIPES: dict[str, dict] = {
     "paper": {"n_images": 32, "balanced": False, "eps": 0.06, "objective": "mse", "scorer": "accuracy",
-              "selection": "rank", "mask": False, "unlearn": 0.0, "unlearn_warp": 0.0},
+              "selection": "rank", "mask": False, "unlearn": 0.0, "unlearn_warp": 0.0,
+              "unlearn_smooth": 0.0},
     "recommended": {"n_images": 32, "balanced": False, "eps": 0.06, "objective": "patch", "scorer": "accuracy",
-                    "selection": "global", "mask": True, "unlearn": 0.2, "unlearn_warp": 1.0},
+                    "selection": "global", "mask": True, "unlearn": 0.2, "unlearn_warp": 1.0,
+                    "unlearn_smooth": 0.0},
 }
 
 
@@ -99,14 +101,14 @@ class FMT(FineTuning):
                  outlier_method: str = "elliptic",
                  contamination: float = 0.1, threshold: float = 3.5, mask: bool | None = None,
                  unlearn: float | None = None, unlearn_maps: int = 8, unlearn_warp: float | None = None,
-                 unlearn_candidates: str = "probe", detect_only: bool = False, precision: str = "auto",
+                 unlearn_smooth: float | None = None, unlearn_candidates: str = "probe", detect_only: bool = False, precision: str = "auto",
                  implementation: str = "fast", batch_images: int = 1024, **finetune_kw):
         super().__init__(recipe=recipe, **finetune_kw)
         if recipe not in FMT_RECIPES:  # FineTuning has refused it already; kept for FMT-only recipes
             raise MapPruneError(f"unknown recipe {recipe!r}; valid: {', '.join(FMT_RECIPES)}")
         given = {"n_images": n_images, "balanced": balanced, "eps": eps, "objective": objective, "scorer": scorer,
                  "selection": selection, "mask": mask, "unlearn": unlearn,
-                 "unlearn_warp": unlearn_warp}
+                 "unlearn_warp": unlearn_warp, "unlearn_smooth": unlearn_smooth}
         for k, v in given.items():
             setattr(self, k, FMT_RECIPES[recipe][k] if v is None else v)
         if self.selection not in SELECTIONS:
@@ -130,6 +132,8 @@ class FMT(FineTuning):
             raise MapPruneError(f"unlearn_maps must be >= 1, got {unlearn_maps}")
         if self.unlearn_warp < 0:
             raise MapPruneError(f"unlearn_warp is a displacement in pixels, >= 0; got {self.unlearn_warp}")
+        if not 0 <= self.unlearn_smooth <= 1:
+            raise MapPruneError(f"unlearn_smooth is an L-inf amplitude in [0, 1], got {self.unlearn_smooth}")
         self.unlearn_maps = unlearn_maps
         if budget == "auto":
             if self.selection != "global":
@@ -219,14 +223,15 @@ class FMT(FineTuning):
         top = class_pull(test)[:, target].topk(min(self.unlearn_maps, len(names))).indices
         return patches.select(top), [names[i] for i in top.tolist()]
 
-    def warp_candidates(self, model, x, y) -> tuple[Warps, list[str], dict]:
-        """A second probe over every map with the ``warp`` objective (``unlearn_warp`` pixels): the warps of the
-        ``unlearn_maps`` maps that pull hardest to the class it suspects, for triggers that move pixels, which
-        the patch probe cannot make."""
-        test = self.probe(model, x, y, objective="warp", eps=self.unlearn_warp)
+    def field_candidates(self, model, x, y, objective: str, size: float) -> tuple[Field, list[str], dict]:
+        """A second probe over every map with a field objective (``warp``: ``unlearn_warp`` pixels; ``smooth``:
+        an additive low-pass change of L-inf ``unlearn_smooth``): the fields of the ``unlearn_maps`` maps that
+        pull hardest to the class it suspects, for triggers that move pixels or change every pixel a little,
+        which the patch probe cannot make."""
+        test = self.probe(model, x, y, objective=objective, eps=size)
         target = estimate_target(test)
-        warps, maps = self.candidates(test, target["target"])
-        return warps, maps, target
+        fields, maps = self.candidates(test, target["target"])
+        return fields, maps, target
 
     def unlearning(self, patches: "Patches | Warps | Union"):
         """The fine-tune's batch transform: a share ``unlearn`` of each batch gets one of the candidate triggers
@@ -254,13 +259,17 @@ class FMT(FineTuning):
             extra["unlearning"] = {"share": self.unlearn, "maps": maps}
             if isinstance(patches, Patches):
                 extra["unlearning"]["patch_positions"] = patches.pos.tolist()
-                if self.unlearn_warp > 0:
-                    t0 = time.perf_counter()
-                    warps, warp_maps, warp_target = self.warp_candidates(model, x, y)
-                    patches = Union([patches, warps])
-                    timings["test_warp"] = time.perf_counter() - t0
-                    extra["unlearning"].update({"warp_pixels": self.unlearn_warp, "warp_maps": warp_maps,
-                                                "warp_suspected_target": warp_target})
+                parts = [patches]
+                for objective, size in (("warp", self.unlearn_warp), ("smooth", self.unlearn_smooth)):
+                    if size > 0:
+                        t0 = time.perf_counter()
+                        fields, field_maps, field_target = self.field_candidates(model, x, y, objective, size)
+                        parts.append(fields)
+                        timings[f"test_{objective}"] = time.perf_counter() - t0
+                        extra["unlearning"].update({f"{objective}_size": size, f"{objective}_maps": field_maps,
+                                                    f"{objective}_suspected_target": field_target})
+                if len(parts) > 1:
+                    patches = Union(parts)
             if self.unlearn_candidates == "random":
                 patches = random_candidates(patches, tuple(x.shape[-2:]), self.seed)
                 extra["unlearning"]["candidates"] = "random (control)"

@@ -22,8 +22,9 @@ from ..errors import MapPruneError
 from ..images import as_unit
 from .pruning import conv_layers, following_batchnorms
 
-OBJECTIVES = ("mse", "excite", "patch", "warp")
+OBJECTIVES = ("mse", "excite", "patch", "warp", "smooth")
 WARP_GRID = 4  # control points per side of a ``warp`` probe's flow field (WaNet's k)
+SMOOTH_GRID = 8  # control points per side of a ``smooth`` probe's additive field (periods of >= 8 px on 32x32)
 
 
 @dataclass
@@ -150,9 +151,19 @@ def warp(x: torch.Tensor, phi: torch.Tensor, pixels: float) -> torch.Tensor:
     return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
+def smooth_shift(x: torch.Tensor, phi: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (n, C, H, W) plus a smooth additive field: ``phi`` (n or 1, C, k, k) control points, bicubically
+    upsampled and clipped to [-1, 1], times ``eps`` (its L-inf size); the result clamped to [0, 1]. A low-pass
+    change of every pixel at once, the kind of trigger (Low Frequency, SIG, a faint blend) that neither a small
+    patch nor a warp can express."""
+    field = torch.nn.functional.interpolate(phi, size=x.shape[-2:], mode="bicubic", align_corners=True)
+    return (x + eps * field.clamp(-1, 1)).clamp(0, 1)
+
+
 @dataclass
-class Warps:
-    """k universal warps: ``phi`` (k, 2, g, g) control points of the flow, ``pixels`` its size."""
+class Field:
+    """k universal smooth fields: ``phi`` (k, P, g, g) control points, ``pixels`` their size (a warp's
+    displacement in pixels, a shift's L-inf amplitude). Subclasses say how a field changes an image."""
 
     phi: torch.Tensor
     pixels: float
@@ -160,16 +171,43 @@ class Warps:
     def __len__(self) -> int:
         return len(self.phi)
 
-    def select(self, idx) -> "Warps":
-        return Warps(self.phi[idx], self.pixels)
+    def select(self, idx) -> "Field":
+        return type(self)(self.phi[idx], self.pixels)
+
+    @classmethod
+    def cat(cls, parts: list["Field"]) -> "Field":
+        return cls(torch.cat([p.phi for p in parts]), parts[0].pixels)
 
     @staticmethod
-    def cat(parts: list["Warps"]) -> "Warps":
-        return Warps(torch.cat([p.phi for p in parts]), parts[0].pixels)
+    def apply(x: torch.Tensor, phi: torch.Tensor, size: float) -> torch.Tensor:
+        raise NotImplementedError
 
     def stamp(self, x: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
-        """x (n, C, H, W) with warp ``which[i]`` applied to image i."""
-        return warp(x, self.phi.to(x.device, x.dtype)[which], self.pixels)
+        """x (n, C, H, W) with field ``which[i]`` applied to image i."""
+        return self.apply(x, self.phi.to(x.device, x.dtype)[which], self.pixels)
+
+
+class Warps(Field):
+    """k universal warps (:func:`warp`): ``phi`` (k, 2, g, g) flow control points, ``pixels`` the displacement."""
+
+    apply = staticmethod(warp)
+
+
+class Shifts(Field):
+    """k universal smooth additive changes (:func:`smooth_shift`): ``phi`` (k, C, g, g), ``pixels`` the L-inf
+    amplitude."""
+
+    apply = staticmethod(smooth_shift)
+
+
+# The objectives whose leaf is a field's control points: (field class, control points per side, channels).
+FIELDS = {"warp": (Warps, WARP_GRID, lambda c: 2), "smooth": (Shifts, SMOOTH_GRID, lambda c: c)}
+
+
+def field_leaf(objective: str, x: torch.Tensor) -> torch.Tensor:
+    """The zero control points (1, P, g, g) of a field objective's universal change, requiring grad."""
+    _, grid, channels = FIELDS[objective]
+    return torch.zeros(1, channels(x.shape[1]), grid, grid, device=x.device, dtype=x.dtype, requires_grad=True)
 
 
 def find_patches(grad: torch.Tensor, size: int) -> Patches:
@@ -212,13 +250,14 @@ def adversarial_for_map(model, layer, x, x0, channel: int, eps: float, objective
     paper's) or up the map's activation as its consumer sees it (``excite``: ``sign`` is +1, or -1 where the
     BatchNorm reading the map has a negative gamma; ``patch``: through one small patch; ``warp``: through one
     smooth warp of the image, a signed step on its flow's control points, ``eps`` pixels)."""
-    if objective == "warp":
-        phi = torch.zeros(1, 2, WARP_GRID, WARP_GRID, device=x0.device, dtype=x0.dtype, requires_grad=True)
-        loss = sign * layer_output(model, layer, warp(x0, phi, eps))[:, channel].mean()
+    if objective in FIELDS:
+        cls = FIELDS[objective][0]
+        phi = field_leaf(objective, x0)
+        loss = sign * layer_output(model, layer, cls.apply(x0, phi, eps))[:, channel].mean()
         (grad,) = torch.autograd.grad(loss, phi)
         if patches_out is not None:
-            patches_out.append(Warps(grad.sign().cpu(), eps))
-        return warp(x0, grad.sign(), eps)
+            patches_out.append(cls(grad.sign().cpu(), eps))
+        return cls.apply(x0, grad.sign(), eps)
     x_start = x0.clone().requires_grad_(True)
     if objective in ("excite", "patch"):
         loss = sign * layer_output(model, layer, x_start)[:, channel].mean()
@@ -265,14 +304,14 @@ def _score_fast(model, layers, x, y, x0, eps, progress, max_maps, batch_images, 
         channels = min(layer.out_channels, max_maps)
         # One forward of x0 to layer l serves every map of the layer: each map's gradient is a backward pass
         # of the same graph with another cotangent, so the backwards are batched (vmap) over maps.
-        if objective == "warp":  # the leaf is the flow's control points, shared by the n images
-            x_start = torch.zeros(1, 2, WARP_GRID, WARP_GRID, device=x.device, dtype=x0.dtype, requires_grad=True)
-            out = forward_to(model, layer, warp(x0, x_start, eps))
+        if objective in FIELDS:  # the leaf is the field's control points, shared by the n images
+            x_start = field_leaf(objective, x0)
+            out = forward_to(model, layer, FIELDS[objective][0].apply(x0, x_start, eps))
         else:
             x_start = x0.detach().requires_grad_(True)
             out = forward_to(model, layer, x_start)
         scale = torch.full((), 1.0 / (out[:, 0].numel()), device=x.device, dtype=out.dtype)
-        if objective in ("excite", "patch", "warp"):
+        if objective != "mse":
             # d/d(out) of sign * mean(out[:, c]): a constant sign / numel in channel c.
             sign = signs[name][:channels].to(x.device, out.dtype).view(1, channels, 1, 1)
             cot_all = (scale * sign).expand(out.shape[0], channels, *out.shape[2:])
@@ -294,10 +333,11 @@ def _score_fast(model, layers, x, y, x0, eps, progress, max_maps, batch_images, 
             with torch.inference_mode():
                 if objective == "patch":
                     x_adv = patch_step(x0, grad, default_patch(x0.shape), patches).flatten(0, 1)
-                elif objective == "warp":
-                    phi = grad.sign().flatten(0, 1)  # (k, 2, g, g)
-                    patches.append(Warps(phi.cpu(), eps))
-                    x_adv = warp(x0.repeat(k, 1, 1, 1), phi.repeat_interleave(n, 0), eps)
+                elif objective in FIELDS:
+                    cls = FIELDS[objective][0]
+                    phi = grad.sign().flatten(0, 1)  # (k, P, g, g)
+                    patches.append(cls(phi.cpu(), eps))
+                    x_adv = cls.apply(x0.repeat(k, 1, 1, 1), phi.repeat_interleave(n, 0), eps)
                 else:
                     x_adv = (x0.unsqueeze(0) + eps * grad.sign()).clamp_(0, 1).flatten(0, 1)
                 x_adv = x_adv.contiguous(memory_format=torch.channels_last)
@@ -366,7 +406,8 @@ def probe_feature_maps(
     ``images``: (n, C, H, W) uint8 or float in [0, 1], on the model's device or CPU; ``labels``: true labels.
     ``objective``: ``mse`` (the paper's: push the map away from its clean value), ``excite`` (push the map up
     as its consumer sees it), ``patch`` (excite it through one small universal patch; see :func:`patch_step`;
-    ``eps`` does not apply) or ``warp`` (excite it through one smooth universal warp of ``eps`` pixels). The
+    ``eps`` does not apply), ``warp`` (excite it through one smooth universal warp of ``eps`` pixels) or
+    ``smooth`` (excite it through one smooth universal additive change of L-inf size ``eps``). The
     model is used in eval mode (BatchNorm running statistics) and left as it was found. ``layers`` restricts
     testing to those conv names (default: every Conv2d). ``batch_images`` bounds how many images one pass of the
     fast implementation holds (memory scales with it). ``keep_probs`` also keeps every map's softmax outputs and

@@ -10,7 +10,9 @@ A grid is a TOML file (see ``benchmarks/grids/``)::
 
     [[attack]]
     name = "badnets"            # poison_ratio, target, all_to_all, train_seed and opts = {...} optional;
-                                # run = "path" adopts a finished run folder instead of training one
+                                # run = "path" adopts a finished run folder instead of training one;
+                                # adopt_defenses = true also adopts its defense results whose settings match
+                                # a cell's exactly (result.json says "adopted_from")
     [[defense]]
     name = "fmt"
     opts = {recipe = "paper"}   # any option of the defense
@@ -39,7 +41,7 @@ from ..errors import MapPruneError, unknown_name
 
 BACKENDS = ("local", "ray")
 GRID_KEYS = {"name", "dataset", "data_dir", "preset", "clean_ratio", "seeds", "model", "attack", "defense"}
-ATTACK_KEYS = {"name", "opts", "poison_ratio", "target", "all_to_all", "train_seed", "run", "label"}
+ATTACK_KEYS = {"name", "opts", "poison_ratio", "target", "all_to_all", "train_seed", "run", "label", "adopt_defenses"}
 DEFENSE_KEYS = {"name", "opts", "label"}
 MODEL_KEYS = {"model", "width", "epochs", "batch_size", "lr", "schedule", "eval_every"}
 
@@ -123,6 +125,9 @@ def _check_names(grid: dict, path) -> None:
             raise MapPruneError(f"{where}: unknown attack {a.get('name')!r}; valid attacks: {', '.join(ATTACKS)}")
         if "run" in a and not (Path(a["run"]) / "manifest.json").is_file():
             raise MapPruneError(f"{where}: {a['run']} is not a finished run folder (no manifest.json)")
+        if a.get("adopt_defenses") and "run" not in a:
+            raise MapPruneError(f"{where}: adopt_defenses adopts the defense results of an adopted run; give run = "
+                                "\"path\" too")
         if "run" not in a:
             valid = _attack_options(ATTACKS[a["name"]])
             for k in a.get("opts", {}):
@@ -213,8 +218,10 @@ def plan(grid: dict, out: Path) -> list[Cell]:
                 # The folder is named by the defense's settings alone, so one defense lines up across models.
                 dkey = _hash({k: v for k, v in dset.items() if k != "model"})
                 folder = f"{dlabel}-{dkey}" + (f"-seed{seed}" if seed else "")
+                # Where finished results may be adopted from is not a setting: it is not hashed.
+                adopt = {"adopt_from": a["run"]} if a.get("adopt_defenses") else {}
                 cells.append(Cell("defense", f"{label} / {dlabel} / seed {seed}", _hash({**dset, "seed": seed}),
-                                  {**dset, "seed": seed}, str(run / "defense" / folder), [key],
+                                  {**dset, "seed": seed, **adopt}, str(run / "defense" / folder), [key],
                                   attack=label, defense=dlabel, seed=seed))
     return cells
 
@@ -267,7 +274,8 @@ def _run_defense(c: Cell, grid: dict, progress: bool) -> None:
     s = c.settings
     path = Path(c.path)
     defend_run(path.parent.parent, s["defense"], clean_ratio=s["clean_ratio"], name=path.name,
-               data_dir=grid.get("data_dir"), progress=progress, seed=s["seed"], **s["opts"])
+               data_dir=grid.get("data_dir"), progress=progress, seed=s["seed"], adopt_from=s.get("adopt_from"),
+               **s["opts"])
 
 
 # -- scheduling -----------------------------------------------------------------------------------------------
@@ -449,7 +457,8 @@ def collect(cells: list[Cell]) -> list[dict]:
                          "acc": m["metrics"]["acc"], "asr": m["metrics"]["asr"], "ra": m["metrics"]["ra"],
                          "acc_before": None, "asr_before": None, "ra_before": None, "der": None,
                          "wall_s": m["timings"].get("train_s"), "timings": json.dumps(m["timings"]),
-                         "peak_memory_mb": m.get("peak_memory_mb"), "settings": json.dumps(c.settings)})
+                         "peak_memory_mb": m.get("peak_memory_mb"), "settings": json.dumps(c.settings),
+                         "adopted_from": c.settings.get("source")})
             continue
         r = json.loads((Path(c.path) / "result.json").read_text())
         rows.append({"attack": c.attack, "defense": c.defense, "seed": c.seed, "key": c.key, "path": c.path,
@@ -457,7 +466,8 @@ def collect(cells: list[Cell]) -> list[dict]:
                      "acc_before": r["before"]["acc"], "asr_before": r["before"]["asr"],
                      "ra_before": r["before"]["ra"], "der": r["der"], "wall_s": r["wall_s"],
                      "timings": json.dumps(r["timings"]), "peak_memory_mb": r.get("peak_memory_mb"),
-                     "settings": json.dumps({**c.settings, "params": r["params"]})})
+                     "settings": json.dumps({**c.settings, "params": r["params"]}),
+                     "adopted_from": r.get("adopted_from")})
     return rows
 
 

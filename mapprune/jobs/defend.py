@@ -5,6 +5,8 @@ a defense made tensors worth keeping (NC's reversed triggers), and figures, buil
 ``.partial`` folder and moved into place when complete.
 """
 
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -26,9 +28,42 @@ def variant_name(defense: str, kw: dict) -> str:
     return defense_class(defense).variant_name(kw)
 
 
+def _json_equal(a, b) -> bool:
+    return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
+
+
+def find_result(source, defense: str, params: dict, ratio: float, seed: int) -> Path | None:
+    """A finished defense folder under ``source/defense/`` made with exactly these settings (same defense, every
+    hyperparameter equal, the same clean subset), or None. A result written before a parameter existed does not
+    match: equality is over the full parameter set."""
+    for res in sorted(Path(source, "defense").glob("*/result.json")):
+        try:
+            r = json.loads(res.read_text())
+        except (OSError, ValueError):
+            continue
+        subset = r.get("clean_subset", {})
+        if r.get("defense") == defense and _json_equal(r.get("params"), params) \
+                and subset.get("ratio") == ratio and subset.get("seed") == seed:
+            return res.parent
+    return None
+
+
+def adopt_result(found: Path, writer: RunWriter, run) -> dict:
+    """Copies a finished defense folder through ``writer``, noting where it came from."""
+    shutil.copytree(found, writer.partial, dirs_exist_ok=True)
+    report = json.loads(writer.path("result.json").read_text())
+    report.update({"run": str(run), "name": writer.out.name, "adopted_from": str(found)})
+    write_json(writer.path("result.json"), report)
+    writer.finish()
+    return report
+
+
 def defend_run(run, defense: str, *, clean_ratio: float | None = None, name: str | None = None,
-               data_dir=None, device=None, overwrite: bool = False, progress: bool = True, **kw) -> dict:
-    """Runs a defense on a finished attack run and writes RUN/defense/<name>/; returns result.json's content."""
+               data_dir=None, device=None, overwrite: bool = False, progress: bool = True, adopt_from=None,
+               **kw) -> dict:
+    """Runs a defense on a finished attack run and writes RUN/defense/<name>/; returns result.json's content.
+    ``adopt_from``: a run folder of the same model whose finished result with exactly these settings (see
+    :func:`find_result`) is copied instead of recomputed."""
     t_start = time.perf_counter()
     r = load_run(run, data_dir)
     ds_name = r.dataset.name
@@ -45,6 +80,9 @@ def defend_run(run, defense: str, *, clean_ratio: float | None = None, name: str
     x, y = r.dataset.x_train[idx], r.dataset.y_train[idx]  # clean originals: the defender never sees poison
     kw.setdefault("hflip", r.dataset.hflip)
     d = create_defense(defense, device=device, progress=progress, **kw)
+    found = adopt_from and find_result(adopt_from, defense, d.params(), ratio, seed)
+    if found:
+        return adopt_result(found, writer, run)
     dev = pick_device(device)
     test_sets = r.test_sets()
     before = evaluate(r.model.to(dev), test_sets)
