@@ -270,6 +270,8 @@ def cmd_eval(args) -> int:
     else:
         print(f"{args.run}{' + ' + args.defense if args.defense else ''}: ACC {100 * result['acc']:.2f}%  "
               f"ASR {100 * result['asr']:.2f}%  RA {100 * result['ra']:.2f}%")
+        for label, t in result.get("triggers", {}).items():
+            print(f"  trigger {label}: ASR {100 * t['asr']:.2f}%  RA {100 * t['ra']:.2f}%")
         if args.per_class:
             print("ACC per class: " + "  ".join(f"{i}: -" if a is None else f"{i}: {100 * a:.1f}%"
                                                 for i, a in enumerate(result["class_acc"])))
@@ -298,7 +300,11 @@ def cmd_defend(args) -> int:
     b, a = r["before"], r["after"]
     from .report import format_table
 
-    print(format_table([{"model": "before", **b}, {"model": f"after {r['name']}", **a}], ["model", "acc", "asr", "ra"]))
+    rows = [{"model": "before", **b}, {"model": f"after {r['name']}", **a}]
+    for label in b.get("triggers", {}):  # several triggers: each one's ASR and RA before and after
+        rows += [{"model": f"  {label} {when}", **m["triggers"][label]}
+                 for when, m in (("before", b), ("after", a))]
+    print(format_table(rows, ["model", "acc", "asr", "ra"]))
     if "suspected_target" in r:
         t = r["suspected_target"]
         print(f"suspected target class {t['target']} (anomaly index {t['anomaly_index']:.1f}; above 2 is unusual)")

@@ -47,7 +47,9 @@ def der(before: dict, after: dict) -> float:
 
 
 def evaluate(model: nn.Module, test_sets: dict, *, num_classes: int | None = None, **kw) -> dict:
-    """Metrics of a model on {"clean": (x, y), "backdoor": (x_bd, y_target, y_true)}.
+    """Metrics of a model on {"clean": (x, y), "backdoor": (x_bd, y_target, y_true)}; where ``test_sets`` also
+    has ``"triggers"`` ({label: (x_bd, y_target, y_true)}, whose concatenation is "backdoor"), ASR and RA per
+    trigger under ``"triggers"``.
 
     With ``num_classes`` the result also holds ``class_acc``, the clean accuracy of each class (a clean-label
     attack that consumed its target class shows there as a class the model never gets right).
@@ -55,7 +57,14 @@ def evaluate(model: nn.Module, test_sets: dict, *, num_classes: int | None = Non
     x, y = test_sets["clean"]
     xb, yt, yy = test_sets["backdoor"]
     pred = predict(model, x, **kw)
-    result = backdoor_metrics(pred, y, predict(model, xb, **kw), yt, yy)
+    bd_pred = predict(model, xb, **kw)
+    result = backdoor_metrics(pred, y, bd_pred, yt, yy)
+    if "triggers" in test_sets:  # several triggers: the backdoor set is theirs concatenated, in this order
+        result["triggers"], start = {}, 0
+        for label, (_, t_target, t_true) in test_sets["triggers"].items():
+            part = bd_pred[start:start + len(t_target)]
+            result["triggers"][label] = {"asr": accuracy(part, t_target), "ra": accuracy(part, t_true)}
+            start += len(t_target)
     if num_classes is not None:
         result["class_acc"] = per_class_accuracy(pred, y, num_classes)
     return result

@@ -133,7 +133,7 @@ class Run:
 
     def test_sets(self) -> dict:
         d = self.dataset
-        return {"clean": (d.x_test, d.y_test), "backdoor": self.attack.backdoor_test(d.x_test, d.y_test)}
+        return self.attack.test_sets(d.x_test, d.y_test)
 
 
 def load_run(run, data_dir=None) -> Run:

@@ -11,6 +11,7 @@ from .blended import Blended
 from .inputaware import InputAware
 from .lc import LabelConsistent
 from .lowfreq import LowFrequency
+from .multi import MultiAttack
 from .patch import PatchAttack
 from .sig import SIG
 from .ssba import SSBA
@@ -18,7 +19,7 @@ from .wanet import WaNet
 
 ATTACKS: dict[str, type[Attack]] = {
     cls.name: cls for cls in (BadNets, Blended, WaNet, LowFrequency, SSBA, InputAware, SIG, LabelConsistent,
-                              PatchAttack)
+                              PatchAttack, MultiAttack)
 }
 _plugins_loaded = False
 

@@ -112,6 +112,11 @@ class Attack:
                 y[idx] = self.target_labels(y[idx])
         return x, y, idx
 
+    def test_sets(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        """What ``metrics.evaluate`` takes: the clean test set and the backdoor test set (an attack with several
+        triggers adds each trigger's own under ``"triggers"``)."""
+        return {"clean": (x, y), "backdoor": self.backdoor_test(x, y)}
+
     def backdoor_test(self, x: torch.Tensor, y: torch.Tensor):
         """The backdoor test set: triggered test images, their attack targets and their true labels.
 

@@ -101,8 +101,8 @@ class FMT(FineTuning):
                  outlier_method: str = "elliptic",
                  contamination: float = 0.1, threshold: float = 3.5, mask: bool | None = None,
                  unlearn: float | None = None, unlearn_maps: int = 8, unlearn_warp: float | None = None,
-                 unlearn_smooth: float | None = None, unlearn_candidates: str = "probe", detect_only: bool = False, precision: str = "auto",
-                 implementation: str = "fast", batch_images: int = 1024, **finetune_kw):
+                 unlearn_smooth: float | None = None, unlearn_candidates: str = "probe", detect_only: bool = False,
+                 precision: str = "auto", implementation: str = "fast", batch_images: int = 1024, **finetune_kw):
         super().__init__(recipe=recipe, **finetune_kw)
         if recipe not in FMT_RECIPES:  # FineTuning has refused it already; kept for FMT-only recipes
             raise MapPruneError(f"unknown recipe {recipe!r}; valid: {', '.join(FMT_RECIPES)}")
@@ -214,7 +214,7 @@ class FMT(FineTuning):
         return select("outlier", scores, method=self.outlier_method, contamination=self.contamination,
                       threshold=self.threshold, seed=self.seed)
 
-    def candidates(self, test: MapTest, target: int) -> tuple["Patches | Warps", list[str]]:
+    def candidates(self, test: MapTest, target: int) -> tuple["Patches | Field", list[str]]:
         """The ``unlearn_maps`` patches that pull hardest towards the suspected target (FMT's candidate
         triggers) and the maps they came from, as "layer[channel]"."""
         names = [f"{layer}[{c}]" for layer, acc in test.acc.items() for c in range(len(acc))]
@@ -233,7 +233,7 @@ class FMT(FineTuning):
         fields, maps = self.candidates(test, target["target"])
         return fields, maps, target
 
-    def unlearning(self, patches: "Patches | Warps | Union"):
+    def unlearning(self, patches: "Patches | Field | Union"):
         """The fine-tune's batch transform: a share ``unlearn`` of each batch gets one of the candidate triggers
         stamped on, keeping its true label (FMT's own candidate poison samples, unlearned)."""
         return stamping(patches, self.unlearn)

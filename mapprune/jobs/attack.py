@@ -128,7 +128,7 @@ def attack_run(
         atk.prepare(ds, device=dev, progress=progress)
         x_train, y_train, poison_idx = atk.poison_train(ds.x_train, ds.y_train, seed)
         target_share = _warn_if_target_class_consumed(atk, ds.y_train, len(poison_idx), ds.num_classes)
-        test_sets = {"clean": (ds.x_test, ds.y_test), "backdoor": atk.backdoor_test(ds.x_test, ds.y_test)}
+        test_sets = atk.test_sets(ds.x_test, ds.y_test)
         t_data = time.perf_counter() - t_start
 
         torch.manual_seed(seed)

@@ -138,8 +138,7 @@ def import_backdoorbench(path, out, *, attack: str, attack_kw: dict | None = Non
     load_state_into(model.net, state, Path(path), what=f"BackdoorBench's {data['model_name']}")
     writer = RunWriter(out, overwrite)
     dev = pick_device(device)
-    metrics = evaluate(model.to(dev), {"clean": (ds.x_test, ds.y_test), "backdoor": atk.backdoor_test(ds.x_test,
-                                                                                                    ds.y_test)})
+    metrics = evaluate(model.to(dev), atk.test_sets(ds.x_test, ds.y_test))
     save_model(model.cpu(), writer.path("model.safetensors"), {"model": spec})
     atomic_save({**{f"state.{k}": v for k, v in atk.state().items()}, "poison_indices": poison},
                 writer.path("attack.safetensors"), {"attack": atk.config()})
