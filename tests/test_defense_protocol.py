@@ -160,11 +160,18 @@ def test_contract(name, digits_backdoor, tripwire, tmp_path):
         torch.testing.assert_close(v, as_float.model.state_dict()[k], msg=f"uint8 and float inputs differ at {k}")
 
 
-@pytest.mark.parametrize("arch", ["preactresnet18", "resnet18", "vgg16_bn"])
+# Defenses that work on BatchNorm2d channels cannot apply to the ViT (LayerNorm only): they refuse it with a clear
+# error before any work. NAD cannot find a transformer's stages by itself; given layers, it runs.
+INCOMPATIBLE = {"vit": {"anp": "BatchNorm2d", "rnp": "BatchNorm2d", "clp": "BatchNorm", "nad": "layers"}}
+ON_ARCH = {"vit": {"nad": {"layers": ["net.blocks.1", "net.blocks.2", "net.blocks.3"]}}}
+
+
+@pytest.mark.parametrize("arch", ["preactresnet18", "resnet18", "vgg16_bn", "vit"])
 @pytest.mark.parametrize("name", sorted(DEFENSES))
 def test_every_defense_runs_on_the_papers_architectures(name, arch):
     """Tiny width, 32x32 random images: each defense completes and its model reloads strictly into the
-    architecture (no pruning re-parametrisation or plug left in the checkpoint)."""
+    architecture (no pruning re-parametrisation or plug left in the checkpoint). A defense that cannot apply to
+    an architecture (``INCOMPATIBLE``) says so with a MapPruneError."""
     from mapprune.checkpoint import load_state_into
     from mapprune.models import create_model
 
@@ -175,5 +182,11 @@ def test_every_defense_runs_on_the_papers_architectures(name, arch):
     model = create_model(arch, 10, width=4)
     cheaper = {"nc": {"n_images": 20}, "fmt": {"recipe": "paper", "n_images": 8}}  # the probes dominate otherwise
     fast = {**FAST[name], **cheaper.get(name, {})}
+    if name in INCOMPATIBLE.get(arch, {}):
+        with pytest.raises(MapPruneError, match=INCOMPATIBLE[arch][name]):
+            create_defense(name, **fast).repair(model, x, y)
+        if name not in ON_ARCH.get(arch, {}):
+            return
+        fast.update(ON_ARCH[arch][name])
     result = create_defense(name, **fast).repair(model, x, y)
     load_state_into(create_model(arch, 10, width=4), result.model.state_dict(), "repaired")

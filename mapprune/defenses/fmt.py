@@ -1,7 +1,8 @@
 """Feature Map Testing (FMT), "Adversarial Feature Map Pruning for Backdoor" (ICLR 2024).
 
-Test every conv feature map (``scoring.py``), select the maps whose per-map attack wrecks accuracy
-(``selection.py``), prune them (``pruning.py``), fine-tune on the clean subset with the one training loop.
+Test every feature map (``scoring.py``: every conv channel, and on a transformer every Linear output channel
+but the head's), select the maps whose per-map attack wrecks accuracy (``selection.py``), prune them
+(``pruning.py``), fine-tune on the clean subset with the one training loop.
 ``docs/fmt.md`` is the specification; the released code's bugs (double normalisation, scores applied in the
 wrong layer order, BatchNorm in train mode) are not repeated: one normalisation inside the model, everything
 keyed by module name, eval mode while testing.
@@ -86,8 +87,8 @@ class FMT(FineTuning):
 
         result = FMT().repair(model, clean_images, clean_labels)
         result.model      # the repaired model
-        result.pruned     # {conv name: [channels]}
-        result.scores     # {conv name: per-channel accuracy under attack}
+        result.pruned     # {layer name: [channels]} (conv, or Linear on a transformer)
+        result.scores     # {layer name: per-channel accuracy under attack}
     """
 
     name = "fmt"

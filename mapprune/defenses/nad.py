@@ -45,12 +45,16 @@ def stage_outputs(model: nn.Module, n: int = 3) -> list[str]:
                 if pooled or last and any(isinstance(c, nn.Conv2d) for _, c in kids):
                     ends.append(f"{prefix}.{name}" if prefix else name)
     if not ends:
-        raise MapPruneError("cannot tell this model's stages; give NAD the layers to distil (layers=[...])")
+        raise MapPruneError("cannot tell this model's stages; give NAD the layers to distil (layers=[...], one per "
+                            "beta, e.g. a transformer's last encoder blocks: net.blocks.1, net.blocks.2, net.blocks.3)")
     return list(dict.fromkeys(ends))[-n:]
 
 
 def attention(feature: torch.Tensor, p: float) -> torch.Tensor:
-    """(N, H*W) the L2-normalised channel mean of |feature|^p."""
+    """(N, H*W) the L2-normalised channel mean of |feature|^p; (N, tokens) for a transformer's (N, tokens, C)
+    output, whose channels are last."""
+    if feature.dim() == 3:
+        feature = feature.transpose(1, 2)
     return F.normalize(feature.float().abs().pow(p).mean(1).flatten(1), dim=1)
 
 

@@ -27,7 +27,7 @@ from ..errors import MapPruneError
 from ..train import TrainConfig, train
 from .anp import check_threshold, prune_by_threshold
 from .base import CleanData, Defense, pick_images
-from .bn_masks import attach_masks, clip_masks, mask_values
+from .bn_masks import attach_masks, batchnorms, clip_masks, mask_values
 
 
 class RNP(Defense):
@@ -77,6 +77,7 @@ class RNP(Defense):
         return mask_values(wrapped)
 
     def _repair(self, model, data: CleanData, device):
+        batchnorms(model)  # a model without BatchNorm2d (a ViT) fails here, not after the unlearning
         x, y = data.fit
         if self.n_images is not None and self.n_images < len(x):
             x, y = pick_images(x, y, self.n_images, self.seed, balanced=True)

@@ -1,10 +1,14 @@
 """FMT's testing phase: feature reverse generation per feature map, scored by accuracy on the adversarial images.
 
-For every Conv2d layer l and output channel c: starting from x0 = clip(x + alpha * s, 0, 1) (one random sign
-draw shared by all maps), take one signed step of size eps that pushes channel c of layer l away from its
-clean value, and record the fraction of the n images the model still classifies correctly.
+For every tested layer l (every Conv2d, and every nn.Linear but the classifier head: ``pruning.map_layers``)
+and output channel c: starting from x0 = clip(x + alpha * s, 0, 1) (one random sign draw shared by all maps),
+take one signed step of size eps that pushes channel c of layer l away from its clean value, and record the
+fraction of the n images the model still classifies correctly. A map is the channel over everything else in
+the layer's output: a conv's ``out[:, c]`` (all positions), a Linear's ``out[..., c]`` (all tokens); "the mean
+of a map" is its mean over the images and those positions or tokens.
 
-Two implementations, which give the same scores:
+Two implementations, which give the same scores (on a transformer, up to rounding: its batched backward does not
+round exactly as the per-map one, so an input gradient within rounding of zero can take the other sign):
 - ``reference``: the plain per-map loop, written to be read (whole-model forwards with a hook, the clean
   activation recomputed per map, no batching);
 - ``fast``: per layer, the clean activations and the forward of x0 to layer l once; the backward passes of
@@ -20,7 +24,7 @@ from torch import nn
 
 from ..errors import MapPruneError
 from ..images import as_unit
-from .pruning import conv_layers, following_batchnorms
+from .pruning import MapLayer, channel_dim, following_batchnorms, map_layers, num_maps
 
 OBJECTIVES = ("mse", "excite", "patch", "warp", "smooth")
 WARP_GRID = 4  # control points per side of a ``warp`` probe's flow field (WaNet's k)
@@ -67,8 +71,13 @@ def forward_to(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Ten
     finally:
         handle.remove()
     if "out" not in box:
-        raise MapPruneError("a Conv2d layer never ran in the forward pass; FMT can only test layers the model uses")
+        raise MapPruneError("a tested layer never ran in the forward pass; FMT can only test layers the model uses")
     return box["out"]
+
+
+def feature_map(out: torch.Tensor, layer: MapLayer, channel: int) -> torch.Tensor:
+    """Map ``channel`` of ``layer``'s output ``out``: a conv's out[:, c], a Linear's out[..., c]."""
+    return out.select(channel_dim(layer), channel)
 
 
 def _random_sign(x: torch.Tensor, seed: int) -> torch.Tensor:
@@ -90,7 +99,7 @@ def layer_output(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.T
     finally:
         handle.remove()
     if "out" not in box:
-        raise MapPruneError("a Conv2d layer never ran in the forward pass; FMT can only test layers the model uses")
+        raise MapPruneError("a tested layer never ran in the forward pass; FMT can only test layers the model uses")
     return box["out"]
 
 
@@ -253,18 +262,18 @@ def adversarial_for_map(model, layer, x, x0, channel: int, eps: float, objective
     if objective in FIELDS:
         cls = FIELDS[objective][0]
         phi = field_leaf(objective, x0)
-        loss = sign * layer_output(model, layer, cls.apply(x0, phi, eps))[:, channel].mean()
+        loss = sign * feature_map(layer_output(model, layer, cls.apply(x0, phi, eps)), layer, channel).mean()
         (grad,) = torch.autograd.grad(loss, phi)
         if patches_out is not None:
             patches_out.append(cls(grad.sign().cpu(), eps))
         return cls.apply(x0, grad.sign(), eps)
     x_start = x0.clone().requires_grad_(True)
     if objective in ("excite", "patch"):
-        loss = sign * layer_output(model, layer, x_start)[:, channel].mean()
+        loss = sign * feature_map(layer_output(model, layer, x_start), layer, channel).mean()
     else:
         with torch.no_grad():
-            clean = layer_output(model, layer, x)[:, channel]
-        loss = (layer_output(model, layer, x_start)[:, channel] - clean).square().mean()
+            clean = feature_map(layer_output(model, layer, x), layer, channel)
+        loss = (feature_map(layer_output(model, layer, x_start), layer, channel) - clean).square().mean()
     (grad,) = torch.autograd.grad(loss, x_start)
     if objective == "patch":
         return patch_step(x0, grad.unsqueeze(0), default_patch(x0.shape), patches_out)[0]
@@ -277,9 +286,9 @@ def _score_reference(model, layers, x, y, x0, eps, progress, max_maps, objective
     the map's squared deviation, one signed step, and the accuracy on the n stepped images."""
     scores = {}
     for name, layer in layers.items():
-        acc = torch.full((layer.out_channels,), float("nan"))
+        acc = torch.full((num_maps(layer),), float("nan"))
         probs, patches = [], []
-        for c in range(min(layer.out_channels, max_maps)):
+        for c in range(min(num_maps(layer), max_maps)):
             sign = float(signs[name][c]) if signs is not None else 1.0
             x_adv = adversarial_for_map(model, layer, x, x0, c, eps, objective, sign, patches)
             with torch.no_grad():
@@ -301,7 +310,8 @@ def _score_fast(model, layers, x, y, x0, eps, progress, max_maps, batch_images, 
     chunk = max(1, batch_images // n)
     scores = {}
     for name, layer in layers.items():
-        channels = min(layer.out_channels, max_maps)
+        channels = min(num_maps(layer), max_maps)
+        cdim = channel_dim(layer)
         # One forward of x0 to layer l serves every map of the layer: each map's gradient is a backward pass
         # of the same graph with another cotangent, so the backwards are batched (vmap) over maps.
         if objective in FIELDS:  # the leaf is the field's control points, shared by the n images
@@ -310,25 +320,29 @@ def _score_fast(model, layers, x, y, x0, eps, progress, max_maps, batch_images, 
         else:
             x_start = x0.detach().requires_grad_(True)
             out = forward_to(model, layer, x_start)
-        scale = torch.full((), 1.0 / (out[:, 0].numel()), device=x.device, dtype=out.dtype)
+        # The cotangents are built channel-first, (n, C, ...rest), and moved back to the output's layout: a no-op
+        # for a conv, channel last for a Linear.
+        out_cf = out.detach().movedim(cdim, 1)
+        scale = torch.full((), 1.0 / (out_cf[:, 0].numel()), device=x.device, dtype=out.dtype)
         if objective != "mse":
             # d/d(out) of sign * mean(out[:, c]): a constant sign / numel in channel c.
-            sign = signs[name][:channels].to(x.device, out.dtype).view(1, channels, 1, 1)
-            cot_all = (scale * sign).expand(out.shape[0], channels, *out.shape[2:])
+            sign = signs[name][:channels].to(x.device, out.dtype).view(1, channels, *[1] * (out.dim() - 2))
+            cot_all = (scale * sign).expand(out.shape[0], channels, *out_cf.shape[2:])
         else:
             with torch.inference_mode():
-                clean = forward_to(model, layer, x)  # (n, C, H, W), once per layer
+                clean = forward_to(model, layer, x).movedim(cdim, 1)  # (n, C, ...), once per layer
             # d/d(out) of mean((out[:, c] - clean[:, c])^2): 2 (out - clean) / numel in channel c, zero
             # elsewhere, formed with the same operations autograd uses for the reference loop's loss.
-            per_map = out.detach()[:, :channels] - clean[:, :channels]
+            per_map = out_cf[:, :channels] - clean[:, :channels]
             cot_all = scale * (2 * per_map)
-        acc = torch.full((layer.out_channels,), float("nan"))
+        acc = torch.full((num_maps(layer),), float("nan"))
         probs, patches = [], []
         for c0 in range(0, channels, chunk):
             k = min(chunk, channels - c0)
             ks = torch.arange(k, device=x.device)
-            cot = torch.zeros((k, *out.shape), device=x.device, dtype=out.dtype)
+            cot = torch.zeros((k, *out_cf.shape), device=x.device, dtype=out.dtype)
             cot[ks, :, c0 + ks] = cot_all[:, c0:c0 + k].transpose(0, 1)
+            cot = cot.movedim(2, cdim + 1 if cdim >= 0 else cdim)  # dim 0 is the batch of maps
             (grad,) = torch.autograd.grad(out, x_start, cot, retain_graph=True, is_grads_batched=True)
             with torch.inference_mode():
                 if objective == "patch":
@@ -348,7 +362,7 @@ def _score_fast(model, layers, x, y, x0, eps, progress, max_maps, batch_images, 
                     probs.append(logits.float().softmax(1).view(k, n, -1).cpu())
             del cot, grad
             progress(k)
-        del out, x_start
+        del out, out_cf, x_start
         scores[name] = acc
         if probs_out is not None:
             probs_out[name] = torch.cat(probs)
@@ -365,19 +379,20 @@ IMPLEMENTATIONS = ("fast", "reference")
 
 
 def score_feature_maps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, **kw) -> dict[str, torch.Tensor]:
-    """Per-map accuracy under per-map attack, ``{conv module name: tensor of per-channel accuracies}``: the
+    """Per-map accuracy under per-map attack, ``{layer module name: tensor of per-channel accuracies}``: the
     paper's score. Takes :func:`probe_feature_maps`'s arguments."""
     return probe_feature_maps(model, images, labels, **kw).acc
 
 
-def consumer_signs(model: nn.Module, example: torch.Tensor, layers: dict[str, nn.Conv2d]) -> dict[str, torch.Tensor]:
-    """Per conv and channel, the sign with which the next BatchNorm passes the map on (the sign of its gamma);
-    +1 where no BatchNorm reads the conv's output directly (residual convs, VGG's last layers without one)."""
+def consumer_signs(model: nn.Module, example: torch.Tensor, layers: dict[str, MapLayer]) -> dict[str, torch.Tensor]:
+    """Per layer and channel, the sign with which the next BatchNorm passes the map on (the sign of its gamma);
+    +1 where no BatchNorm reads the conv's output directly (residual convs, VGG's last layers without one) and
+    for every Linear (a LayerNorm, or nothing, reads it: no per-channel sign to follow)."""
     bns = following_batchnorms(model, example)
     modules = dict(model.named_modules())
     signs = {}
     for name, layer in layers.items():
-        s = torch.ones(layer.out_channels)
+        s = torch.ones(num_maps(layer))
         bn = modules[bns[name]] if name in bns else None
         if bn is not None and bn.weight is not None:
             s = torch.where(bn.weight.detach().cpu() < 0, -1.0, 1.0)
@@ -409,7 +424,8 @@ def probe_feature_maps(
     ``eps`` does not apply), ``warp`` (excite it through one smooth universal warp of ``eps`` pixels) or
     ``smooth`` (excite it through one smooth universal additive change of L-inf size ``eps``). The
     model is used in eval mode (BatchNorm running statistics) and left as it was found. ``layers`` restricts
-    testing to those conv names (default: every Conv2d). ``batch_images`` bounds how many images one pass of the
+    testing to those layer names (default: :func:`~.pruning.map_layers`, every Conv2d and every nn.Linear but
+    the classifier head; a registry CNN's convs). ``batch_images`` bounds how many images one pass of the
     fast implementation holds (memory scales with it). ``keep_probs`` also keeps every map's softmax outputs and
     a random-direction null (see :class:`MapTest`).
     """
@@ -419,23 +435,24 @@ def probe_feature_maps(
         raise MapPruneError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
     if eps < 0 or alpha < 0:
         raise MapPruneError(f"eps and alpha must be >= 0, got eps={eps}, alpha={alpha}")
-    all_layers = conv_layers(model)
+    all_layers = map_layers(model)
     if layers is not None:
         unknown = [n for n in layers if n not in all_layers]
         if unknown:
-            raise MapPruneError(f"no Conv2d named {unknown[0]!r}; conv layers are: {', '.join(all_layers)}")
+            raise MapPruneError(f"no Conv2d named {unknown[0]!r} (nor a Linear other than the head); testable "
+                                f"layers are: {', '.join(all_layers)}")
         all_layers = {n: all_layers[n] for n in layers}
     device = next(model.parameters()).device
     x = as_unit(images, labels).to(device).contiguous(memory_format=torch.channels_last)
     y = labels.to(device)
     x0 = random_start(x, alpha, seed)
-    max_maps = max_maps if max_maps is not None else max(m.out_channels for m in all_layers.values())
+    max_maps = max_maps if max_maps is not None else max(num_maps(m) for m in all_layers.values())
     tick = progress if callable(progress) else (lambda k: None)
     bar = None
     if progress is True:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(min(m.out_channels, max_maps) for m in all_layers.values()), desc="testing feature maps",
+        bar = tqdm(total=sum(min(num_maps(m), max_maps) for m in all_layers.values()), desc="testing feature maps",
                    unit="map", leave=False, dynamic_ncols=True)
         tick = bar.update
     was_training = model.training

@@ -13,6 +13,7 @@ from .preactresnet import PreActResNet18
 from .resnet import ResNet18
 from .smallcnn import SmallCNN
 from .vgg import VGG16BN
+from .vit import ViT
 from .wrapper import Normalized
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -21,6 +22,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": ResNet18,
     "vgg16_bn": VGG16BN,
     "smallcnn": SmallCNN,
+    "vit": ViT,  # a small vision transformer (embedding dim 2 x width): FMT on Linear layers
 }
 
 
@@ -35,8 +37,8 @@ def create_model(
 ) -> Normalized:
     """Build a registered architecture, wrapped so that it takes [0, 1] pixels.
 
-    ``width`` is the first stage's channel count (64 = the paper's PreActResNet18); None keeps each
-    architecture's default.
+    ``width`` is the first stage's channel count (64 = the paper's PreActResNet18; the ViT's embedding dimension
+    is 2 x width); None keeps each architecture's default.
     """
     if name not in MODELS:
         raise unknown_name("model", name, MODELS)
