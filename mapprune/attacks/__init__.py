@@ -5,6 +5,7 @@ through the ``mapprune.attacks`` entry-point group), and its runs then reload by
 """
 
 from ..errors import MapPruneError, unknown_name
+from .adaptive import DistributedAttack, FMTEvasiveAttack
 from .badnets import BadNets
 from .base import Attack
 from .blended import Blended
@@ -19,7 +20,8 @@ from .wanet import WaNet
 
 ATTACKS: dict[str, type[Attack]] = {
     cls.name: cls for cls in (BadNets, Blended, WaNet, LowFrequency, SSBA, InputAware, SIG, LabelConsistent,
-                              PatchAttack, MultiAttack)
+                              PatchAttack, MultiAttack, DistributedAttack,
+                              FMTEvasiveAttack)
 }
 _plugins_loaded = False
 

@@ -68,6 +68,11 @@ class Attack:
         images), so ``mapprune prepare`` can make it ahead; a no-op where poisoning needs nothing more.
         """
 
+    def training_loss(self, model):
+        """A loss ``(logits, images, labels) -> loss`` to train the backdoored model with instead of the
+        cross-entropy (adaptive attacks add a regulariser); None: the plain cross-entropy."""
+        return None
+
     # -- shared machinery ----------------------------------------------------------------------------
     def config(self) -> dict:
         return {"name": self.name, "target": self.target, "all_to_all": self.all_to_all,

@@ -141,6 +141,7 @@ def attack_run(
         raise
     t0 = time.perf_counter()
     history = train(net, x_train, y_train, cfg, device=dev, checkpoint=writer.path("train_checkpoint.safetensors"),
+                    loss_fn=atk.training_loss(net),
                     eval_fn=lambda m: evaluate(m, test_sets), eval_every=eval_every, progress=progress, desc=f"{attack} {dataset}")
     t_train = time.perf_counter() - t0
     t0 = time.perf_counter()
