@@ -189,3 +189,46 @@ def test_adopted_runs_bring_their_matching_defense_results(tiny, tmp_path):
         bad = tmp_path / "bad.toml"
         bad.write_text(grid.read_text().replace('name = "blended"\n', 'name = "blended"\nadopt_defenses = true\n'))
         run_bench(bad, tmp_path / "bad", progress=False, log=_quiet)
+
+
+SWEEP = '''name = "sweep"
+dataset = "digits"
+preset = "demo"
+seeds = [0]
+
+[[attack]]
+name = "badnets"
+
+[[defense]]
+name = "fmt"
+opts = {fraction = 0.125, batch_size = 32, distill = 0.0, epochs = 3}
+sweep = {fraction = [0.0625, 0.125, 0.25], clean_ratio = [0.05]}
+'''
+
+
+def test_a_sweep_changes_one_setting_at_a_time_and_draws_its_curves(tmp_path):
+    grid = tmp_path / "sweep.toml"
+    grid.write_text(SWEEP)
+    cells = plan(load_grid(grid), tmp_path / "plan")
+    defenses = sorted(c.defense for c in cells if c.kind == "defense")
+    assert len(defenses) == 4, defenses  # the entry itself, two other fractions, one other clean ratio
+    ratios = {c.defense: c.settings["clean_ratio"] for c in cells if c.kind == "defense"}
+    assert sorted(r for r in ratios.values() if r is not None) == [0.05] and sum(r is None for r in ratios.values()) == 3
+    out = tmp_path / "out"
+    r = run_bench(grid, out, progress=False, log=_quiet)
+    assert not r["failed"]
+    rows = [row for row in csv.DictReader(open(out / "results.csv")) if row["defense"] != "none"]
+    fractions = sorted(json.loads(row["settings"])["params"]["fraction"] for row in rows)
+    assert fractions == [0.0625, 0.125, 0.125, 0.25]
+    pruned = {json.loads(row["settings"])["params"]["fraction"]: json.loads(
+        (Path(row["path"]) / "result.json").read_text())["num_pruned"] for row in rows
+        if json.loads(row["settings"])["clean_ratio"] is None}
+    assert pruned[0.0625] < pruned[0.125] < pruned[0.25], pruned  # the swept option really reached the defense
+    table = (out / "table.md").read_text()
+    assert ": fraction\n" in table and "| 0.125* |" in table and ": clean_ratio\n" in table and "| 0.1* |" in table
+    assert len(list((out / "figures").glob("sweep-fmt-*-fraction.png"))) == 1
+    assert len(list((out / "figures").glob("sweep-fmt-*-clean_ratio.png"))) == 1
+    bad = tmp_path / "bad.toml"
+    bad.write_text(SWEEP.replace("sweep = {fraction", "sweep = {fractoin"))
+    with pytest.raises(MapPruneError, match="no option 'fractoin' to sweep"):
+        load_grid(bad)

@@ -15,7 +15,9 @@ A grid is a TOML file (see ``benchmarks/grids/``)::
                                 # a cell's exactly (result.json says "adopted_from")
     [[defense]]
     name = "fmt"
-    opts = {recipe = "paper"}   # any option of the defense
+    opts = {recipe = "paper"}   # any option of the defense; clean_ratio = 0.05 overrides the grid's
+    sweep = {eps = [0.02, 0.1], clean_ratio = [0.02]}   # optional: one more cell per value, one setting
+                                # changed at a time from opts (a sensitivity analysis: figures/sweep-*.png)
 
 Every cell (one backdoored model, or one defense on one model with one seed) is keyed by a stable hash of its
 full settings and written as an ordinary run folder: ``DIR/runs/<attack>-<hash>/`` (readable by ``eval``,
@@ -42,7 +44,7 @@ from ..errors import MapPruneError, unknown_name
 BACKENDS = ("local", "ray")
 GRID_KEYS = {"name", "dataset", "data_dir", "preset", "clean_ratio", "seeds", "model", "attack", "defense"}
 ATTACK_KEYS = {"name", "opts", "poison_ratio", "target", "all_to_all", "train_seed", "run", "label", "adopt_defenses"}
-DEFENSE_KEYS = {"name", "opts", "label"}
+DEFENSE_KEYS = {"name", "opts", "label", "clean_ratio", "sweep"}
 MODEL_KEYS = {"model", "width", "epochs", "batch_size", "lr", "schedule", "eval_every"}
 
 
@@ -91,9 +93,58 @@ def load_grid(path) -> dict:
         raise MapPruneError(f"{path}: seeds must be a non-empty list of non-negative integers, got {seeds!r}")
     if not grid.get("attack") or not grid.get("defense"):
         raise MapPruneError(f"{path}: a grid needs at least one [[attack]] and one [[defense]]")
+    _expand_sweeps(grid, path)
     _check_names(grid, path)
     grid.pop("_shape", None)
     return grid
+
+
+def _expand_sweeps(grid: dict, path) -> None:
+    """Each ``sweep = {option = [values]}`` of a [[defense]] becomes one more [[defense]] per value, that one option
+    changed from the entry's own settings; ``grid["_sweeps"]`` remembers which entries form each curve."""
+    from ..defenses import create_defense
+    from .defend import DEFAULT_CLEAN_RATIO
+
+    expanded, sweeps = [], []
+    for i, d in enumerate(grid["defense"]):
+        sweep = d.pop("sweep", None)
+        expanded.append(d)
+        if sweep is None:
+            continue
+        where = f"{path} [[defense]] #{i + 1}"
+        if not isinstance(sweep, dict) or not sweep or not all(isinstance(v, list) and v for v in sweep.values()):
+            raise MapPruneError(f"{where}: sweep is a table of option = [values], e.g. sweep = {{eps = [0.02, 0.1]}}")
+        if "label" in d:
+            raise MapPruneError(f"{where}: a swept defense is labelled by its settings; drop label")
+        opts = dict(d.get("opts", {}))
+        try:
+            params = create_defense(d["name"], **opts).params()
+        except MapPruneError as e:
+            raise MapPruneError(f"{where}: {e}") from None
+        ratio = d.get("clean_ratio", grid.get("clean_ratio", DEFAULT_CLEAN_RATIO.get(grid["dataset"], 0.1)))
+        base = _defense_label(d)
+        for param, values in sweep.items():
+            if param != "clean_ratio" and param not in params:
+                raise MapPruneError(f"{where}: {d['name']} has no option {param!r} to sweep; valid: "
+                                    f"{', '.join(sorted(params))}, clean_ratio")
+            default = ratio if param == "clean_ratio" else params[param]
+            points = [(default, base)]
+            for v in values:
+                if v == default:
+                    continue
+                entry = {"name": d["name"], "opts": opts, "clean_ratio": v} if param == "clean_ratio" else \
+                    {"name": d["name"], "opts": {**opts, param: v}, **({"clean_ratio": d["clean_ratio"]}
+                                                                     if "clean_ratio" in d else {})}
+                expanded.append(entry)
+                points.append((v, entry.get("label") or _defense_label(entry)))
+            try:
+                points.sort(key=lambda p: p[0])
+            except TypeError:  # a default of None (e.g. FMT's budget: the rank rule's count) stays first
+                pass
+            sweeps.append({"defense": base, "param": param, "points": points})
+    grid["defense"] = expanded
+    if sweeps:
+        grid["_sweeps"] = sweeps
 
 
 def _only(table: dict, allowed: set, where: str) -> None:
@@ -188,7 +239,10 @@ def _attack_options(cls) -> list[str]:
 def _defense_label(d: dict) -> str:
     from ..defenses import defense_class
 
-    return d.get("label") or defense_class(d["name"]).variant_name(dict(d.get("opts", {})))
+    if d.get("label"):
+        return d["label"]
+    ratio = f"-ratio{d['clean_ratio']:g}" if "clean_ratio" in d else ""
+    return defense_class(d["name"]).variant_name(dict(d.get("opts", {}))) + ratio
 
 
 def plan(grid: dict, out: Path) -> list[Cell]:
@@ -214,7 +268,7 @@ def plan(grid: dict, out: Path) -> list[Cell]:
             dlabel = _defense_label(d)
             for seed in grid["seeds"]:
                 dset = {"model": key, "defense": d["name"], "opts": d.get("opts", {}),
-                        "clean_ratio": grid.get("clean_ratio")}
+                        "clean_ratio": d.get("clean_ratio", grid.get("clean_ratio"))}
                 # The folder is named by the defense's settings alone, so one defense lines up across models.
                 dkey = _hash({k: v for k, v in dset.items() if k != "model"})
                 folder = f"{dlabel}-{dkey}" + (f"-seed{seed}" if seed else "")
@@ -524,8 +578,66 @@ def write_results(cells: list[Cell], grid: dict, out: Path) -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    (out / "table.md").write_text(markdown(rows, f"{grid['name']}: {grid['dataset']}"))
+    text = markdown(rows, f"{grid['name']}: {grid['dataset']}")
+    if grid.get("_sweeps"):
+        text += "\n" + sweep_markdown(rows, grid["_sweeps"])
+    (out / "table.md").write_text(text)
     _figures(rows, out / "figures")
+    for sw in grid.get("_sweeps", []):
+        _sweep_figure(rows, sw, out / "figures")
+
+
+def _sweep_points(rows: list[dict], sweep: dict) -> tuple[list, list[str], dict]:
+    """(values, attacks, {(value, attack): summary}) of one swept option, over the cells that are done."""
+    summary = summarise(rows)
+    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    got = {(str(v), a): summary[(a, label)] for v, label in sweep["points"] for a in attacks
+           if (a, label) in summary}
+    return [v for v, _ in sweep["points"]], attacks, got
+
+
+def sweep_markdown(rows: list[dict], sweeps: list[dict]) -> str:
+    """Per swept option: its values as rows, each attack's ASR and ACC as columns (the entry's own value marked)."""
+    parts = ["## Sensitivity (one option changed at a time; * = the entry's own setting)", ""]
+    for sw in sweeps:
+        values, attacks, got = _sweep_points(rows, sw)
+        parts += [f"### {sw['defense']}: {sw['param']}", "",
+                  f"| {sw['param']} | " + " | ".join(f"{a} ASR / ACC %" for a in attacks) + " |",
+                  "|" + "---|" * (len(attacks) + 1)]
+        for i, v in enumerate(values):
+            cells = [f"{100 * got[(str(v), a)]['asr'][0]:.2f} / {100 * got[(str(v), a)]['acc'][0]:.2f}"
+                     if (str(v), a) in got else "-" for a in attacks]
+            parts.append(f"| {v}{'*' if sw['points'][i][1] == sw['defense'] else ''} | " + " | ".join(cells) + " |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def _sweep_figure(rows: list[dict], sweep: dict, folder: Path) -> None:
+    from ..report import _plt
+
+    values, attacks, got = _sweep_points(rows, sweep)
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    xs = values if numeric else list(range(len(values)))
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for a in attacks:
+        pts = [(x, got[(str(v), a)]) for x, v in zip(xs, values) if (str(v), a) in got]
+        if not pts:
+            continue
+        for ax, metric in zip(axes, ("asr", "acc")):
+            ax.plot([p[0] for p in pts], [100 * p[1][metric][0] for p in pts], marker="o", label=a)
+    for ax, metric in zip(axes, ("ASR %", "clean ACC %")):
+        ax.set_xlabel(sweep["param"])
+        ax.set_ylabel(metric)
+        if not numeric:
+            ax.set_xticks(xs, [str(v) for v in values])
+        ax.axvline(xs[[p[1] for p in sweep["points"]].index(sweep["defense"])], color="grey", lw=0.8, ls=":")
+    axes[0].set_ylim(-3, 103)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{sweep['defense']}: {sweep['param']} (dotted: its own setting)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(folder / f"sweep-{sweep['defense']}-{sweep['param']}.png", dpi=110)
+    plt.close(fig)
 
 
 def _figures(rows: list[dict], folder: Path) -> None:
