@@ -6,6 +6,8 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from mapprune.errors import MapPruneError
 from mapprune.jobs.import_backdoorbench import read_backdoorbench
@@ -82,7 +84,265 @@ def test_import_says_what_it_cannot_rebuild(tmp_path, shared_data, user_cache):
     with pytest.raises(MapPruneError, match="blend"):
         import_backdoorbench(tmp_path, tmp_path / "run", attack="blended", data_dir=shared_data,
                              attack_kw={"pattern": str(tmp_path / "no-kitty.png")})
-    _bb_file(tmp_path / "vgg.pt", model_name="vgg19_bn")
-    with pytest.raises(MapPruneError, match="vgg19_bn"):
+    _bb_file(tmp_path / "dense.pt", model_name="densenet161")
+    with pytest.raises(MapPruneError, match="'densenet161' has no mapprune architecture yet; importable: "
+                                            "preactresnet18, resnet18, .*vgg19_bn"):
+        import_backdoorbench(tmp_path / "dense.pt", tmp_path / "run", attack="badnet", data_dir=shared_data)
+    _bb_file(tmp_path / "vgg.pt", model_name="vgg19_bn")  # PreActResNet18's weights under another name
+    with pytest.raises(MapPruneError, match="no features.0.weight .*not BackdoorBench's vgg19_bn"):
         import_backdoorbench(tmp_path / "vgg.pt", tmp_path / "run", attack="badnet", data_dir=shared_data)
     assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
+
+
+# -- torchvision's architectures, as BackdoorBench builds them (generate_cls_model: torchvision's ImageNet
+# constructors, only num_classes changed). The layouts and forwards below are written from torchvision's definition
+# independently of mapprune.models.torchvision_bb, so a wrong layout or forward there fails here.
+RESNETS = {"resnet18": (False, (2, 2, 2, 2)), "resnet34": (False, (3, 4, 6, 3)), "resnet50": (True, (3, 4, 6, 3))}
+VGGS = {  # conv output channels in units of width, "M" = 2x2 max pooling; and whether each conv has a BatchNorm
+    "vgg11": ((1, "M", 2, "M", 4, 4, "M", 8, 8, "M", 8, 8, "M"), False),
+    "vgg16": ((1, 1, "M", 2, 2, "M", 4, 4, 4, "M", 8, 8, 8, "M", 8, 8, 8, "M"), False),
+    "vgg19": ((1, 1, "M", 2, 2, "M", 4, 4, 4, 4, "M", 8, 8, 8, 8, "M", 8, 8, 8, 8, "M"), False),
+    "vgg19_bn": ((1, 1, "M", 2, 2, "M", 4, 4, 4, 4, "M", 8, 8, 8, 8, "M", 8, 8, 8, 8, "M"), True),
+}
+# torchvision's published parameter counts of the 1000-class ImageNet models
+TORCHVISION_PARAMS = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032, "vgg11": 132_863_336,
+                      "vgg16": 138_357_544, "vgg19": 143_667_240, "vgg19_bn": 143_678_248}
+TV_NAMES = [*RESNETS, *VGGS]
+
+
+def _layout(name, width, classes=10, cin=3) -> dict[str, tuple]:
+    """Key -> shape of torchvision's ``name`` state dict (first stage ``width`` channels; 64 is torchvision's)."""
+    out = {}
+
+    def bn(key, c):
+        out.update({f"{key}.{p}": (c,) for p in ("weight", "bias", "running_mean", "running_var")})
+        out[f"{key}.num_batches_tracked"] = ()
+
+    if name in RESNETS:
+        bottleneck, counts = RESNETS[name]
+        expansion = 4 if bottleneck else 1
+        out["conv1.weight"] = (width, cin, 7, 7)
+        bn("bn1", width)
+        c = width
+        for stage, n in enumerate(counts):
+            planes = width * 2 ** stage
+            for b in range(n):
+                key = f"layer{stage + 1}.{b}"
+                if bottleneck:
+                    out[f"{key}.conv1.weight"] = (planes, c, 1, 1)
+                    out[f"{key}.conv2.weight"] = (planes, planes, 3, 3)
+                    out[f"{key}.conv3.weight"] = (planes * 4, planes, 1, 1)
+                    bn(f"{key}.bn1", planes), bn(f"{key}.bn2", planes), bn(f"{key}.bn3", planes * 4)
+                else:
+                    out[f"{key}.conv1.weight"] = (planes, c, 3, 3)
+                    out[f"{key}.conv2.weight"] = (planes, planes, 3, 3)
+                    bn(f"{key}.bn1", planes), bn(f"{key}.bn2", planes)
+                if b == 0 and (stage > 0 or c != planes * expansion):
+                    out[f"{key}.downsample.0.weight"] = (planes * expansion, c, 1, 1)
+                    bn(f"{key}.downsample.1", planes * expansion)
+                c = planes * expansion
+        out["fc.weight"], out["fc.bias"] = (classes, c), (classes,)
+        return out
+    cfg, has_bn = VGGS[name]
+    i, c = 0, cin
+    for v in cfg:
+        if v != "M":
+            out[f"features.{i}.weight"], out[f"features.{i}.bias"] = (v * width, c, 3, 3), (v * width,)
+            if has_bn:
+                i += 1
+                bn(f"features.{i}", v * width)
+            i += 1  # the ReLU
+            c = v * width
+        i += 1
+    hidden = 64 * width  # 4096 at torchvision's width
+    for j, (o, n) in zip((0, 3, 6), ((hidden, c * 49), (hidden, hidden), (classes, hidden))):
+        out[f"classifier.{j}.weight"], out[f"classifier.{j}.bias"] = (o, n), (o,)
+    return out
+
+
+def _random_state(layout, seed=0) -> dict[str, torch.Tensor]:
+    """Random weights of that layout, scaled so that activations neither vanish nor explode."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in layout.items():
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(100)
+        elif key.endswith("running_var") or (key.endswith(".weight") and len(shape) == 1):
+            state[key] = 0.5 + torch.rand(shape, generator=g)
+        elif len(shape) >= 2:
+            fan_in = int(torch.tensor(shape[1:]).prod())
+            state[key] = torch.randn(shape, generator=g) * (2 / fan_in) ** 0.5
+        else:  # biases and running means
+            state[key] = 0.1 * torch.randn(shape, generator=g)
+    return state
+
+
+def _reference_forward(name, s, x):
+    """torchvision's forward (eval mode) of ``name`` with the weights ``s``, in plain functional calls."""
+    def bn(h, key):
+        return F.batch_norm(h, s[f"{key}.running_mean"], s[f"{key}.running_var"], s[f"{key}.weight"], s[f"{key}.bias"],
+                            False, 0.0, 1e-5)
+
+    if name in RESNETS:
+        x = F.max_pool2d(F.relu(bn(F.conv2d(x, s["conv1.weight"], stride=2, padding=3), "bn1")), 3, 2, 1)
+        for stage in range(1, 5):
+            b = 0
+            while f"layer{stage}.{b}.conv1.weight" in s:
+                key, stride = f"layer{stage}.{b}", 2 if stage > 1 and b == 0 else 1
+                if f"{key}.conv3.weight" in s:  # bottleneck: the stride is on the 3x3
+                    h = F.relu(bn(F.conv2d(x, s[f"{key}.conv1.weight"]), f"{key}.bn1"))
+                    h = F.relu(bn(F.conv2d(h, s[f"{key}.conv2.weight"], stride=stride, padding=1), f"{key}.bn2"))
+                    h = bn(F.conv2d(h, s[f"{key}.conv3.weight"]), f"{key}.bn3")
+                else:
+                    h = F.relu(bn(F.conv2d(x, s[f"{key}.conv1.weight"], stride=stride, padding=1), f"{key}.bn1"))
+                    h = bn(F.conv2d(h, s[f"{key}.conv2.weight"], padding=1), f"{key}.bn2")
+                skip = x
+                if f"{key}.downsample.0.weight" in s:
+                    skip = bn(F.conv2d(x, s[f"{key}.downsample.0.weight"], stride=stride), f"{key}.downsample.1")
+                x = F.relu(h + skip)
+                b += 1
+        return F.linear(x.mean((2, 3)), s["fc.weight"], s["fc.bias"])
+    cfg, has_bn = VGGS[name]
+    i = 0
+    for v in cfg:
+        if v == "M":
+            x = F.max_pool2d(x, 2)
+            i += 1
+            continue
+        x = F.conv2d(x, s[f"features.{i}.weight"], s[f"features.{i}.bias"], padding=1)
+        if has_bn:
+            i += 1
+            x = bn(x, f"features.{i}")
+        x = F.relu(x)
+        i += 2
+    x = F.adaptive_avg_pool2d(x, 7).flatten(1)
+    x = F.relu(F.linear(x, s["classifier.0.weight"], s["classifier.0.bias"]))
+    x = F.relu(F.linear(x, s["classifier.3.weight"], s["classifier.3.bias"]))
+    return F.linear(x, s["classifier.6.weight"], s["classifier.6.bias"])
+
+
+def _bb_content(name, state, num_classes=10):
+    return {"model_name": name, "num_classes": num_classes, "model": state, "clean_data": "cifar10",
+            "img_size": (32, 32, 3), "bd_test": {}}
+
+
+@pytest.mark.parametrize("name", TV_NAMES)
+def test_the_independent_layouts_are_torchvisions_and_the_registry_models_have_them(name):
+    from mapprune.jobs.import_backdoorbench import MODELS as BB
+    from mapprune.models import MODELS
+
+    full = _layout(name, 64, classes=1000)
+    learned = [s for k, s in full.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert sum(int(torch.tensor(s).prod()) for s in learned) == TORCHVISION_PARAMS[name]
+    with torch.device("meta"):  # torchvision's width, without allocating VGG's 140M parameters
+        net = MODELS[BB[name]](num_classes=1000, width=64)
+    assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == full
+
+
+@pytest.mark.parametrize("name", TV_NAMES)
+def test_backdoorbench_weights_give_backdoorbenchs_function(name):
+    """Random weights in torchvision's layout import exactly: the imported model on [0, 1] pixels equals
+    torchvision's forward on BackdoorBench's normalised input; the defenses find ordinary convs, BatchNorms and
+    the classifier as the last nn.Linear."""
+    from mapprune.defenses.fp import classifier_head
+    from mapprune.defenses.pruning import following_batchnorms, map_layers
+    from mapprune.jobs.import_backdoorbench import MODELS as BB
+    from mapprune.jobs.import_backdoorbench import NORMALISATION, backdoorbench_model
+
+    layout = _layout(name, 4)
+    state = _random_state(layout)
+    model, spec = backdoorbench_model(_bb_content(name, state), "cifar10")
+    model.eval()
+    assert spec["name"] == BB[name] and spec["width"] == 4 and spec["in_channels"] == 3
+    assert {k: tuple(v.shape) for k, v in model.net.state_dict().items()} == layout
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALISATION["cifar10"])
+    with torch.no_grad():
+        ref = _reference_forward(name, state, (x - mean) / std)
+        assert ref.std() > 1e-3  # a comparison that means something
+        torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
+    convs = [k[:-len(".weight")] for k, s in layout.items() if len(s) == 4]
+    assert [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)] == [f"net.{c}" for c in convs]
+    head = "fc" if name in RESNETS else "classifier.6"
+    assert classifier_head(model)[0] == f"net.{head}" and f"net.{head}" not in map_layers(model)
+    hidden = [] if name in RESNETS else ["net.classifier.0", "net.classifier.3"]  # FMT tests VGG's hidden Linears
+    assert list(map_layers(model)) == [f"net.{c}" for c in convs] + hidden
+    paired = following_batchnorms(model, x[:1])
+    assert len(paired) == (len(convs) if name in RESNETS or VGGS[name][1] else 0)
+    assert all(isinstance(dict(model.named_modules())[b], nn.BatchNorm2d) for b in paired.values())
+
+
+def test_wrong_or_missing_weights_are_named():
+    from mapprune.jobs.import_backdoorbench import backdoorbench_model
+
+    def fails(name, state, match, num_classes=10):
+        with pytest.raises(MapPruneError, match=match):
+            backdoorbench_model(_bb_content(name, state, num_classes), "cifar10")
+
+    good = _random_state(_layout("resnet18", 4))
+    fails("resnet18", {k: v for k, v in good.items() if k != "layer3.0.downsample.1.running_var"},
+          r"BackdoorBench's resnet18: 1 missing tensors \(e\.g\. layer3\.0\.downsample\.1\.running_var\)")
+    fails("resnet18", {("linear.weight" if k == "fc.weight" else k): v for k, v in good.items()},
+          r"missing tensors \(e\.g\. fc\.weight\); 1 unexpected tensors \(e\.g\. linear\.weight\)")
+    fails("resnet18", good, r"shape mismatches \(e\.g\. fc\.weight: file \(10, 32\) vs .* \(43, 32\)\)",
+          num_classes=43)
+    fails("resnet18", _random_state(_layout("resnet34", 4)), r"unexpected tensors \(e\.g\. layer1\.2\.")
+    vgg = _random_state(_layout("vgg19_bn", 4))
+    fails("vgg19_bn", {k: v for k, v in vgg.items() if k != "features.0.weight"},
+          "no features.0.weight .*not BackdoorBench's vgg19_bn")
+    fails("vgg19", vgg, r"unexpected tensors \(e\.g\. features\.1\.bias\)")  # BatchNorms: it is vgg19_bn
+    fails("vgg19_bn", {"features.0.weight": "not a tensor"}, "not a state dict of tensors")
+    fails("mobilenet_v3_large", vgg, "'mobilenet_v3_large' has no mapprune architecture yet; importable: .*vgg19_bn")
+
+
+def test_dataparallel_prefix_is_dropped():
+    from mapprune.jobs.import_backdoorbench import backdoorbench_model
+
+    state = _random_state(_layout("vgg11", 4))
+    model, _ = backdoorbench_model(_bb_content("vgg11", {f"module.{k}": v for k, v in state.items()}), "cifar10")
+    assert torch.equal(model.net.classifier[6].weight, state["classifier.6.weight"])
+
+
+def test_defenses_run_on_the_imported_architectures():
+    """FMT, FP, NC and FST on tiny resnet18-bb and vgg19_bn-bb: each completes and its model reloads strictly."""
+    from mapprune.checkpoint import load_state_into
+    from mapprune.defenses import create_defense
+    from mapprune.models import create_model
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (80, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.arange(10).repeat(8)
+    settings = {"fmt": {"recipe": "paper", "n_images": 8, "batch_size": 32, "epochs": 1, "fraction": 1 / 8},
+                "fp": {"batch_size": 32, "epochs": 1},
+                "nc": {"reverse_epochs": 2, "n_images": 20, "epochs": 1, "batch_size": 32},
+                "fst": {"epochs": 1, "batch_size": 32}}
+    for arch in ("resnet18-bb", "vgg19_bn-bb"):
+        for name, kw in settings.items():
+            torch.manual_seed(0)
+            result = create_defense(name, **kw).repair(create_model(arch, 10, width=4), x, y)
+            load_state_into(create_model(arch, 10, width=4), result.model.state_dict(), f"{name} on {arch}")
+            if name == "fmt":
+                assert any(k.startswith("net.features." if "vgg" in arch else "net.layer") for k in result.pruned)
+
+
+def test_import_of_a_vgg19_bn_result_writes_a_run_that_eval_reloads(tmp_path, shared_data, user_cache):
+    from mapprune.cli import main
+    from mapprune.jobs.import_backdoorbench import NORMALISATION
+    from mapprune.runs import load_run
+
+    state = _random_state(_layout("vgg19_bn", 4))
+    content = {**_bb_content("vgg19_bn", state), "data_path": "./data/cifar10",
+               "bd_train": {"poison_indicator": np.isin(np.arange(50000), [5, 6]).astype(np.int64)}}
+    torch.save(content, tmp_path / "attack_result.pt")
+    out = tmp_path / "run"
+    assert main(["import-backdoorbench", str(tmp_path), "--out", str(out), "--attack", "sig", "--target", "2",
+                 "--data-dir", str(shared_data), "--no-progress"]) == 0
+    run = load_run(out)
+    assert run.manifest["model"]["name"] == "vgg19_bn-bb" and run.manifest["imported_from"]["model_name"] == "vgg19_bn"
+    assert run.poison_indices.tolist() == [5, 6] and run.attack.name == "sig"
+    x = torch.rand(2, 3, 32, 32)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALISATION["cifar10"])
+    with torch.no_grad():
+        torch.testing.assert_close(run.model.eval()(x), _reference_forward("vgg19_bn", state, (x - mean) / std),
+                                   rtol=1e-4, atol=1e-5)
+    assert main(["eval", str(out), "--json"]) == 0

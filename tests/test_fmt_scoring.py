@@ -239,3 +239,33 @@ def test_smooth_objective_fast_equals_reference_and_stays_smooth_and_bounded():
         assert fast.patches[layer].phi.shape[1:] == (3, 8, 8)
     one = fast.patches["net.conv1"].select(torch.tensor([0]))
     torch.testing.assert_close(one.stamp(xs[:2], torch.tensor([0, 0])), smooth_shift(xs[:2], one.phi, 0.1))
+
+
+def test_probes_sharing_one_pass_equal_each_probe_alone():
+    """FMT's recommended recipe probes patches, warps and smooth fields in one forward and batched backward per
+    layer; each result is what that probe gives alone (field gradients up to rounding: the shared input is x0 plus
+    each field's exactly-zero change, while a field alone resamples x0)."""
+    from mapprune.defenses.scoring import probe_maps
+
+    torch.manual_seed(0)
+    model = _calibrated(create_model("preactresnet18", 10, width=8), (3, 32, 32))
+    xs, y = _images_and_own_labels(model, 5, (3, 32, 32))
+    probes = {"patch": 0.06, "warp": 1.0, "smooth": 0.06}
+    kw = {"alpha": 0.02, "seed": 1, "keep_probs": True, "batch_images": 15}
+    joint = probe_maps(model, xs, y, probes, **kw)
+    for objective, eps in probes.items():
+        alone = probe_feature_maps(model, xs, y, objective=objective, eps=eps, **kw)
+        for layer in alone.acc:
+            a, b = joint[objective].patches[layer], alone.patches[layer]
+            if objective == "patch":  # the pixel gradient is exactly the patch probe's
+                assert torch.equal(a.pos, b.pos) and torch.equal(a.window, b.window)
+                assert torch.equal(joint[objective].acc[layer], alone.acc[layer])
+            else:
+                assert (a.phi == b.phi).float().mean() > 0.99
+        torch.testing.assert_close(joint[objective].null_probs, alone.null_probs)
+    ref = probe_maps(model, xs, y, probes, implementation="reference", **kw)
+    for objective in probes:
+        for layer in ref[objective].acc:
+            assert (ref[objective].acc[layer] - joint[objective].acc[layer]).abs().max() <= 0.2
+    with pytest.raises(MapPruneError, match="mse probe"):
+        probe_maps(model, xs, y, {"mse": 0.06, "patch": 0.06})

@@ -19,7 +19,7 @@ from ..errors import MapPruneError
 from .base import FINETUNES, CleanData, FineTuning, accuracy, most_aggressive, pick_images, stamping
 from .pruning import prune
 from .scorers import SCORERS, class_pull, estimate_target, suspicion
-from .scoring import IMPLEMENTATIONS, OBJECTIVES, Field, MapTest, Patches, probe_feature_maps, score_feature_maps
+from .scoring import IMPLEMENTATIONS, OBJECTIVES, Field, MapTest, Patches, probe_maps, score_feature_maps
 from .selection import SELECTIONS, select
 
 __all__ = ["FMT", "score_feature_maps"]
@@ -168,15 +168,19 @@ class FMT(FineTuning):
 
     def probe(self, model, x, y, objective: str | None = None, eps: float | None = None) -> MapTest:
         """Tests every map (``objective``/``eps`` default to the defense's) under the chosen precision."""
+        objective = objective or self.objective
+        return self.probes(model, x, y, {objective: self.eps if eps is None else eps})[objective]
+
+    def probes(self, model, x, y, probes: dict[str, float]) -> dict[str, MapTest]:
+        """Several probes of every map in one pass (:func:`~.scoring.probe_maps`) under the chosen precision."""
         xt, yt = self.test_images(x, y)
         device = next(model.parameters()).device
         bf16 = self.precision == "bf16" or self.precision == "auto" and device.type == "cuda" \
             and amp_dtype(device) == torch.bfloat16
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            return probe_feature_maps(model, xt, yt, eps=self.eps if eps is None else eps, alpha=self.alpha,
-                                      seed=self.seed, objective=objective or self.objective,
-                                      implementation=self.implementation, batch_images=self.batch_images,
-                                      keep_probs=True, progress=self.progress)
+            return probe_maps(model, xt, yt, probes, alpha=self.alpha, seed=self.seed,
+                              implementation=self.implementation, batch_images=self.batch_images,
+                              keep_probs=True, progress=self.progress)
 
     def adaptive_budget(self, model, ranked: dict, data: CleanData, base: int) -> tuple[dict, list]:
         """``budget='auto'``: the most maps, in the global order, whose pruning (before the fine-tune) keeps the
@@ -224,16 +228,6 @@ class FMT(FineTuning):
         top = class_pull(test)[:, target].topk(min(self.unlearn_maps, len(names))).indices
         return patches.select(top), [names[i] for i in top.tolist()]
 
-    def field_candidates(self, model, x, y, objective: str, size: float) -> tuple[Field, list[str], dict]:
-        """A second probe over every map with a field objective (``warp``: ``unlearn_warp`` pixels; ``smooth``:
-        an additive low-pass change of L-inf ``unlearn_smooth``): the fields of the ``unlearn_maps`` maps that
-        pull hardest to the class it suspects, for triggers that move pixels or change every pixel a little,
-        which the patch probe cannot make."""
-        test = self.probe(model, x, y, objective=objective, eps=size)
-        target = estimate_target(test)
-        fields, maps = self.candidates(test, target["target"])
-        return fields, maps, target
-
     def unlearning(self, patches: "Patches | Field | Union"):
         """The fine-tune's batch transform: a share ``unlearn`` of each batch gets one of the candidate triggers
         stamped on, keeping its true label (FMT's own candidate poison samples, unlearned)."""
@@ -243,7 +237,11 @@ class FMT(FineTuning):
         x, y = data.x, data.y
         timings = {}
         t0 = time.perf_counter()
-        test = self.probe(model, x, y)
+        # The fields that give unlearning candidates are probed in the same pass as the patches (one backward).
+        fields = {o: size for o, size in (("warp", self.unlearn_warp), ("smooth", self.unlearn_smooth))
+                  if size > 0 and self.unlearn > 0 and self.objective == "patch"}
+        tests = self.probes(model, x, y, {self.objective: self.eps, **fields})
+        test = tests[self.objective]
         timings["test"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         target = estimate_target(test)
@@ -261,14 +259,15 @@ class FMT(FineTuning):
             if isinstance(patches, Patches):
                 extra["unlearning"]["patch_positions"] = patches.pos.tolist()
                 parts = [patches]
-                for objective, size in (("warp", self.unlearn_warp), ("smooth", self.unlearn_smooth)):
-                    if size > 0:
-                        t0 = time.perf_counter()
-                        fields, field_maps, field_target = self.field_candidates(model, x, y, objective, size)
-                        parts.append(fields)
-                        timings[f"test_{objective}"] = time.perf_counter() - t0
-                        extra["unlearning"].update({f"{objective}_size": size, f"{objective}_maps": field_maps,
-                                                    f"{objective}_suspected_target": field_target})
+                for objective, size in fields.items():
+                    # Each field probe's candidates: the maps that pull hardest to the class it suspects, for
+                    # triggers that move pixels (warp) or change every pixel a little (smooth), which a patch
+                    # cannot make.
+                    field_target = estimate_target(tests[objective])
+                    found, field_maps = self.candidates(tests[objective], field_target["target"])
+                    parts.append(found)
+                    extra["unlearning"].update({f"{objective}_size": size, f"{objective}_maps": field_maps,
+                                                f"{objective}_suspected_target": field_target})
                 if len(parts) > 1:
                     patches = Union(parts)
             if self.unlearn_candidates == "random":

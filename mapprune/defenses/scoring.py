@@ -304,27 +304,67 @@ def _score_reference(model, layers, x, y, x0, eps, progress, max_maps, objective
     return scores
 
 
-def _score_fast(model, layers, x, y, x0, eps, progress, max_maps, batch_images, objective, signs, probs_out,
-                patches_out) -> dict[str, torch.Tensor]:
+def _probe_input(probes: dict[str, float], x0: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The input whose forward to a layer serves every probe, and each probe's gradient leaf.
+
+    One probe: its own input (x0 as the leaf, or the field applied to x0). Several (all but ``mse``, which has
+    its own cotangent, may share): x0 (the leaf of patch/excite) plus each field's change ``apply(x0, phi) -
+    apply(x0, 0)``, exactly zero at phi = 0, so the value is x0 and one batched backward gives every leaf's
+    gradient, each as its own probe's backward would."""
+    if len(probes) == 1:
+        (objective, eps), = probes.items()
+        if objective in FIELDS:
+            leaf = field_leaf(objective, x0)
+            return FIELDS[objective][0].apply(x0, leaf, eps), {objective: leaf}
+        leaf = x0.detach().requires_grad_(True)
+        return leaf, {objective: leaf}
+    pixel = [o for o in probes if o not in FIELDS]
+    x_leaf = x0.detach().requires_grad_(True) if pixel else x0
+    leaves, x_in = {o: x_leaf for o in pixel}, x_leaf
+    for objective, eps in probes.items():
+        if objective in FIELDS:
+            cls = FIELDS[objective][0]
+            leaf = field_leaf(objective, x0)
+            with torch.no_grad():
+                still = cls.apply(x0, torch.zeros_like(leaf), eps)
+            x_in = x_in + (cls.apply(x0, leaf, eps) - still)
+            leaves[objective] = leaf
+    return x_in, leaves
+
+
+def _stepped(objective: str, eps: float, x0: torch.Tensor, grad: torch.Tensor, found: list) -> torch.Tensor:
+    """(k * n) images: x0 stepped for each of k maps along its (k, ...) gradient; ``found`` collects patches or
+    fields."""
+    k, n = len(grad), len(x0)
+    if objective == "patch":
+        return patch_step(x0, grad, default_patch(x0.shape), found).flatten(0, 1)
+    if objective in FIELDS:
+        cls = FIELDS[objective][0]
+        phi = grad.sign().flatten(0, 1)  # (k, P, g, g)
+        found.append(cls(phi.cpu(), eps))
+        return cls.apply(x0.repeat(k, 1, 1, 1), phi.repeat_interleave(n, 0), eps)
+    return (x0.unsqueeze(0) + eps * grad.sign()).clamp_(0, 1).flatten(0, 1)
+
+
+def _score_fast(model, layers, x, y, x0, probes: dict[str, float], progress, max_maps, batch_images, signs,
+                keep_probs) -> dict[str, tuple[dict, dict, dict]]:
+    """{objective: (scores, probs, patches)} for every probe, sharing each layer's forward and batched backward."""
     n = len(x)
     chunk = max(1, batch_images // n)
-    scores = {}
+    out_of = {o: ({}, {}, {}) for o in probes}
     for name, layer in layers.items():
         channels = min(num_maps(layer), max_maps)
         cdim = channel_dim(layer)
         # One forward of x0 to layer l serves every map of the layer: each map's gradient is a backward pass
         # of the same graph with another cotangent, so the backwards are batched (vmap) over maps.
-        if objective in FIELDS:  # the leaf is the field's control points, shared by the n images
-            x_start = field_leaf(objective, x0)
-            out = forward_to(model, layer, FIELDS[objective][0].apply(x0, x_start, eps))
-        else:
-            x_start = x0.detach().requires_grad_(True)
-            out = forward_to(model, layer, x_start)
+        x_in, leaves = _probe_input(probes, x0)
+        out = forward_to(model, layer, x_in)
+        unique = list(dict.fromkeys(leaves.values()))
         # The cotangents are built channel-first, (n, C, ...rest), and moved back to the output's layout: a no-op
         # for a conv, channel last for a Linear.
         out_cf = out.detach().movedim(cdim, 1)
         scale = torch.full((), 1.0 / (out_cf[:, 0].numel()), device=x.device, dtype=out.dtype)
-        if objective != "mse":
+        if "mse" not in probes:
             # d/d(out) of sign * mean(out[:, c]): a constant sign / numel in channel c.
             sign = signs[name][:channels].to(x.device, out.dtype).view(1, channels, *[1] * (out.dim() - 2))
             cot_all = (scale * sign).expand(out.shape[0], channels, *out_cf.shape[2:])
@@ -335,40 +375,34 @@ def _score_fast(model, layers, x, y, x0, eps, progress, max_maps, batch_images, 
             # elsewhere, formed with the same operations autograd uses for the reference loop's loss.
             per_map = out_cf[:, :channels] - clean[:, :channels]
             cot_all = scale * (2 * per_map)
-        acc = torch.full((num_maps(layer),), float("nan"))
-        probs, patches = [], []
+        acc = {o: torch.full((num_maps(layer),), float("nan")) for o in probes}
+        probs, found = {o: [] for o in probes}, {o: [] for o in probes}
         for c0 in range(0, channels, chunk):
             k = min(chunk, channels - c0)
             ks = torch.arange(k, device=x.device)
             cot = torch.zeros((k, *out_cf.shape), device=x.device, dtype=out.dtype)
             cot[ks, :, c0 + ks] = cot_all[:, c0:c0 + k].transpose(0, 1)
             cot = cot.movedim(2, cdim + 1 if cdim >= 0 else cdim)  # dim 0 is the batch of maps
-            (grad,) = torch.autograd.grad(out, x_start, cot, retain_graph=True, is_grads_batched=True)
+            grads = dict(zip(unique, torch.autograd.grad(out, unique, cot, retain_graph=True, is_grads_batched=True)))
             with torch.inference_mode():
-                if objective == "patch":
-                    x_adv = patch_step(x0, grad, default_patch(x0.shape), patches).flatten(0, 1)
-                elif objective in FIELDS:
-                    cls = FIELDS[objective][0]
-                    phi = grad.sign().flatten(0, 1)  # (k, P, g, g)
-                    patches.append(cls(phi.cpu(), eps))
-                    x_adv = cls.apply(x0.repeat(k, 1, 1, 1), phi.repeat_interleave(n, 0), eps)
-                else:
-                    x_adv = (x0.unsqueeze(0) + eps * grad.sign()).clamp_(0, 1).flatten(0, 1)
-                x_adv = x_adv.contiguous(memory_format=torch.channels_last)
-                logits = model(x_adv)
-                correct = (logits.argmax(1) == y.repeat(k)).view(k, n)
-                acc[c0:c0 + k] = correct.float().mean(1).cpu()
-                if probs_out is not None:
-                    probs.append(logits.float().softmax(1).view(k, n, -1).cpu())
-            del cot, grad
+                for objective, eps in probes.items():
+                    x_adv = _stepped(objective, eps, x0, grads[leaves[objective]], found[objective])
+                    logits = model(x_adv.contiguous(memory_format=torch.channels_last))
+                    correct = (logits.argmax(1) == y.repeat(k)).view(k, n)
+                    acc[objective][c0:c0 + k] = correct.float().mean(1).cpu()
+                    if keep_probs:
+                        probs[objective].append(logits.float().softmax(1).view(k, n, -1).cpu())
+            del cot, grads
             progress(k)
-        del out, out_cf, x_start
-        scores[name] = acc
-        if probs_out is not None:
-            probs_out[name] = torch.cat(probs)
-        if patches:
-            patches_out[name] = _cat_patches(patches)
-    return scores
+        del out, out_cf, x_in, leaves, unique
+        for objective in probes:
+            scores, probs_out, patches_out = out_of[objective]
+            scores[name] = acc[objective]
+            if keep_probs:
+                probs_out[name] = torch.cat(probs[objective])
+            if found[objective]:
+                patches_out[name] = _cat_patches(found[objective])
+    return out_of
 
 
 def _cat_patches(parts: list) -> "Patches | Warps":
@@ -400,41 +434,57 @@ def consumer_signs(model: nn.Module, example: torch.Tensor, layers: dict[str, Ma
     return signs
 
 
-def probe_feature_maps(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    eps: float = 0.06,
-    alpha: float = 0.02,
-    seed: int = 0,
-    objective: str = "mse",
-    implementation: str = "fast",
-    layers: list[str] | None = None,
-    batch_images: int = 1024,
-    max_maps: int | None = None,
-    keep_probs: bool = False,
-    progress: Callable[[int], None] | bool = False,
-) -> MapTest:
+def probe_feature_maps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float = 0.06,
+                       objective: str = "mse", **kw) -> MapTest:
     """Tests every feature map: one signed input step per map, then the model's predictions on the stepped images.
 
     ``images``: (n, C, H, W) uint8 or float in [0, 1], on the model's device or CPU; ``labels``: true labels.
     ``objective``: ``mse`` (the paper's: push the map away from its clean value), ``excite`` (push the map up
     as its consumer sees it), ``patch`` (excite it through one small universal patch; see :func:`patch_step`;
     ``eps`` does not apply), ``warp`` (excite it through one smooth universal warp of ``eps`` pixels) or
-    ``smooth`` (excite it through one smooth universal additive change of L-inf size ``eps``). The
-    model is used in eval mode (BatchNorm running statistics) and left as it was found. ``layers`` restricts
-    testing to those layer names (default: :func:`~.pruning.map_layers`, every Conv2d and every nn.Linear but
-    the classifier head; a registry CNN's convs). ``batch_images`` bounds how many images one pass of the
-    fast implementation holds (memory scales with it). ``keep_probs`` also keeps every map's softmax outputs and
-    a random-direction null (see :class:`MapTest`).
+    ``smooth`` (excite it through one smooth universal additive change of L-inf size ``eps``). The other
+    keyword arguments are :func:`probe_maps`'s.
+    """
+    return probe_maps(model, images, labels, {objective: eps}, **kw)[objective]
+
+
+def probe_maps(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    probes: dict[str, float],
+    *,
+    alpha: float = 0.02,
+    seed: int = 0,
+    implementation: str = "fast",
+    layers: list[str] | None = None,
+    batch_images: int = 1024,
+    max_maps: int | None = None,
+    keep_probs: bool = False,
+    progress: Callable[[int], None] | bool = False,
+) -> dict[str, MapTest]:
+    """Several probes of every map at once, ``{objective: eps}`` -> ``{objective: MapTest}`` (see
+    :func:`probe_feature_maps` for the objectives). The fast implementation shares each layer's forward and
+    batched backward between the probes (``mse`` cannot share: it goes alone); the results are each probe's own
+    (up to rounding in the fields' gradients). The model is used in eval mode (BatchNorm running statistics) and
+    left as it was found. ``layers`` restricts testing to those layer names (default: :func:`~.pruning.map_layers`,
+    every Conv2d and every nn.Linear but the classifier head; a registry CNN's convs). ``batch_images`` bounds how
+    many images one pass of the fast implementation holds (memory scales with it). ``keep_probs`` also keeps every
+    map's softmax outputs and a random-direction null (see :class:`MapTest`).
     """
     if implementation not in IMPLEMENTATIONS:
         raise MapPruneError(f"unknown implementation {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}")
-    if objective not in OBJECTIVES:
-        raise MapPruneError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
-    if eps < 0 or alpha < 0:
-        raise MapPruneError(f"eps and alpha must be >= 0, got eps={eps}, alpha={alpha}")
+    if not probes:
+        raise MapPruneError("no probe given; give at least one objective")
+    for objective, eps in probes.items():
+        if objective not in OBJECTIVES:
+            raise MapPruneError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
+        if eps < 0:
+            raise MapPruneError(f"eps must be >= 0, got eps={eps} for {objective}")
+    if "mse" in probes and len(probes) > 1:
+        raise MapPruneError("the mse probe has its own cotangent and cannot share a pass; probe it alone")
+    if alpha < 0:
+        raise MapPruneError(f"alpha must be >= 0, got alpha={alpha}")
     all_layers = map_layers(model)
     if layers is not None:
         unknown = [n for n in layers if n not in all_layers]
@@ -449,33 +499,40 @@ def probe_feature_maps(
     max_maps = max_maps if max_maps is not None else max(num_maps(m) for m in all_layers.values())
     tick = progress if callable(progress) else (lambda k: None)
     bar = None
+    per_probe = 1 if implementation == "fast" else len(probes)
     if progress is True:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(min(num_maps(m), max_maps) for m in all_layers.values()), desc="testing feature maps",
-                   unit="map", leave=False, dynamic_ncols=True)
+        bar = tqdm(total=per_probe * sum(min(num_maps(m), max_maps) for m in all_layers.values()),
+                   desc="testing feature maps", unit="map", leave=False, dynamic_ncols=True)
         tick = bar.update
     was_training = model.training
     model.eval()
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)  # gradients are needed w.r.t. the input only
-    probs = {} if keep_probs else None
-    patches = {}
     try:
-        signs = consumer_signs(model, x[:1], all_layers) if objective != "mse" else None
+        signs = consumer_signs(model, x[:1], all_layers) if "mse" not in probes else None
         if implementation == "reference":
-            acc = _score_reference(model, all_layers, x, y, x0, eps, tick, max_maps, objective, signs, probs,
-                                   patches)
+            found = {}
+            for objective, eps in probes.items():
+                probs, patches = {}, {}
+                acc = _score_reference(model, all_layers, x, y, x0, eps, tick, max_maps, objective, signs, probs,
+                                       patches)
+                found[objective] = (acc, probs, patches)
         else:
-            acc = _score_fast(model, all_layers, x, y, x0, eps, tick, max_maps, batch_images, objective, signs,
-                              probs, patches)
-        null = None
-        if keep_probs:
-            x_null = (x0 + eps * _random_sign(x, seed + 1)).clamp(0, 1)
-            with torch.inference_mode():
-                null = model(x_null).float().softmax(1).cpu()
-        return MapTest(acc, y.cpu(), probs or {}, null, patches)
+            found = _score_fast(model, all_layers, x, y, x0, probes, tick, max_maps, batch_images, signs,
+                                keep_probs)
+        tests = {}
+        for objective, eps in probes.items():
+            acc, probs, patches = found[objective]
+            null = None
+            if keep_probs:
+                x_null = (x0 + eps * _random_sign(x, seed + 1)).clamp(0, 1)
+                with torch.inference_mode():
+                    null = model(x_null).float().softmax(1).cpu()
+            tests[objective] = MapTest(acc, y.cpu(), probs if keep_probs else {}, null, patches)
+        return tests
     finally:
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)

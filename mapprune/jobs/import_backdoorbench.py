@@ -24,7 +24,25 @@ NORMALISATION = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "gtsrb": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
-MODELS = {"preactresnet18": "preactresnet18-bb"}  # BackdoorBench's model name -> mapprune's architecture
+# BackdoorBench's model name -> mapprune's architecture with BackdoorBench's exact state-dict layout. Its own
+# PreActResNet18; the others are torchvision's ImageNet constructors with only num_classes changed
+# (mapprune.models.torchvision_bb). Not importable yet: densenet121/161, mobilenet_v2/v3_large, efficientnet_b0/b3,
+# convnext_tiny, vit_*, alexnet, squeezenet, googlenet, inception_v3, shufflenet, mnasnet, resnext, wide_resnet,
+# senet18.
+MODELS = {
+    "preactresnet18": "preactresnet18-bb",
+    "resnet18": "resnet18-bb",
+    "resnet34": "resnet34-bb",
+    "resnet50": "resnet50-bb",
+    "vgg11": "vgg11-bb",
+    "vgg16": "vgg16-bb",
+    "vgg19": "vgg19-bb",
+    "vgg19_bn": "vgg19_bn-bb",
+}
+# The first conv's weight: its shape gives the width (first stage's channels) and the input channels.
+STEM = {"preactresnet18-bb": "conv1.weight", "resnet18-bb": "conv1.weight", "resnet34-bb": "conv1.weight",
+        "resnet50-bb": "conv1.weight", "vgg11-bb": "features.0.weight", "vgg16-bb": "features.0.weight",
+        "vgg19-bb": "features.0.weight", "vgg19_bn-bb": "features.0.weight"}
 ATTACK_NAMES = {"badnet": "badnets", "badnets": "badnets", "blended": "blended", "sig": "sig"}
 REBUILDABLE = ("badnets", "blended", "sig")
 REQUIRED = ("model_name", "num_classes", "model", "clean_data", "bd_test")
@@ -88,16 +106,52 @@ def _poison_indices(data: dict) -> torch.Tensor:
     return torch.nonzero(torch.as_tensor(indicator).flatten() > 0).flatten().long()
 
 
+def _architecture(model_name: str) -> str:
+    arch = MODELS.get(model_name)
+    if arch is None:
+        raise MapPruneError(f"BackdoorBench model {model_name!r} has no mapprune architecture yet; importable: "
+                            f"{', '.join(MODELS)}")
+    return arch
+
+
+def backdoorbench_model(data: dict, dataset: str, path="attack_result.pt"):
+    """BackdoorBench's model from its attack result ``data`` as a mapprune model (its input normalisation for
+    ``dataset`` inside) and the model spec the run's manifest keeps. A model name without a mapprune
+    architecture, or weights that do not fit it exactly (a missing, unexpected or misshapen tensor), is an error
+    naming it."""
+    from ..checkpoint import load_state_into
+    from ..models import create_model
+
+    name = str(data["model_name"])
+    arch = _architecture(name)
+    state = data["model"]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MapPruneError("the attack result's 'model' is not a state dict of tensors")
+    if all(str(k).startswith("module.") for k in state):  # trained under nn.DataParallel (several GPUs)
+        state = {k[len("module."):]: v for k, v in state.items()}
+    stem = STEM[arch]
+    if stem not in state or state[stem].ndim != 4:
+        raise MapPruneError(f"the attack result's weights have no {stem} (a 4-d conv weight): not BackdoorBench's "
+                            f"{name}")
+    mean, std = NORMALISATION[dataset]
+    width, in_channels = (int(d) for d in state[stem].shape[:2])
+    num_classes = int(data["num_classes"])
+    spec = {"name": arch, "num_classes": num_classes, "width": width, "in_channels": in_channels,
+            "mean": list(mean), "std": list(std)}
+    model = create_model(arch, num_classes, width=width, in_channels=in_channels, mean=mean, std=std)
+    load_state_into(model.net, state, path, what=f"BackdoorBench's {name}")
+    return model, spec
+
+
 def import_backdoorbench(path, out, *, attack: str, attack_kw: dict | None = None, target: int = 0,
                          data_dir=None, overwrite: bool = False, device=None) -> dict:
     """Writes a mapprune run folder at ``out`` from BackdoorBench's attack result at ``path``; returns the
     manifest. ``attack`` is BackdoorBench's attack (badnet, blended, sig), ``attack_kw`` its settings."""
     from ..attacks import create_attack
-    from ..checkpoint import atomic_save, load_state_into, save_model
+    from ..checkpoint import atomic_save, save_model
     from ..data import load_dataset
     from ..device import pick_device
     from ..metrics import evaluate
-    from ..models import create_model
     from ..report import save_samples
     from ..runs import RunWriter, versions, write_json
 
@@ -107,35 +161,25 @@ def import_backdoorbench(path, out, *, attack: str, attack_kw: dict | None = Non
                             f"trigger is not in attack_result.pt); importable: {', '.join(sorted(ATTACK_NAMES))}")
     t0 = time.perf_counter()
     data = read_backdoorbench(path)
-    arch = MODELS.get(str(data["model_name"]))
-    if arch is None:
-        raise MapPruneError(f"BackdoorBench model {data['model_name']!r} has no mapprune architecture yet; "
-                            f"importable: {', '.join(MODELS)}")
+    _architecture(str(data["model_name"]))  # an unknown model before an unknown dataset
     dataset = str(data["clean_data"])
     if dataset not in NORMALISATION:
         raise MapPruneError(f"BackdoorBench dataset {dataset!r} is not one mapprune loads; known: "
                             f"{', '.join(NORMALISATION)}")
-    state = data["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise MapPruneError("the attack result's 'model' is not a state dict of tensors")
-    if "conv1.weight" not in state:
-        raise MapPruneError("the attack result's weights have no conv1.weight: not BackdoorBench's PreActResNet18")
+    model, spec = backdoorbench_model(data, dataset, Path(path))  # before the dataset: a bad file fails at once
     ds = load_dataset(dataset, data_dir)
-    num_classes = int(data["num_classes"])
+    num_classes = spec["num_classes"]
     if num_classes != ds.num_classes:
         raise MapPruneError(f"the model has {num_classes} classes but {dataset} has {ds.num_classes}")
+    if spec["in_channels"] != ds.image_shape[0]:
+        raise MapPruneError(f"the model takes {spec['in_channels']}-channel images but {dataset}'s have "
+                            f"{ds.image_shape[0]}")
     kw = dict(attack_kw or {})
     atk = create_attack(name, ds.image_shape, ds.num_classes, target=target, **kw)
     poison = _poison_indices(data)
     if len(poison) and int(poison.max()) >= len(ds.y_train):
         raise MapPruneError(f"poison indices reach {int(poison.max())} but {dataset} has {len(ds.y_train)} training "
                             "images: the attack result is of another dataset split")
-    mean, std = NORMALISATION[dataset]
-    width = int(state["conv1.weight"].shape[0])
-    spec = {"name": arch, "num_classes": num_classes, "width": width, "in_channels": ds.image_shape[0],
-            "mean": list(mean), "std": list(std)}
-    model = create_model(arch, num_classes, width=width, in_channels=ds.image_shape[0], mean=mean, std=std)
-    load_state_into(model.net, state, Path(path), what=f"BackdoorBench's {data['model_name']}")
     writer = RunWriter(out, overwrite)
     dev = pick_device(device)
     metrics = evaluate(model.to(dev), atk.test_sets(ds.x_test, ds.y_test))

@@ -12,6 +12,7 @@ from ..errors import unknown_name
 from .preactresnet import PreActResNet18
 from .resnet import ResNet18
 from .smallcnn import SmallCNN
+from .torchvision_bb import VGGTV, ResNetTV
 from .vgg import VGG16BN
 from .vit import ViT
 from .wrapper import Normalized
@@ -23,6 +24,14 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "vgg16_bn": VGG16BN,
     "smallcnn": SmallCNN,
     "vit": ViT,  # a small vision transformer (embedding dim 2 x width): FMT on Linear layers
+    # torchvision's ImageNet layouts, as BackdoorBench trains them on CIFAR (import-backdoorbench)
+    "resnet18-bb": partial(ResNetTV, 18),
+    "resnet34-bb": partial(ResNetTV, 34),
+    "resnet50-bb": partial(ResNetTV, 50),
+    "vgg11-bb": partial(VGGTV, 11, False),
+    "vgg16-bb": partial(VGGTV, 16, False),
+    "vgg19-bb": partial(VGGTV, 19, False),
+    "vgg19_bn-bb": partial(VGGTV, 19, True),
 }
 
 
