@@ -1,0 +1,59 @@
+"""Cost of FMT's testing phase per recipe, side by side on one model: the paper's (one ``mse`` probe) against the
+recommended recipe's probes (patch, plus the warp and smooth fields that give unlearning candidates), both
+shared in one pass (as FMT runs them) and one after another (as before they shared a pass).
+
+Issue 9 asks the recommended testing phase to cost at most 2x the paper's. Times are wall-clock on this
+machine; ratios are what to read (the three are measured back to back on the same images and layers).
+
+    python benchmarks/fmt_recipe_cost.py [--run runs/cifar10-badnets] [--width 16] [--layer-stride 1]
+"""
+
+import argparse
+import time
+
+import torch
+
+from mapprune.defenses.pruning import map_layers
+from mapprune.defenses.scoring import probe_maps
+from mapprune.models import create_model
+
+RECOMMENDED = {"patch": 0.06, "warp": 1.0, "smooth": 0.06}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", help="a run folder (its model and training images); default: an untrained model")
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--n", type=int, default=32, help="test images (both recipes use 32)")
+    ap.add_argument("--layer-stride", type=int, default=1, help="time every Nth layer only (totals cover those)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.run:
+        from mapprune.runs import load_run
+
+        r = load_run(args.run)
+        model, x, y = r.model, r.dataset.x_train[:args.n], r.dataset.y_train[:args.n]
+    else:
+        torch.manual_seed(0)
+        model = create_model("preactresnet18", 10, width=args.width)
+        x, y = torch.randint(0, 256, (args.n, 3, 32, 32), dtype=torch.uint8), torch.arange(args.n) % 10
+    layers = list(map_layers(model))[::args.layer_stride]
+    maps = sum(map_layers(model)[n].out_channels for n in layers)
+    print(f"{len(layers)} layers, {maps} maps, {args.n} images, {torch.get_num_threads()} thread(s)")
+
+    def timed(probes):
+        t = time.perf_counter()
+        probe_maps(model, x, y, probes, layers=layers, keep_probs=True)
+        return time.perf_counter() - t
+
+    paper = timed({"mse": 0.06})
+    shared = timed(RECOMMENDED)
+    apart = sum(timed({o: e}) for o, e in RECOMMENDED.items())
+    print(f"paper (mse)                            {paper:8.1f} s   1.00x")
+    print(f"recommended, one shared pass           {shared:8.1f} s   {shared / paper:.2f}x")
+    print(f"recommended, three passes              {apart:8.1f} s   {apart / paper:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
