@@ -333,3 +333,28 @@ def test_random_candidates_control_keeps_counts_and_sizes():
     assert torch.equal(random_candidates(found, (32, 32), seed=0).parts[0].pos, patches.pos)  # seeded
     with pytest.raises(MapPruneError, match="unlearn_candidates"):
         FMT(unlearn_candidates="oracle")
+
+
+def test_smooth_probe_finds_a_low_frequency_backdoors_target(tmp_path):
+    """Low Frequency's trigger is a faint additive change of every pixel: the recommended recipe's smooth-field
+    probe suspects its target (the patch probe does not), unlearns those fields, and the backdoor is gone."""
+    from mapprune.data import clean_subset
+    from mapprune.jobs.attack import attack_run
+    from mapprune.metrics import evaluate
+    from mapprune.runs import load_run
+
+    out = tmp_path / "lf"
+    attack_run("lowfreq", out, dataset="digits", preset="demo", progress=False, target=1,
+               attack_kw={"eps": 0.2, "surrogate": "smallcnn", "surrogate_width": 16, "surrogate_epochs": 2})
+    r = load_run(out)
+    assert evaluate(r.model, r.test_sets())["asr"] > 0.8
+    idx = clean_subset(r.dataset.y_train, 0.1, 0)
+    result = FMT(hflip=False, batch_size=32, fraction=1 / 8, distill=0.0).repair(r.model, r.dataset.x_train[idx],
+                                                                                 r.dataset.y_train[idx])
+    unlearning = result.extra["unlearning"]
+    assert unlearning["smooth_size"] == 0.06 and len(unlearning["smooth_maps"]) == 8
+    assert unlearning["smooth_suspected_target"]["target"] == 1 and result.extra["suspected_target"]["target"] != 1
+    after = evaluate(result.model, r.test_sets())
+    assert after["asr"] <= 0.05 and after["acc"] >= 0.93
+    with pytest.raises(MapPruneError, match="unlearn_smooth"):
+        FMT(unlearn_smooth=1.5)

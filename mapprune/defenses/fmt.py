@@ -73,7 +73,7 @@ FMT_RECIPES: dict[str, dict] = {
               "unlearn_smooth": 0.0},
     "recommended": {"n_images": 32, "balanced": False, "eps": 0.06, "objective": "patch", "scorer": "accuracy",
                     "selection": "global", "mask": True, "unlearn": 0.2, "unlearn_warp": 1.0,
-                    "unlearn_smooth": 0.0},
+                    "unlearn_smooth": 0.06},
 }
 
 

@@ -209,14 +209,17 @@ class Shifts(Field):
     apply = staticmethod(smooth_shift)
 
 
-# The objectives whose leaf is a field's control points: (field class, control points per side, channels).
-FIELDS = {"warp": (Warps, WARP_GRID, lambda c: 2), "smooth": (Shifts, SMOOTH_GRID, lambda c: c)}
+# The objectives whose leaf is a field's control points: (field class, control points per side for an image side,
+# channels). A smooth field keeps SMOOTH_GRID points per 32 pixels (at least 2), so it stays low-pass on small images.
+FIELDS = {"warp": (Warps, lambda side: WARP_GRID, lambda c: 2),
+          "smooth": (Shifts, lambda side: max(2, round(SMOOTH_GRID * side / 32)), lambda c: c)}
 
 
 def field_leaf(objective: str, x: torch.Tensor) -> torch.Tensor:
     """The zero control points (1, P, g, g) of a field objective's universal change, requiring grad."""
     _, grid, channels = FIELDS[objective]
-    return torch.zeros(1, channels(x.shape[1]), grid, grid, device=x.device, dtype=x.dtype, requires_grad=True)
+    g = grid(min(x.shape[-2:]))
+    return torch.zeros(1, channels(x.shape[1]), g, g, device=x.device, dtype=x.dtype, requires_grad=True)
 
 
 def find_patches(grad: torch.Tensor, size: int) -> Patches:
