@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     ib.add_argument("path", type=Path, help="BackdoorBench's attack_result.pt, or the record folder holding it")
     ib.add_argument("--out", required=True, type=Path, help="run folder to write")
     ib.add_argument("--attack", required=True,
-                    help="BackdoorBench's attack (its name is not in the file): badnet, blended (with --pattern), sig")
+                    help="BackdoorBench's attack (its name is not in the file): badnet, blended (with --pattern), sig, "
+                         "wanet (grids from the file, state_dict.pt beside it, or --attack-opt grids=FILE)")
     ib.add_argument("--pattern", type=Path, metavar="IMG", help="blended: the blend image the attack used")
     ib.add_argument("--target", type=int, default=0, help="the attack's target label (default 0, BackdoorBench's)")
     ib.add_argument("--attack-opt", action="append", default=[], metavar="KEY=VALUE",
@@ -169,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--retry-failed", action="store_true", help="rerun the cells recorded as failed")
     bn.add_argument("--update", action="store_true",
                     help="accept a DIR made by another version of the grid (its unchanged cells are kept)")
+    bn.add_argument("--adopt-only", action="store_true",
+                    help="compute nothing: adopt the grid's runs and their matching finished defense results "
+                         "(adopt_defenses = true) and write the table of what is done")
     _add_common(bn)
 
     dg = sub.add_parser("diagnose", help="evaluation only: how well feature-map scorers find the maps that carry "
@@ -415,7 +419,7 @@ def cmd_bench(args) -> int:
         os.environ["MAPPRUNE_DATA"] = str(args.data_dir)  # worker processes resolve the data the same way
     r = run_bench(args.grid, args.out, jobs=args.jobs, threads=args.threads, backend=args.backend,
                   address=args.address, retry_failed=args.retry_failed, update=args.update,
-                  progress=not args.no_progress)
+                  adopt_only=args.adopt_only, progress=not args.no_progress)
     print(f"{r['done']}/{r['cells']} cells done; table: {args.out / 'table.md'}")
     if r["failed"]:
         print(f"{len(r['failed'])} failed or blocked (see {args.out / 'failed'}; --retry-failed reruns them): "

@@ -2,6 +2,8 @@
 anything but tensors, number arrays and plain containers are refused without running."""
 
 import os
+import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -79,8 +81,8 @@ def test_import_says_what_it_cannot_rebuild(tmp_path, shared_data, user_cache):
     from mapprune.jobs.import_backdoorbench import import_backdoorbench
 
     _bb_file(tmp_path / "attack_result.pt")
-    with pytest.raises(MapPruneError, match="wanet trigger cannot be rebuilt"):
-        import_backdoorbench(tmp_path, tmp_path / "run", attack="wanet", data_dir=shared_data)
+    with pytest.raises(MapPruneError, match="inputaware trigger cannot be rebuilt"):
+        import_backdoorbench(tmp_path, tmp_path / "run", attack="inputaware", data_dir=shared_data)
     with pytest.raises(MapPruneError, match="blend"):
         import_backdoorbench(tmp_path, tmp_path / "run", attack="blended", data_dir=shared_data,
                              attack_kw={"pattern": str(tmp_path / "no-kitty.png")})
@@ -346,3 +348,157 @@ def test_import_of_a_vgg19_bn_result_writes_a_run_that_eval_reloads(tmp_path, sh
         torch.testing.assert_close(run.model.eval()(x), _reference_forward("vgg19_bn", state, (x - mean) / std),
                                    rtol=1e-4, atol=1e-5)
     assert main(["eval", str(out), "--json"]) == 0
+
+
+# -- WaNet: BackdoorBench's saved warping grids ------------------------------------------------------------------
+# Written from BackdoorBench's formulas (attack/wanet.py), independently of mapprune.attacks.wanet.
+
+def _bb_grids(h=32, k=4, seed=1):
+    """identity_grid and noise_grid as BackdoorBench's wanet.py makes and saves them: (1, h, h, 2) each, the noise
+    grid a permuted (non-contiguous) view."""
+    g = torch.Generator().manual_seed(seed)
+    ctrl = torch.rand(1, 2, k, k, generator=g) * 2 - 1
+    ctrl = ctrl / ctrl.abs().mean()
+    noise_grid = F.interpolate(ctrl, size=h, mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+    line = torch.linspace(-1, 1, h)
+    rows, cols = torch.meshgrid(line, line, indexing="ij")
+    return torch.stack((cols, rows), 2)[None], noise_grid
+
+
+def _bb_warp(x, identity_grid, noise_grid, s, grid_rescale):
+    """BackdoorBench's test-time WaNet on [0, 1] images: normalise, grid_sample (bilinear, zero padding,
+    align_corners) at clamp((identity + s * noise / H) * grid_rescale, -1, 1), denormalise."""
+    from mapprune.jobs.import_backdoorbench import NORMALISATION
+
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALISATION["cifar10"])
+    grid = torch.clamp((identity_grid + s * noise_grid / x.shape[-2]) * grid_rescale, -1, 1)
+    warped = F.grid_sample((x - mean) / std, grid.repeat(len(x), 1, 1, 1), mode="bilinear", padding_mode="zeros",
+                           align_corners=True)
+    return warped * std + mean
+
+
+def _wanet_bd_train(n_train=50000):
+    """bd_train as BackdoorBench's WaNet saves it: poisoned (relabelled to 0) and noise-mode images (labels kept)
+    all flagged, each with (bd_label, label) in the on-disk container."""
+    labels = {3: (0, 5), 17: (0, 2), 40: (7, 7), 41: (3, 3)}
+    indicator = np.zeros(n_train)
+    indicator[list(labels)] = 1
+    entries = {i: {"path": f"./record/w/bd_train_dataset/{lab}/{i}.png", "other_info": [bd, lab]}
+               for i, (bd, lab) in labels.items()}
+    return {"bd_data_container": {"save_folder_path": "./record/w/bd_train_dataset", "data_dict": entries,
+                                  "save_file_format": ".png"},
+            "getitem_all": True, "getitem_all_switch": False, "original_index_array": np.arange(n_train),
+            "poison_indicator": indicator, "save_folder_path": "./record/w/bd_train_dataset"}
+
+
+def _bb_state_dict(path, net, **grids):
+    """state_dict.pt as BackdoorBench's wanet.py writes it every frequency_save epochs (MultiStepLR: a Counter)."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [100, 200, 300, 400], 0.1)
+    net(torch.rand(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    sched.step()
+    assert isinstance(sched.state_dict()["milestones"], Counter)
+    torch.save({"netC": net.state_dict(), "schedulerC": sched.state_dict(), "optimizerC": opt.state_dict(),
+                "epoch_current": 0, **grids}, path)
+
+
+def test_wanet_import_warps_with_backdoorbenchs_saved_grids(tmp_path, shared_data, user_cache):
+    from mapprune.attacks.wanet import WaNet
+    from mapprune.cli import main
+    from mapprune.runs import load_run
+
+    record = tmp_path / "record"
+    record.mkdir()
+    net = _bb_file(record / "attack_result.pt", bd_train=_wanet_bd_train())
+    identity, noise = _bb_grids()
+    _bb_state_dict(record / "state_dict.pt", net, identity_grid=identity, noise_grid=noise)
+    out = tmp_path / "run"
+    assert main(["import-backdoorbench", str(record), "--out", str(out), "--attack", "wanet", "--attack-opt", "s=1.5",
+                 "--attack-opt", "grid_rescale=0.98", "--data-dir", str(shared_data), "--no-progress"]) == 0
+    shutil.rmtree(record)  # the run needs nothing from BackdoorBench's folder any more
+    run = load_run(out)
+    m = run.manifest
+    assert {k: m["attack"][k] for k in ("name", "s", "k", "grid_rescale", "cross_ratio", "field_seed", "target")} == \
+        {"name": "wanet", "s": 1.5, "k": 4, "grid_rescale": 0.98, "cross_ratio": 2.0, "field_seed": None, "target": 0}
+    assert m["imported_from"]["grids"]["file"].endswith("state_dict.pt")
+    # the noise-mode images BackdoorBench flags too are told apart by their kept labels
+    assert run.poison_indices.tolist() == [3, 17] and run.attack.noise_indices.tolist() == [40, 41]
+    assert m["poison"]["count"] == 2 and m["imported_from"]["noise_images"] == 2
+    x = run.dataset.x_test[:6]
+    xf = x.float() / 255
+    ref = _bb_warp(xf, identity, noise, 1.5, 0.98)
+    assert (ref - xf).abs().max() > 0.1  # a warp that shows
+    torch.testing.assert_close(run.attack.trigger(xf), ref, atol=1e-5, rtol=0)
+    assert not torch.allclose(WaNet((3, 32, 32), 10, s=1.5, grid_rescale=0.98).trigger(xf), ref, atol=1e-2)
+    # reloaded from the run folder alone: the same images as the attack built from the grids
+    again = WaNet.from_grids((3, 32, 32), 10, noise[0], identity[0], s=1.5, grid_rescale=0.98)
+    assert torch.equal(run.attack.apply(x), again.apply(x))
+    # BackdoorBench stores its backdoor test images truncated to uint8, mapprune rounds: at most one level apart
+    stored = (ref.clamp(0, 1) * 255).floor()
+    assert ((run.attack.apply(x).float() - stored).abs() <= 1).all()
+    assert main(["eval", str(out), "--json"]) == 0
+
+
+def test_wanet_grids_in_the_attack_result_and_backdoorbenchs_defaults(tmp_path, shared_data, user_cache):
+    from mapprune.jobs.import_backdoorbench import import_backdoorbench
+    from mapprune.runs import load_run
+
+    identity, noise = _bb_grids(seed=2)
+    _bb_file(tmp_path / "attack_result.pt", identity_grid=identity, noise_grid=noise)  # save_attack_result(**kw)
+    m = import_backdoorbench(tmp_path, tmp_path / "run", attack="wanet", data_dir=shared_data)
+    assert {k: m["attack"][k] for k in ("s", "k", "grid_rescale", "cross_ratio")} == \
+        {"s": 0.5, "k": 4, "grid_rescale": 1.0, "cross_ratio": 2.0}
+    assert m["imported_from"]["grids"]["file"].endswith("attack_result.pt")
+    assert m["imported_from"]["noise_images"] is None and m["poison"]["count"] == 3  # no labels to tell them apart
+    run = load_run(tmp_path / "run")
+    x = run.dataset.x_test[:4].float() / 255
+    torch.testing.assert_close(run.attack.trigger(x), _bb_warp(x, identity, noise, 0.5, 1.0), atol=1e-5, rtol=0)
+
+
+def test_wanet_without_usable_grids_is_refused_with_what_was_expected(tmp_path, shared_data, user_cache):
+    from mapprune.jobs.import_backdoorbench import import_backdoorbench
+
+    identity, noise = _bb_grids()
+
+    def fails(match, **kw):
+        with pytest.raises(MapPruneError, match=match):
+            import_backdoorbench(tmp_path, tmp_path / "run", attack="wanet", data_dir=shared_data, **kw)
+
+    net = _bb_file(tmp_path / "attack_result.pt")
+    fails(r"grids \(identity_grid and noise_grid\) are neither in .*attack_result\.pt nor in a state_dict\.pt "
+          r"beside it.*frequency_save.*--attack-opt grids=FILE")
+    fails("grids file .*nowhere.pt does not exist", attack_kw={"grids": str(tmp_path / "nowhere.pt")})
+    fails("field_seed does not apply", attack_kw={"field_seed": 3})
+    _bb_state_dict(tmp_path / "state_dict.pt", net, noise_grid=noise)
+    fails(r"state_dict\.pt has no identity_grid \(BackdoorBench's WaNet grids\); found \[.*'netC'")
+    _bb_state_dict(tmp_path / "state_dict.pt", net, identity_grid=identity, noise_grid=noise[:, :16, :16])
+    fails(r"noise_grid in .*state_dict\.pt has shape \(1, 16, 16, 2\); expected \(1, 32, 32, 2\)")
+    _bb_state_dict(tmp_path / "state_dict.pt", net, identity_grid=identity.tolist(), noise_grid=noise)
+    fails(r"identity_grid in .*state_dict\.pt is a list, not a tensor; expected \(1, 32, 32, 2\)")
+    _bb_state_dict(tmp_path / "state_dict.pt", net, identity_grid=identity, noise_grid=noise * float("nan"))
+    fails("noise_grid in .* must hold finite floats")
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"identity_grid": identity, "noise_grid": Evil()}, tmp_path / "evil.pt")
+    fails("refused .*evil.pt.*nothing in the file was run", attack_kw={"grids": str(tmp_path / "evil.pt")})
+    assert not (tmp_path / "pwned").exists()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
+
+
+def test_wanet_from_grids_keeps_the_seeded_wanet_as_it_was():
+    from mapprune.attacks import create_attack
+    from mapprune.attacks.wanet import WaNet
+
+    seeded = create_attack("wanet", (3, 32, 32), 10)
+    assert set(seeded.state()) == {"field", "noise_indices"} and seeded.params()["field_seed"] == 20210101
+    given = WaNet.from_grids((3, 32, 32), 10, seeded.field)  # the seeded field, given: the same trigger
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(given.trigger(x), seeded.trigger(x)) and given.params()["field_seed"] is None
+    with pytest.raises(MapPruneError, match=r"field must be finite floats of shape \(32, 32, 2\)"):
+        WaNet.from_grids((3, 32, 32), 10, torch.zeros(1, 32, 32, 2))
+    with pytest.raises(MapPruneError, match="no warping field"):
+        WaNet((3, 32, 32), 10, field_seed=None).trigger(x)

@@ -185,6 +185,14 @@ def test_adopted_runs_bring_their_matching_defense_results(tiny, tmp_path):
         assert src.parent.parent == Path(source.path) and src.name in seeded
         theirs = json.loads((src / "result.json").read_text())
         assert mine["after"] == theirs["after"] and mine["params"] == theirs["params"]
+    only = tmp_path / "only"
+    text_only = text.replace('[[defense]]\nname = "ft"', '[[defense]]\nname = "ft"\nclean_ratio = 0.2')
+    (tmp_path / "only.toml").write_text(text_only)
+    r = run_bench(tmp_path / "only.toml", only, adopt_only=True, progress=False, log=_quiet)
+    # adopt-only computes nothing: the model and the matching FMT results are adopted; FT at another clean ratio
+    # and CLP with another u have no finished result and stay missing, not failed.
+    assert r["failed"] == [] and r["ran"] and r["done"] == 1 + 2
+    assert not (only / "failed").exists()
     with pytest.raises(MapPruneError, match="adopt_defenses"):
         bad = tmp_path / "bad.toml"
         bad.write_text(grid.read_text().replace('name = "blended"\n', 'name = "blended"\nadopt_defenses = true\n'))

@@ -14,6 +14,10 @@ Difference from the original: the original draws the poisoned and noise images a
 are drawn once (static) when the training set is poisoned, because the project trains every attack with the
 one training loop on a fixed uint8 tensor dataset. The noise images' indices are kept in ``state()`` as
 ``noise_indices`` for the record; evaluation needs only the field.
+
+Given grids (``WaNet.from_grids``, ``field_seed=None``): the field, and optionally the identity grid, come from
+outside (BackdoorBench's saved ``noise_grid`` and ``identity_grid``, mapprune.jobs.import_backdoorbench) and are kept
+in ``state()``, so the run reloads without their source. The formula above is BackdoorBench's test-time warp.
 """
 
 import torch
@@ -47,28 +51,58 @@ def warp(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 
 class WaNet(Attack):
     name = "wanet"
-    state_names = ("field", "noise_indices")
+    state_names = ("field", "noise_indices", "identity")
 
     def __init__(self, image_shape, num_classes, *, k: int = 4, s: float = 0.5, grid_rescale: float = 1.0,
-                 cross_ratio: float = 2.0, field_seed: int = 20210101, **kw):
+                 cross_ratio: float = 2.0, field_seed: int | None = 20210101, **kw):
         super().__init__(image_shape, num_classes, **kw)
         if k < 2 or cross_ratio < 0:
             raise MapPruneError(f"wanet needs k >= 2 and cross_ratio >= 0, got k={k}, cross_ratio={cross_ratio}")
         self.k, self.s, self.grid_rescale, self.cross_ratio, self.field_seed = k, s, grid_rescale, cross_ratio, field_seed
-        self.field = make_field(self.image_shape, k, field_seed)
+        # field_seed None: the field is given (from_grids, or the run's saved state when it reloads)
+        self.field = None if field_seed is None else make_field(self.image_shape, k, field_seed)
+        self.identity = None  # a given identity grid (H, W, 2); None: identity_grid(H, W)
         self.noise_indices = torch.zeros(0, dtype=torch.long)
+
+    @classmethod
+    def from_grids(cls, image_shape, num_classes, field: torch.Tensor, identity: torch.Tensor | None = None, **kw):
+        """A WaNet warping with the given field (H, W, 2; displacements in 1/H units, as make_field's) and, if
+        given, identity grid (H, W, 2) instead of identity_grid(H, W): BackdoorBench's noise_grid and
+        identity_grid without their leading 1. ``kw``: the other settings (s, grid_rescale, target, ...)."""
+        atk = cls(image_shape, num_classes, field_seed=None, **kw)
+        atk.load_state({"field": field} if identity is None else {"field": field, "identity": identity})
+        return atk
+
+    def load_state(self, tensors):
+        super().load_state(tensors)
+        want = (*self.image_shape[1:], 2)
+        for name in ("field", "identity"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if tuple(value.shape) != want or not value.is_floating_point() or not torch.isfinite(value).all():
+                raise MapPruneError(f"the wanet {name} must be finite floats of shape {want} for "
+                                    f"{tuple(self.image_shape)} images, got {value.dtype} {tuple(value.shape)}")
+            setattr(self, name, value.float().contiguous())
 
     def params(self):
         return {"k": self.k, "s": self.s, "grid_rescale": self.grid_rescale, "cross_ratio": self.cross_ratio,
                 "field_seed": self.field_seed}
 
     def state(self):
-        return {"field": self.field, "noise_indices": self.noise_indices}
+        state = {"field": self.field, "noise_indices": self.noise_indices}
+        if self.identity is not None:
+            state["identity"] = self.identity
+        return state
 
     def grid(self, noise: torch.Tensor | None = None) -> torch.Tensor:
         """The trigger's sampling grid, with optional extra displacement ``noise`` (N, H, W, 2) in 1/H units."""
+        if self.field is None:
+            raise MapPruneError("this wanet has no warping field: field_seed is None and no field was given "
+                                "(WaNet.from_grids, or a run's saved state)")
         h = self.image_shape[1]
-        grid = (self.grid_rescale * (identity_grid(*self.image_shape[1:]) + self.s * self.field / h)).clamp(-1, 1)
+        identity = self.identity if self.identity is not None else identity_grid(*self.image_shape[1:])
+        grid = (self.grid_rescale * (identity + self.s * self.field / h)).clamp(-1, 1)
         return grid if noise is None else (grid + noise / h).clamp(-1, 1)
 
     def trigger(self, x):

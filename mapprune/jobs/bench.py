@@ -282,8 +282,11 @@ def plan(grid: dict, out: Path) -> list[Cell]:
 
 # -- running one cell (in a worker process, or a Ray task) ----------------------------------------------------
 
-def run_cell(cell: dict, grid: dict, threads: int | None, progress: bool) -> dict:
-    """Does one cell's work; returns {"key", "ok", "seconds", "error"}. Never raises."""
+def run_cell(cell: dict, grid: dict, threads: int | None, progress: bool, adopt_only: bool = False) -> dict:
+    """Does one cell's work; returns {"key", "ok", "seconds", "error"} ("skipped": True where ``adopt_only`` found
+    nothing to adopt and did nothing). Never raises."""
+    from .defend import NothingToAdopt
+
     t0 = time.perf_counter()
     try:
         if threads:
@@ -292,10 +295,15 @@ def run_cell(cell: dict, grid: dict, threads: int | None, progress: bool) -> dic
             torch.set_num_threads(threads)
         c = Cell(**cell)
         if c.kind == "model":
+            if adopt_only and not c.settings.get("source"):
+                raise NothingToAdopt(f"{c.label} is trained, not adopted")
             _run_model(c, grid, progress)
         else:
-            _run_defense(c, grid, progress)
+            _run_defense(c, grid, progress, adopt_only)
         return {"key": c.key, "ok": True, "seconds": time.perf_counter() - t0, "error": None}
+    except NothingToAdopt as e:
+        return {"key": cell["key"], "ok": False, "skipped": True, "seconds": time.perf_counter() - t0,
+                "error": str(e)}
     except BaseException as e:  # recorded, so one failed cell never stops the others
         if isinstance(e, KeyboardInterrupt):
             raise
@@ -322,14 +330,14 @@ def _run_model(c: Cell, grid: dict, progress: bool) -> None:
                progress=progress, eval_every=eval_every, attack_kw=s["opts"], **model_kw)
 
 
-def _run_defense(c: Cell, grid: dict, progress: bool) -> None:
+def _run_defense(c: Cell, grid: dict, progress: bool, adopt_only: bool = False) -> None:
     from .defend import defend_run
 
     s = c.settings
     path = Path(c.path)
     defend_run(path.parent.parent, s["defense"], clean_ratio=s["clean_ratio"], name=path.name,
                data_dir=grid.get("data_dir"), progress=progress, seed=s["seed"], adopt_from=s.get("adopt_from"),
-               **s["opts"])
+               adopt_only=adopt_only, **s["opts"])
 
 
 # -- scheduling -----------------------------------------------------------------------------------------------
@@ -387,8 +395,10 @@ class _Inline:
 
 def run_bench(grid_path, out, *, jobs: int = 1, threads: int | None = None, backend: str = "local",
               address: str | None = None, retry_failed: bool = False, update: bool = False,
-              progress: bool = True, log=print) -> dict:
-    """Runs every missing cell of the grid into ``out``; returns {"cells", "done", "failed", "ran"}."""
+              adopt_only: bool = False, progress: bool = True, log=print) -> dict:
+    """Runs every missing cell of the grid into ``out``; returns {"cells", "done", "failed", "ran"}.
+    ``adopt_only``: computes nothing; adopts the runs and the finished defense results that match cells exactly
+    (``adopt_defenses``) and writes the table of what is done (the other cells stay missing)."""
     if backend not in BACKENDS:
         raise unknown_name("backend", backend, BACKENDS)
     if jobs < 1 or (threads is not None and threads < 1):
@@ -413,12 +423,16 @@ def run_bench(grid_path, out, *, jobs: int = 1, threads: int | None = None, back
     ran = []
 
     def show(event: str = "") -> None:
-        counts = {s: sum(1 for v in state.values() if v == s) for s in ("done", "running", "failed", "blocked")}
+        counts = {s: sum(1 for v in state.values() if v == s)
+                  for s in ("done", "running", "failed", "blocked", "skipped")}
         log(f"[bench {_clock(time.perf_counter() - t0)}] {counts['done']}/{len(cells)} done, {counts['running']} "
             f"running, {counts['failed']} failed" + (f", {counts['blocked']} blocked" if counts["blocked"] else "")
-            + (f" | {event}" if event else ""))
+            + (f", {counts['skipped']} not adopted" if counts["skipped"] else "") + (f" | {event}" if event else ""))
 
     def finish(c: Cell, res: dict) -> None:
+        if res.get("skipped"):
+            state[c.key] = "skipped"
+            return
         ran.append(c.key)
         if res["ok"]:
             state[c.key] = "done"
@@ -435,7 +449,9 @@ def run_bench(grid_path, out, *, jobs: int = 1, threads: int | None = None, back
             if state[c.key] != "pending":
                 continue
             deps = [state[d] for d in c.deps]
-            if any(d in ("failed", "blocked") for d in deps):
+            if "skipped" in deps:
+                state[c.key] = "skipped"
+            elif any(d in ("failed", "blocked") for d in deps):
                 state[c.key] = "blocked"
             elif all(d == "done" for d in deps):
                 out_cells.append(c)
@@ -455,7 +471,7 @@ def run_bench(grid_path, out, *, jobs: int = 1, threads: int | None = None, back
                 c = todo[0]
                 state[c.key] = "running"
                 show(f"started {c.label}")
-                finish(c, engine.submit(asdict(c), grid, None, cell_progress))
+                finish(c, engine.submit(asdict(c), grid, None, cell_progress, adopt_only))
         else:
             running = {}
             while True:
@@ -463,7 +479,7 @@ def run_bench(grid_path, out, *, jobs: int = 1, threads: int | None = None, back
                     if len(running) >= jobs:
                         break
                     state[c.key] = "running"
-                    running[engine.submit(asdict(c), grid, threads, False)] = c
+                    running[engine.submit(asdict(c), grid, threads, False, adopt_only)] = c
                     show(f"started {c.label}")
                 if not running:
                     break

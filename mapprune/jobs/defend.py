@@ -14,6 +14,7 @@ from ..checkpoint import atomic_save, save_model
 from ..data import clean_subset
 from ..defenses import create_defense, defense_class
 from ..device import pick_device
+from ..errors import MapPruneError
 from ..metrics import der, evaluate
 from ..runs import RunWriter, load_run, versions, write_json
 
@@ -58,12 +59,17 @@ def adopt_result(found: Path, writer: RunWriter, run) -> dict:
     return report
 
 
+class NothingToAdopt(MapPruneError):
+    """``adopt_only``: no finished result with exactly these settings; nothing was computed."""
+
+
 def defend_run(run, defense: str, *, clean_ratio: float | None = None, name: str | None = None,
                data_dir=None, device=None, overwrite: bool = False, progress: bool = True, adopt_from=None,
-               **kw) -> dict:
+               adopt_only: bool = False, **kw) -> dict:
     """Runs a defense on a finished attack run and writes RUN/defense/<name>/; returns result.json's content.
     ``adopt_from``: a run folder of the same model whose finished result with exactly these settings (see
-    :func:`find_result`) is copied instead of recomputed."""
+    :func:`find_result`) is copied instead of recomputed; with ``adopt_only``, :class:`NothingToAdopt` is raised
+    where there is none, before any work."""
     t_start = time.perf_counter()
     r = load_run(run, data_dir)
     ds_name = r.dataset.name
@@ -83,6 +89,9 @@ def defend_run(run, defense: str, *, clean_ratio: float | None = None, name: str
     found = adopt_from and find_result(adopt_from, defense, d.params(), ratio, seed)
     if found:
         return adopt_result(found, writer, run)
+    if adopt_only:
+        writer.discard_if_empty()
+        raise NothingToAdopt(f"no finished {defense} result with these settings under {adopt_from}")
     dev = pick_device(device)
     test_sets = r.test_sets()
     before = evaluate(r.model.to(dev), test_sets)
