@@ -84,14 +84,18 @@ def augment_batch(x: torch.Tensor, pad: int, hflip: bool, g: torch.Generator) ->
     return x
 
 
+OPTIMIZER_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "step")  # what a checkpoint keeps (SGD, Adam)
+
+
 def _save_checkpoint(path: Path, model, opt, epoch: int, history: list, g: torch.Generator, cfg: TrainConfig):
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     names = {p: n for n, p in model.named_parameters()}
     for group in opt.param_groups:
         for p in group["params"]:
-            buf = opt.state.get(p, {}).get("momentum_buffer")
-            if buf is not None:
-                tensors[f"optim.{names[p]}"] = buf
+            # SGD keeps a momentum buffer per parameter; Adam its two moments and a step count.
+            for key, buf in opt.state.get(p, {}).items():
+                if isinstance(buf, torch.Tensor) and key in OPTIMIZER_STATE:
+                    tensors[f"optim.{names[p]}" + ("" if key == "momentum_buffer" else f"@{key}")] = buf
     tensors["rng"] = g.get_state()
     atomic_save(tensors, path, {"epoch": epoch, "history": history, "config": asdict(cfg)})
 
@@ -112,7 +116,12 @@ def _load_checkpoint(path: Path, model, opt, g: torch.Generator, cfg: TrainConfi
     params = dict(model.named_parameters())
     for k, v in tensors.items():
         if k.startswith("optim."):
-            opt.state[params[k[6:]]]["momentum_buffer"] = v.to(params[k[6:]].device)
+            name, _, key = k[6:].partition("@")
+            key = key or "momentum_buffer"
+            if key not in OPTIMIZER_STATE:
+                raise MapPruneError(f"{path} holds an unknown optimiser state {key!r}; delete it to start afresh")
+            # Adam keeps its step count on the CPU; the moments live with the parameter.
+            opt.state[params[name]][key] = v if key == "step" else v.to(params[name].device)
     g.set_state(tensors["rng"])
     return meta["epoch"], meta["history"]
 
@@ -161,8 +170,6 @@ def train(
     model.to(device, memory_format=torch.channels_last)
     params = list(model.parameters() if parameters is None else parameters)
     if cfg.optimizer == "adam":
-        if checkpoint is not None:
-            raise MapPruneError("checkpoints keep SGD's state only; train with the sgd optimizer to checkpoint")
         opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,

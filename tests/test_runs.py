@@ -288,9 +288,10 @@ def test_checkpoint_of_other_settings_is_refused(small, tmp_path):
         train(make_model(ds), x, y, TrainConfig(epochs=1, **CFG), checkpoint=ckpt, progress=False)
 
 
-def test_interrupted_training_resumes_exactly(small, tmp_path):
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_interrupted_training_resumes_exactly(small, tmp_path, optimizer):
     x, y, ds = small
-    cfg = TrainConfig(epochs=3, **CFG)
+    cfg = TrainConfig(epochs=3, **{**CFG, "optimizer": optimizer, **({"lr": 1e-3} if optimizer == "adam" else {})})
     reference = make_model(ds)
     ref_history = train(reference, x, y, cfg, progress=False)
 
