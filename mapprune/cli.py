@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--no-nc", action="store_true", help="skip Neural Cleanse's second opinion (saves ~10 minutes "
                     "on a CPU for a CIFAR model)")
     sc.add_argument("--nc-opt", action="append", default=[], metavar="KEY=VALUE", help="a Neural Cleanse option")
+    sc.add_argument("--probes", nargs="+", default=["patch", "warp", "smooth"], metavar="PROBE",
+                    help="FMT's probes to run in one pass (default: patch warp smooth); the largest pull decides")
     sc.add_argument("--seed", type=int, default=0, help="clean subset and probe seed (default 0)")
     sc.add_argument("--out", type=Path, help="report folder (default: RUN/scan, or CHECKPOINT's folder/scan-NAME)")
     sc.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -489,7 +491,7 @@ def cmd_scan(args) -> int:
     model, ds, default_out = _scan_target(args)
     idx = clean_subset(ds.y_train, args.clean_ratio, args.seed)
     result = scan(model, ds.x_train[idx], ds.y_train[idx], threshold=args.threshold or THRESHOLD,
-                  nc=not args.no_nc, nc_options=nc_options, seed=args.seed, device=args.device,
+                  nc=not args.no_nc, nc_options=nc_options, probes=tuple(args.probes), seed=args.seed, device=args.device,
                   progress=not args.no_progress)
     out = args.out or default_out
     out.mkdir(parents=True, exist_ok=True)
@@ -500,8 +502,11 @@ def cmd_scan(args) -> int:
         print(json.dumps(report, indent=1))
     else:
         nc = result.nc
-        print(f"{args.model}: {report['verdict']} (FMT pull {result.score:.2f}, threshold {result.threshold:g}; "
-              f"suspected target class {result.target}, anomaly index {result.anomaly_index:.1f})")
+        print(f"{args.model}: {report['verdict']} (FMT {result.probe} probe pull {result.score:.2f}, threshold "
+              f"{result.threshold:g}; suspected target class {result.target}, anomaly index {result.anomaly_index:.1f})")
+        for name, p in result.probes.items():
+            print(f"  {name} probe: pull {p['pull']:.2f} to class {p['suspected_target']}, anomaly "
+                  f"{p['anomaly_index']:.1f}")
         if nc:
             print(f"  Neural Cleanse: anomaly index {nc['anomaly_index']:.2f}, flagged {nc['flagged'] or 'none'}")
         print(f"  report: {out / 'scan.json'}, {out / 'scan.png'}")

@@ -30,6 +30,9 @@ def test_scan_tells_the_backdoored_model_from_the_clean_one(digits_backdoor, dig
     assert main(["scan", str(digits_clean), "--no-nc", "--no-progress", "--json"]) == 0
     clean = json.loads(capsys.readouterr().out)
     assert clean["verdict"] == "no backdoor found" and clean["score"] < 0.5
+    assert set(clean["probes"]) == {"patch", "warp", "smooth"}  # one shared pass of the three probes
+    assert all(p["pull"] < 0.5 for p in clean["probes"].values())
+    assert report["probe"] == "patch" and report["probes"]["patch"]["suspected_target"] == 0  # a patch trigger
     assert (digits_clean / "scan" / "scan.json").is_file()
 
 

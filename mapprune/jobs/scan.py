@@ -1,7 +1,9 @@
 """Is this model backdoored? A verdict from FMT's testing phase, with Neural Cleanse as a second opinion.
 
-FMT's probe (the recommended recipe's patch objective, no trigger, the defender's clean images only) perturbs
-each feature map on its own and records where the predictions go. A backdoor's maps, excited, pull images of every
+FMT's probes (the recommended recipe's three: a small universal patch, a 1-pixel warp and a smooth additive field
+per map, in one shared pass; no trigger, the defender's clean images only) perturb each feature map on its own
+and record where the predictions go; the probe with the largest pull decides (a patch trigger shows in the patch
+probe, a low-frequency one in the smooth probe). A backdoor's maps, excited, pull images of every
 class to one class. Per class, the pull of its hardest-pulling 2% of maps: the share of the other classes' images
 they send to it, above what a random perturbation of the same size does. The suspected target is the class with
 the largest pull, the suspicion score is that pull (0: no more than chance, 1: every image), and the verdict is
@@ -26,6 +28,7 @@ from ..errors import MapPruneError
 from ..images import as_uint8
 
 THRESHOLD = 0.5
+PROBES = ("patch", "warp", "smooth")  # the recommended recipe's probes, tested in one shared pass
 EXIT_BACKDOORED = 3  # the command's exit status when the verdict is "backdoored" (0: none found; 1, 2: errors)
 
 
@@ -38,26 +41,33 @@ class ScanResult:
     target: int
     class_pull: list[float]
     suspicious_maps: list[dict]  # the maps that pull hardest to the suspected target
+    probe: str = "patch"  # the probe whose pull decided (the largest)
+    probes: dict = field(default_factory=dict)  # per probe: its suspected target, pull and anomaly index
     nc: dict | None = None  # Neural Cleanse's detection, when run
     timings: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"verdict": "backdoored" if self.backdoored else "no backdoor found", "backdoored": self.backdoored,
                 "score": round(self.score, 4), "threshold": self.threshold, "suspected_target": self.target,
-                "anomaly_index": round(self.anomaly_index, 4),
+                "anomaly_index": round(self.anomaly_index, 4), "probe": self.probe, "probes": self.probes,
                 "class_pull": self.class_pull, "suspicious_maps": self.suspicious_maps, "neural_cleanse": self.nc,
                 "timings": self.timings}
 
 
 def scan(model: nn.Module, images, labels, *, threshold: float = THRESHOLD, n_maps: int = 10, nc: bool = True,
-         nc_options: dict | None = None, seed: int = 0, device=None, progress: bool = False) -> ScanResult:
-    """Scans ``model`` (any nn.Module taking [0, 1] pixels) with the clean ``images`` and ``labels``."""
+         nc_options: dict | None = None, probes: tuple[str, ...] = PROBES, seed: int = 0, device=None,
+         progress: bool = False) -> ScanResult:
+    """Scans ``model`` (any nn.Module taking [0, 1] pixels) with the clean ``images`` and ``labels``. ``probes``:
+    which of FMT's probes to run (one shared pass); the largest pull among them decides."""
     from ..defenses import FMT, create_defense
     from ..defenses.scorers import class_pull, estimate_target
     from ..device import pick_device
 
     if not 0 < threshold < 1 or n_maps < 1:
         raise MapPruneError(f"threshold is a pull in (0, 1) and n_maps >= 1, got {threshold} and {n_maps}")
+    unknown = [p for p in probes if p not in PROBES]
+    if unknown or not probes:
+        raise MapPruneError(f"unknown probe {unknown[0] if unknown else None!r}; valid: {', '.join(PROBES)}")
     y = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     x = as_uint8(images, y, what="clean images")
     dev = pick_device(device)
@@ -66,9 +76,14 @@ def scan(model: nn.Module, images, labels, *, threshold: float = THRESHOLD, n_ma
     nc_defense = create_defense("nc", seed=seed, device=device, progress=progress, **(nc_options or {})) if nc \
         else None  # built first: a bad NC option fails before the probe runs
     t0 = time.perf_counter()
-    test = fmt.probe(model, x, y)
+    sizes = {"patch": fmt.eps, "warp": fmt.unlearn_warp, "smooth": fmt.unlearn_smooth}
+    tests = fmt.probes(model, x, y, {p: sizes[p] for p in probes})
     timings = {"fmt_probe": time.perf_counter() - t0}
-    target = estimate_target(test)
+    found = {p: estimate_target(t) for p, t in tests.items()}
+    best = max(found, key=lambda p: max(found[p]["class_pull"]))
+    test, target = tests[best], found[best]
+    summary = {p: {"suspected_target": t["target"], "pull": round(max(t["class_pull"]), 4),
+                   "anomaly_index": round(t["anomaly_index"], 4)} for p, t in found.items()}
     pull = class_pull(test)[:, target["target"]]
     owners = [(name, c) for name, acc in test.acc.items() for c in range(len(acc))]
     top = pull.topk(min(n_maps, len(pull))).indices.tolist()
@@ -80,7 +95,7 @@ def scan(model: nn.Module, images, labels, *, threshold: float = THRESHOLD, n_ma
         timings["neural_cleanse"] = time.perf_counter() - t0
     score = max(target["class_pull"])
     return ScanResult(score > threshold, score, threshold, target["anomaly_index"], target["target"],
-                      target["class_pull"], maps, detection, timings)
+                      target["class_pull"], maps, best, summary, detection, timings)
 
 
 def save_scan_figure(path, result: ScanResult) -> None:
@@ -94,7 +109,7 @@ def save_scan_figure(path, result: ScanResult) -> None:
     colors = ["tab:red" if c == result.target else "tab:blue" for c in range(k)]
     axes[0, 0].bar(range(k), result.class_pull, color=colors)
     axes[0, 0].axhline(result.threshold, color="gray", linestyle="--", linewidth=0.8)
-    axes[0, 0].set_title(f"FMT: pull {result.score:.2f} (threshold {result.threshold:g}), "
+    axes[0, 0].set_title(f"FMT {result.probe} probe: pull {result.score:.2f} (threshold {result.threshold:g}), "
                          f"{'backdoored' if result.backdoored else 'no backdoor found'}", fontsize=8)
     axes[0, 0].set_xlabel("class")
     axes[0, 0].set_ylabel("pull of the top 2% maps")
