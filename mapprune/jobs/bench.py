@@ -577,11 +577,13 @@ def markdown(rows: list[dict], title: str) -> str:
         avg = []
         for d in defenses:
             ss = [summary[(a, d)] for a in attacks if (a, d) in summary]
+            # A column with missing cells averages over fewer attacks: say over how many.
+            part = "" if len(ss) == len(attacks) else f" ({len(ss)} of {len(attacks)})"
             if what.startswith("ASR"):
                 avg.append(f"{100 * statistics.fmean(s['asr'][0] for s in ss):.2f} / "
-                           f"{100 * statistics.fmean(s['ra'][0] for s in ss):.2f}")
+                           f"{100 * statistics.fmean(s['ra'][0] for s in ss):.2f}{part}")
             else:
-                avg.append(f"{100 * statistics.fmean(s['acc'][0] for s in ss):.2f}")
+                avg.append(f"{100 * statistics.fmean(s['acc'][0] for s in ss):.2f}{part}")
         parts += ["| **average** | " + " | ".join(avg) + " |", ""]
     return "\n".join(parts)
 
