@@ -144,10 +144,10 @@ def test_a_failing_cell_is_recorded_and_retried(tmp_path, monkeypatch):
                     .replace("seeds = [0, 1]", "seeds = [0]"))
     real = bench._run_defense
 
-    def broken(c, g, progress):
+    def broken(c, g, progress, *rest):
         if c.defense == "clp":
             raise RuntimeError("disk on fire")
-        return real(c, g, progress)
+        return real(c, g, progress, *rest)
     monkeypatch.setattr(bench, "_run_defense", broken)
     out = tmp_path / "out"
     r = run_bench(grid, out, progress=False, log=_quiet)
