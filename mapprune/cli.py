@@ -507,6 +507,9 @@ def cmd_scan(args) -> int:
         for name, p in result.probes.items():
             print(f"  {name} probe: pull {p['pull']:.2f} to class {p['suspected_target']}, anomaly "
                   f"{p['anomaly_index']:.1f}")
+        for c in result.rejected:
+            print(f"  class {c} rejected: the model gets {result.class_acc[c]:.0%} of its clean images right, under "
+                  f"a quarter of the median class's (as after a clean-label attack that poisoned all of it)")
         if nc:
             print(f"  Neural Cleanse: anomaly index {nc['anomaly_index']:.2f}, flagged {nc['flagged'] or 'none'}")
         print(f"  report: {out / 'scan.json'}, {out / 'scan.png'}")

@@ -34,6 +34,38 @@ def test_scan_tells_the_backdoored_model_from_the_clean_one(digits_backdoor, dig
     assert all(p["pull"] < 0.5 for p in clean["probes"].values())
     assert report["probe"] == "patch" and report["probes"]["patch"]["suspected_target"] == 0  # a patch trigger
     assert (digits_clean / "scan" / "scan.json").is_file()
+    assert clean["rejected_classes"] == [] and min(clean["class_acc"]) > 0.5
+
+
+def test_a_class_the_model_never_predicts_is_flagged(digits_clean):
+    """A clean-label attack that poisoned its whole target class leaves a model that never predicts that class
+    without the trigger: no probe pulls there, but the scan flags the class from its clean accuracy alone."""
+    from torch import nn
+
+    from mapprune.data import clean_subset
+    from mapprune.jobs.scan import rejected_classes, scan
+    from mapprune.runs import load_run
+
+    run = load_run(digits_clean)
+
+    class Rejects(nn.Module):  # the clean model, except that class 3 is never predicted
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            z = self.net(x).clone()
+            z[:, 3] = z[:, 3] - 100
+            return z
+
+    idx = clean_subset(run.dataset.y_train, 0.3, 0)
+    x, y = run.dataset.x_train[idx], run.dataset.y_train[idx]
+    plain = scan(run.model, x, y, nc=False, probes=("patch",))
+    assert not plain.backdoored and plain.rejected == []
+    rejected = scan(Rejects(run.model), x, y, nc=False, probes=("patch",))
+    assert rejected.backdoored and rejected.rejected == [3] and rejected.target == 3
+    assert rejected.class_acc[3] == 0 and rejected.score < 0.5  # the probe alone would have missed it
+    assert rejected_classes([0.9, None, 0.2, 0.8]) == [2] and rejected_classes([None, 0.1]) == []
 
 
 def test_scan_api_with_neural_cleanse_on_any_module(digits_backdoor):

@@ -16,6 +16,15 @@ clean models measured so far pull 0.31 (CIFAR-10 CPU preset) and 0.07-0.10 (digi
 clean-model population of the scan measurement is complete (docs/results.md, "scan"). Neural Cleanse's anomaly
 index (MAD over reversed-trigger norms, flagged above 2) is reported beside it when ``nc`` is on; it does not
 change the verdict.
+
+A second, trigger-free sign decides too: a **rejected class**, one whose clean images the model gets right less than
+``REJECTED`` (a quarter) as often as the median class. A clean-label attack that poisons every training image of
+its target (SIG or LC at BackdoorBench's 10% on CIFAR-10) leaves a model that predicts the target only when the
+trigger is there; no single-map probe can pull there (the model gives the class almost no probability), but its
+clean accuracy on that class is near zero. The clean CIFAR-10 model's weakest class (cat) is at 0.83 of the
+median on the scan's clean images, the SIG and LC models' class 0 at 0.00. The verdict is "backdoored" when
+either sign fires; the suspected target is then the probes' class if their pull is over the threshold, else the
+rejected class.
 """
 
 import time
@@ -28,6 +37,8 @@ from ..errors import MapPruneError
 from ..images import as_uint8
 
 THRESHOLD = 0.5
+REJECTED = 0.25  # a class whose clean accuracy is below this share of the median class's is "rejected"
+MIN_CLASS_IMAGES = 10  # fewer clean images of a class than this: its accuracy is not judged
 PROBES = ("patch", "warp", "smooth")  # the recommended recipe's probes, tested in one shared pass
 EXIT_BACKDOORED = 3  # the command's exit status when the verdict is "backdoored" (0: none found; 1, 2: errors)
 
@@ -44,24 +55,38 @@ class ScanResult:
     probe: str = "patch"  # the probe whose pull decided (the largest)
     probes: dict = field(default_factory=dict)  # per probe: its suspected target, pull and anomaly index
     nc: dict | None = None  # Neural Cleanse's detection, when run
+    class_acc: list = field(default_factory=list)  # the model's accuracy on each class's clean images (None: too few)
+    rejected: list[int] = field(default_factory=list)  # classes the model rejects (see REJECTED)
     timings: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"verdict": "backdoored" if self.backdoored else "no backdoor found", "backdoored": self.backdoored,
                 "score": round(self.score, 4), "threshold": self.threshold, "suspected_target": self.target,
                 "anomaly_index": round(self.anomaly_index, 4), "probe": self.probe, "probes": self.probes,
-                "class_pull": self.class_pull, "suspicious_maps": self.suspicious_maps, "neural_cleanse": self.nc,
+                "class_pull": self.class_pull, "class_acc": self.class_acc, "rejected_classes": self.rejected,
+                "suspicious_maps": self.suspicious_maps, "neural_cleanse": self.nc,
                 "timings": self.timings}
+
+
+def rejected_classes(class_acc: list, ratio: float = REJECTED) -> list[int]:
+    """The classes whose accuracy is below ``ratio`` times the median class's (None entries are not judged)."""
+    known = [a for a in class_acc if a is not None]
+    if len(known) < 2:
+        return []
+    median = float(torch.tensor(known).median())
+    return [c for c, a in enumerate(class_acc) if a is not None and a < ratio * median]
 
 
 def scan(model: nn.Module, images, labels, *, threshold: float = THRESHOLD, n_maps: int = 10, nc: bool = True,
          nc_options: dict | None = None, probes: tuple[str, ...] = PROBES, seed: int = 0, device=None,
          progress: bool = False) -> ScanResult:
     """Scans ``model`` (any nn.Module taking [0, 1] pixels) with the clean ``images`` and ``labels``. ``probes``:
-    which of FMT's probes to run (one shared pass); the largest pull among them decides."""
+    which of FMT's probes to run (one shared pass); the largest pull among them decides, and a rejected class
+    (see the module's docstring) makes the verdict "backdoored" too."""
     from ..defenses import FMT, create_defense
     from ..defenses.scorers import class_pull, estimate_target
     from ..device import pick_device
+    from ..metrics import per_class_accuracy, predict
 
     if not 0 < threshold < 1 or n_maps < 1:
         raise MapPruneError(f"threshold is a pull in (0, 1) and n_maps >= 1, got {threshold} and {n_maps}")
@@ -93,9 +118,16 @@ def scan(model: nn.Module, images, labels, *, threshold: float = THRESHOLD, n_ma
         t0 = time.perf_counter()
         detection, _ = nc_defense.detect(model, nc_defense.split(x, y), dev)
         timings["neural_cleanse"] = time.perf_counter() - t0
+    k = len(target["class_pull"])
+    counts = torch.bincount(y, minlength=k)
+    class_acc = [None if n < MIN_CLASS_IMAGES else round(a, 4) for a, n in
+                 zip(per_class_accuracy(predict(model, x, device=dev), y, k), counts.tolist())]
+    rejected = rejected_classes(class_acc)
     score = max(target["class_pull"])
-    return ScanResult(score > threshold, score, threshold, target["anomaly_index"], target["target"],
-                      target["class_pull"], maps, best, summary, detection, timings)
+    suspected = target["target"] if score > threshold or not rejected else \
+        min(rejected, key=lambda c: class_acc[c])
+    return ScanResult(score > threshold or bool(rejected), score, threshold, target["anomaly_index"], suspected,
+                      target["class_pull"], maps, best, summary, detection, class_acc, rejected, timings)
 
 
 def save_scan_figure(path, result: ScanResult) -> None:
@@ -110,7 +142,8 @@ def save_scan_figure(path, result: ScanResult) -> None:
     axes[0, 0].bar(range(k), result.class_pull, color=colors)
     axes[0, 0].axhline(result.threshold, color="gray", linestyle="--", linewidth=0.8)
     axes[0, 0].set_title(f"FMT {result.probe} probe: pull {result.score:.2f} (threshold {result.threshold:g}), "
-                         f"{'backdoored' if result.backdoored else 'no backdoor found'}", fontsize=8)
+                         f"{'backdoored' if result.backdoored else 'no backdoor found'}"
+                         + (f"; rejected class {result.rejected}" if result.rejected else ""), fontsize=8)
     axes[0, 0].set_xlabel("class")
     axes[0, 0].set_ylabel("pull of the top 2% maps")
     if result.nc:
