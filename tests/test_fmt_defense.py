@@ -233,7 +233,8 @@ def test_recommended_recipe_spares_a_clean_model(tmp_path):
     clean, bad = tmp_path / "clean", tmp_path / "bad"
     attack_run("badnets", clean, dataset="digits", preset="demo", poison_ratio=0.0, progress=False)
     attack_run("badnets", bad, dataset="digits", preset="demo", progress=False)
-    kw = {"fraction": 1 / 8, "batch_size": 32, "distill": 0.0, "progress": False}  # the demo's digits settings
+    kw = {"fraction": 1 / 8, "batch_size": 32, "distill": 0.0, "unlearn_each": False,  # the demo's digits settings
+          "progress": False}
     c = defend_run(clean, "fmt", **kw)
     b = defend_run(bad, "fmt", **kw)
     assert c["after"]["acc"] >= c["before"]["acc"] - 0.02, c["after"]
@@ -333,6 +334,48 @@ def test_random_candidates_control_keeps_counts_and_sizes():
     assert torch.equal(random_candidates(found, (32, 32), seed=0).parts[0].pos, patches.pos)  # seeded
     with pytest.raises(MapPruneError, match="unlearn_candidates"):
         FMT(unlearn_candidates="oracle")
+
+
+def test_unlearn_each_gives_every_candidate_family_its_own_share():
+    """``unlearn_each`` (the recommended recipe's): every family is stamped on its own share. Split: one share of
+    the batch, divided among the families, so a third family thins out the other two."""
+    from mapprune.defenses.fmt import Union
+    from mapprune.defenses.scoring import Patches
+
+    def family(value, row):  # a family of 2 patches of one colour, in its own rows of the image
+        return Patches(torch.tensor([[row, 0], [row, 4]]), torch.full((2, 3, 2, 2), value))
+
+    three = Union([family(1.0, 0), family(0.5, 4), family(0.25, 8)])
+    x, y = torch.zeros(4000, 3, 12, 12), torch.zeros(4000, dtype=torch.long)
+
+    def shares(fmt):
+        out, _ = fmt.unlearning(three)(x, y, torch.Generator().manual_seed(0))
+        return [float((out[:, 0, row:row + 2] == v).flatten(1).any(1).float().mean())
+                for v, row in ((1.0, 0), (0.5, 4), (0.25, 8))]
+
+    split, each = shares(FMT(unlearn=0.3, unlearn_each=False)), shares(FMT(unlearn=0.3))
+    assert all(abs(s - 0.1) < 0.02 for s in split) and all(abs(s - 0.3) < 0.03 for s in each)
+    assert FMT.variant_name({"unlearn_each": False}) == "fmt-nounlearneach" and FMT.variant_name({}) == "fmt"
+    assert FMT(recipe="paper").unlearn_each is False
+    with pytest.raises(MapPruneError, match="unlearn_each"):
+        FMT(unlearn_each="yes")
+
+
+def test_a_result_saved_before_an_option_existed_matches_only_its_legacy_value(tmp_path):
+    import json
+
+    from mapprune.jobs.defend import find_result
+
+    params = FMT(unlearn_each=False).params()
+    old = {k: v for k, v in params.items() if k != "unlearn_each"}  # saved before unlearn_each existed
+    folder = tmp_path / "defense" / "fmt"
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text(json.dumps({"defense": "fmt", "params": old,
+                                                    "clean_subset": {"ratio": 0.1, "seed": 0}}))
+    assert find_result(tmp_path, "fmt", params, 0.1, 0) == folder  # it did what unlearn_each=False does
+    assert find_result(tmp_path, "fmt", FMT().params(), 0.1, 0) is None  # the recommended recipe's unlearn_each
+    assert find_result(tmp_path, "fmt", FMT(unlearn_each=False, unlearn_smooth=0.0).params(), 0.1, 0) is None
+    assert find_result(tmp_path, "fmt", params, 0.1, 1) is None
 
 
 def test_smooth_probe_finds_a_low_frequency_backdoors_target(tmp_path):

@@ -171,6 +171,9 @@ class Defense:
 
     name = "defense"
     dataset_defaults: dict[str, dict] = {}
+    # Options added after results were first saved, with the value that reproduces what the defense did before
+    # they existed: a saved result without such an option counts as having that value (jobs.defend.find_result).
+    legacy: dict = {}
 
     def __init__(self, *, held_out: float = 0.2, hflip: bool = True, seed: int = 0, device=None,
                  progress: bool = False):

@@ -47,6 +47,23 @@ class Union:
         return out
 
 
+def stamping_each(parts: list, share: float):
+    """A fine-tune batch transform like :func:`~.base.stamping`, but every candidate family (patches, warps,
+    smooth fields) is stamped on its own random ``share`` of each batch, so adding a family does not thin out the
+    others (an image may carry candidates of several families); the labels stay true."""
+
+    def transform(xb, yb, g):
+        xb = xb.clone()
+        for part in parts:
+            hit = torch.nonzero(torch.rand(len(xb), generator=g) < share).flatten()
+            if len(hit):
+                which = torch.randint(0, len(part), (len(hit),), generator=g)
+                hit_dev = hit.to(xb.device)
+                xb[hit_dev] = part.stamp(xb[hit_dev], which.to(xb.device))
+        return xb, yb
+    return transform
+
+
 CANDIDATES = ("probe", "random")
 
 
@@ -70,10 +87,10 @@ def random_candidates(found, image_hw: tuple[int, int], seed: int):
 FMT_RECIPES: dict[str, dict] = {
     "paper": {"n_images": 32, "balanced": False, "eps": 0.06, "objective": "mse", "scorer": "accuracy",
               "selection": "rank", "mask": False, "unlearn": 0.0, "unlearn_warp": 0.0,
-              "unlearn_smooth": 0.0},
+              "unlearn_smooth": 0.0, "unlearn_each": False},
     "recommended": {"n_images": 32, "balanced": False, "eps": 0.06, "objective": "patch", "scorer": "accuracy",
                     "selection": "global", "mask": True, "unlearn": 0.2, "unlearn_warp": 1.0,
-                    "unlearn_smooth": 0.06},
+                    "unlearn_smooth": 0.06, "unlearn_each": True},
 }
 
 
@@ -92,6 +109,7 @@ class FMT(FineTuning):
     """
 
     name = "fmt"
+    legacy = {"unlearn_each": False}  # what results saved before the option existed did
     dataset_defaults = {"cifar100": {"alpha": 0.03}, "gtsrb": {"alpha": 0.03}}  # the paper's configurations
     score_label = "accuracy under per-map attack"
 
@@ -102,14 +120,15 @@ class FMT(FineTuning):
                  outlier_method: str = "elliptic",
                  contamination: float = 0.1, threshold: float = 3.5, mask: bool | None = None,
                  unlearn: float | None = None, unlearn_maps: int = 8, unlearn_warp: float | None = None,
-                 unlearn_smooth: float | None = None, unlearn_candidates: str = "probe", detect_only: bool = False,
+                 unlearn_smooth: float | None = None, unlearn_each: bool | None = None,
+                 unlearn_candidates: str = "probe", detect_only: bool = False,
                  precision: str = "auto", implementation: str = "fast", batch_images: int = 1024, **finetune_kw):
         super().__init__(recipe=recipe, **finetune_kw)
         if recipe not in FMT_RECIPES:  # FineTuning has refused it already; kept for FMT-only recipes
             raise MapPruneError(f"unknown recipe {recipe!r}; valid: {', '.join(FMT_RECIPES)}")
         given = {"n_images": n_images, "balanced": balanced, "eps": eps, "objective": objective, "scorer": scorer,
                  "selection": selection, "mask": mask, "unlearn": unlearn,
-                 "unlearn_warp": unlearn_warp, "unlearn_smooth": unlearn_smooth}
+                 "unlearn_warp": unlearn_warp, "unlearn_smooth": unlearn_smooth, "unlearn_each": unlearn_each}
         for k, v in given.items():
             setattr(self, k, FMT_RECIPES[recipe][k] if v is None else v)
         if self.selection not in SELECTIONS:
@@ -129,6 +148,8 @@ class FMT(FineTuning):
         if self.unlearn > 0 and self.objective not in ("patch", "warp"):
             raise MapPruneError("unlearn stamps the candidate triggers of the patch or warp objective; use one of "
                                 "those objectives")
+        if not isinstance(self.unlearn_each, bool):
+            raise MapPruneError(f"unlearn_each is true or false, got {self.unlearn_each!r}")
         if unlearn_maps < 1:
             raise MapPruneError(f"unlearn_maps must be >= 1, got {unlearn_maps}")
         if self.unlearn_warp < 0:
@@ -230,7 +251,10 @@ class FMT(FineTuning):
 
     def unlearning(self, patches: "Patches | Field | Union"):
         """The fine-tune's batch transform: a share ``unlearn`` of each batch gets one of the candidate triggers
-        stamped on, keeping its true label (FMT's own candidate poison samples, unlearned)."""
+        stamped on, keeping its true label (FMT's own candidate poison samples, unlearned). With ``unlearn_each``,
+        each probe's candidates get their own share ``unlearn`` (:func:`stamping_each`)."""
+        if self.unlearn_each:
+            return stamping_each(patches.parts if isinstance(patches, Union) else [patches], self.unlearn)
         return stamping(patches, self.unlearn)
 
     def _repair(self, model, data: CleanData, device):

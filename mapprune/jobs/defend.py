@@ -35,15 +35,22 @@ def _json_equal(a, b) -> bool:
 
 def find_result(source, defense: str, params: dict, ratio: float, seed: int) -> Path | None:
     """A finished defense folder under ``source/defense/`` made with exactly these settings (same defense, every
-    hyperparameter equal, the same clean subset), or None. A result written before a parameter existed does not
-    match: equality is over the full parameter set."""
+    hyperparameter equal, the same clean subset), or None. Equality is over the full parameter set: a result
+    written before a parameter existed matches only where the defense declares the value that reproduces it
+    (``Defense.legacy``) and the cell has that value."""
+    from ..defenses import defense_class
+
+    legacy = defense_class(defense).legacy
     for res in sorted(Path(source, "defense").glob("*/result.json")):
         try:
             r = json.loads(res.read_text())
         except (OSError, ValueError):
             continue
         subset = r.get("clean_subset", {})
-        if r.get("defense") == defense and _json_equal(r.get("params"), params) \
+        stored = r.get("params")
+        if isinstance(stored, dict):
+            stored = {**{k: v for k, v in legacy.items() if k in params and k not in stored}, **stored}
+        if r.get("defense") == defense and _json_equal(stored, params) \
                 and subset.get("ratio") == ratio and subset.get("seed") == seed:
             return res.parent
     return None
