@@ -240,3 +240,17 @@ def test_a_sweep_changes_one_setting_at_a_time_and_draws_its_curves(tmp_path):
     bad.write_text(SWEEP.replace("sweep = {fraction", "sweep = {fractoin"))
     with pytest.raises(MapPruneError, match="no option 'fractoin' to sweep"):
         load_grid(bad)
+
+
+def test_a_changed_default_makes_a_new_cell(tmp_path, monkeypatch):
+    """A cell's key covers every hyperparameter the defense will run with, not only the grid's options: when the
+    code's recommended recipe changes, FMT's cells are new (never an old recipe's result passed off as current),
+    and the cells of other defenses keep their folders."""
+    from mapprune.defenses import fmt
+
+    grid = load_grid(GRIDS / "digits-tiny.toml")
+    before = {c.label: c.path for c in plan(grid, tmp_path) if c.kind == "defense"}
+    monkeypatch.setitem(fmt.FMT_RECIPES["recommended"], "unlearn", 0.3)
+    after = {c.label: c.path for c in plan(grid, tmp_path) if c.kind == "defense"}
+    changed = {label for label in before if before[label] != after[label]}
+    assert changed == {label for label in before if label.split(" / ")[1].startswith("fmt")}, changed

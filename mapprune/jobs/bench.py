@@ -53,6 +53,17 @@ def _hash(settings: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
+def _resolved_params(defense: str, opts: dict, dataset: str) -> dict:
+    """Every hyperparameter the defense will run with (its recipe's and the dataset's defaults, then the grid's
+    options): hashed into the cell's key, so a default changed in the code (a new recommended recipe) makes a new
+    cell instead of passing off a result of the old one as current."""
+    from ..defenses import defense_class
+
+    cls = defense_class(defense)
+    out = {**cls.defaults(opts.get("recipe")), **cls.dataset_defaults.get(dataset, {}), **opts}
+    return {k: v for k, v in out.items() if k not in ("seed", "progress")}
+
+
 @dataclass
 class Cell:
     """One unit of work: ``kind`` "model" (train or adopt a backdoored model) or "defense"."""
@@ -255,11 +266,13 @@ def plan(grid: dict, out: Path) -> list[Cell]:
             m = json.loads((Path(a["run"]) / "manifest.json").read_text())
             settings = {"adopt": {k: m.get(k) for k in ("attack", "model", "train", "seed")},
                         "dataset": m["dataset"]["fingerprint"]}
+            dataset = m["dataset"]["name"]
         else:
             settings = {"dataset": grid["dataset"], "preset": grid.get("preset"), "model": model_kw,
                         "attack": a["name"], "opts": a.get("opts", {}), "poison_ratio": a.get("poison_ratio", 0.1),
                         "target": a.get("target", 0), "all_to_all": a.get("all_to_all", False),
                         "train_seed": a.get("train_seed", 0)}
+            dataset = grid["dataset"]
         key = _hash(settings)
         run = out / "runs" / f"{label}-{key}"
         model_cell = Cell("model", label, key, {**settings, "source": a.get("run")}, str(run), attack=label)
@@ -268,6 +281,7 @@ def plan(grid: dict, out: Path) -> list[Cell]:
             dlabel = _defense_label(d)
             for seed in grid["seeds"]:
                 dset = {"model": key, "defense": d["name"], "opts": d.get("opts", {}),
+                        "params": _resolved_params(d["name"], d.get("opts", {}), dataset),
                         "clean_ratio": d.get("clean_ratio", grid.get("clean_ratio"))}
                 # The folder is named by the defense's settings alone, so one defense lines up across models.
                 dkey = _hash({k: v for k, v in dset.items() if k != "model"})
