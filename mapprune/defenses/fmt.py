@@ -51,15 +51,11 @@ def stamping_each(parts: list, share: float):
     """A fine-tune batch transform like :func:`~.base.stamping`, but every candidate family (patches, warps,
     smooth fields) is stamped on its own random ``share`` of each batch, so adding a family does not thin out the
     others (an image may carry candidates of several families); the labels stay true."""
+    steps = [stamping(part, share) for part in parts]
 
     def transform(xb, yb, g):
-        xb = xb.clone()
-        for part in parts:
-            hit = torch.nonzero(torch.rand(len(xb), generator=g) < share).flatten()
-            if len(hit):
-                which = torch.randint(0, len(part), (len(hit),), generator=g)
-                hit_dev = hit.to(xb.device)
-                xb[hit_dev] = part.stamp(xb[hit_dev], which.to(xb.device))
+        for step in steps:
+            xb, yb = step(xb, yb, g)
         return xb, yb
     return transform
 
