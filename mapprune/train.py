@@ -223,7 +223,8 @@ def train(
                 if after_step is not None:
                     after_step(model)
                 loss_sum += loss.detach() * len(idx)
-                correct += (out.detach().argmax(1) == yb).sum()
+                # an unlearning transform may append stamped copies: the epoch's accuracy counts the batch's own
+                correct += (out.detach()[:len(idx)].argmax(1) == yb[:len(idx)]).sum()
                 if bar is not None:
                     bar.update(1)
             if not torch.isfinite(loss_sum):

@@ -1,5 +1,6 @@
 """FMT's selection rules, pruning, masking, the FT baseline, and repair of a really backdoored model."""
 
+import copy
 import math
 
 import pytest
@@ -401,3 +402,47 @@ def test_smooth_probe_finds_a_low_frequency_backdoors_target(tmp_path):
     assert after["asr"] <= 0.05 and after["acc"] >= 0.93
     with pytest.raises(MapPruneError, match="unlearn_smooth"):
         FMT(unlearn_smooth=1.5)
+
+
+def test_unlearn_append_adds_stamped_copies_and_keeps_every_clean_image():
+    """``unlearn_append``: each family's stamped images are copies added after the batch (the same draws as
+    replacing), so the batch's clean images all stay; the teacher of the distillation sees each copy's source."""
+    from mapprune.defenses.base import FineTuning
+    from mapprune.defenses.fmt import Union
+    from mapprune.defenses.scoring import Patches
+
+    def family(value, row):
+        return Patches(torch.tensor([[row, 0], [row, 4]]), torch.full((2, 3, 2, 2), value))
+
+    two = Union([family(1.0, 0), family(0.5, 4)])
+    x, y = torch.rand(2000, 3, 12, 12) * 0.1, torch.randint(0, 10, (2000,))
+    out, labels, src = FMT(unlearn=0.3, unlearn_append=True).unlearning(two)(x, y, torch.Generator().manual_seed(0))
+    assert torch.equal(out[:2000], x) and torch.equal(labels, y[src]) and torch.equal(src[:2000], torch.arange(2000))
+    copies = out[2000:]
+    ones = (copies[:, 0, 0:2] == 1.0).flatten(1).any(1)
+    halves = (copies[:, 0, 4:6] == 0.5).flatten(1).any(1)
+    assert bool((ones ^ halves).all())  # every copy carries exactly one family's candidate
+    assert abs(float(ones.sum()) / 2000 - 0.3) < 0.03 and abs(float(halves.sum()) / 2000 - 0.3) < 0.03
+    replaced, _ = FMT(unlearn=0.3).unlearning(two)(x, y, torch.Generator().manual_seed(0))
+    hit = (replaced[:, 0, 0:2] == 1.0).flatten(1).any(1).nonzero().flatten()
+    assert torch.equal(hit, src[2000:][ones])  # the same images drawn as when replacing
+    assert FMT.variant_name({"unlearn_append": True}) == "fmt-unlearnappend"
+    with pytest.raises(MapPruneError, match="unlearn_append"):
+        FMT(unlearn_append=1)
+
+    seen = []
+
+    class Teacher(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, xb):
+            seen.append(xb.shape[0])
+            return self.model(xb)
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 12 * 12, 10))
+    ft = FineTuning(epochs=1, batch_size=50, distill=1.0)
+    history = ft.finetune(model, (x[:200] * 255).to(torch.uint8), y[:200], teacher=Teacher(copy.deepcopy(model)),
+                          transform=FMT(unlearn=0.3, unlearn_append=True).unlearning(two))
+    assert len(seen) == 4 and all(n > 50 for n in seen) and 0 <= history[0]["train_acc"] <= 1

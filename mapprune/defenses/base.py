@@ -141,18 +141,26 @@ def most_aggressive(candidates, acc_of, acc0: float, max_drop: float):
     return chosen, tried
 
 
-def stamping(triggers, share: float):
+def stamping(triggers, share: float, append: bool = False):
     """A fine-tune batch transform (for :func:`mapprune.train.train`) that stamps one of ``triggers`` (anything
     with ``len()`` and ``stamp(images, which)``) on a random ``share`` of each batch and keeps the true labels:
-    unlearning candidate triggers (FMT's own, NC's reversed ones) while the model fine-tunes."""
+    unlearning candidate triggers (FMT's own, NC's reversed ones) while the model fine-tunes.
+
+    ``append``: the stamped images are copies added after the batch instead of replacing its images, so every
+    clean image is still seen; the transform then also returns, for each image it gives back, the index of the
+    image of the batch it was made from (the distillation's teacher sees that one)."""
 
     def transform(xb, yb, g):
         hit = torch.nonzero(torch.rand(len(xb), generator=g) < share).flatten()
         if len(hit) == 0:
-            return xb, yb
+            return (xb, yb, torch.arange(len(xb), device=xb.device)) if append else (xb, yb)
         which = torch.randint(0, len(triggers), (len(hit),), generator=g)
-        xb = xb.clone()
         hit_dev = hit.to(xb.device)
+        if append:
+            stamped = triggers.stamp(xb[hit_dev], which.to(xb.device))
+            return (torch.cat([xb, stamped]), torch.cat([yb, yb[hit_dev]]),
+                    torch.cat([torch.arange(len(xb), device=xb.device), hit_dev]))
+        xb = xb.clone()
         xb[hit_dev] = triggers.stamp(xb[hit_dev], which.to(xb.device))
         return xb, yb
     return transform
@@ -336,8 +344,9 @@ class FineTuning(Defense):
             inner = transform
 
             def transform(xb, yb, g):
-                seen["clean"] = xb
-                return inner(xb, yb, g)
+                out = inner(xb, yb, g)
+                seen["clean"] = xb if len(out) == 2 else xb[out[2]]  # an appending transform says the sources
+                return out[:2]
         if self.distill > 0 and teacher is not None:
             teacher = teacher.eval()
             for p in teacher.parameters():

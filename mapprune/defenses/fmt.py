@@ -47,13 +47,19 @@ class Union:
         return out
 
 
-def stamping_each(parts: list, share: float):
+def stamping_each(parts: list, share: float, append: bool = False):
     """A fine-tune batch transform like :func:`~.base.stamping`, but every candidate family (patches, warps,
     smooth fields) is stamped on its own random ``share`` of each batch, so adding a family does not thin out the
-    others (an image may carry candidates of several families); the labels stay true."""
-    steps = [stamping(part, share) for part in parts]
+    others; the labels stay true. Replacing (the default), an image may carry candidates of several families;
+    with ``append`` each family's stamped copies of the batch's own images are added after it."""
+    steps = [stamping(part, share, append) for part in parts]
 
     def transform(xb, yb, g):
+        if append:
+            outs = [step(xb, yb, g) for step in steps]
+            n = len(xb)
+            return tuple(torch.cat([out[i] if k == 0 else out[i][n:] for k, out in enumerate(outs)])
+                         for i in range(3))
         for step in steps:
             xb, yb = step(xb, yb, g)
         return xb, yb
@@ -83,10 +89,10 @@ def random_candidates(found, image_hw: tuple[int, int], seed: int):
 FMT_RECIPES: dict[str, dict] = {
     "paper": {"n_images": 32, "balanced": False, "eps": 0.06, "objective": "mse", "scorer": "accuracy",
               "selection": "rank", "mask": False, "unlearn": 0.0, "unlearn_warp": 0.0,
-              "unlearn_smooth": 0.0, "unlearn_each": False},
+              "unlearn_smooth": 0.0, "unlearn_each": False, "unlearn_append": False},
     "recommended": {"n_images": 32, "balanced": False, "eps": 0.06, "objective": "patch", "scorer": "accuracy",
                     "selection": "global", "mask": True, "unlearn": 0.2, "unlearn_warp": 1.0,
-                    "unlearn_smooth": 0.06, "unlearn_each": True},
+                    "unlearn_smooth": 0.06, "unlearn_each": True, "unlearn_append": False},
 }
 
 
@@ -105,7 +111,7 @@ class FMT(FineTuning):
     """
 
     name = "fmt"
-    legacy = {"unlearn_each": False}  # what results saved before the option existed did
+    legacy = {"unlearn_each": False, "unlearn_append": False}  # what results saved before each option existed did
     dataset_defaults = {"cifar100": {"alpha": 0.03}, "gtsrb": {"alpha": 0.03}}  # the paper's configurations
     score_label = "accuracy under per-map attack"
 
@@ -117,6 +123,7 @@ class FMT(FineTuning):
                  contamination: float = 0.1, threshold: float = 3.5, mask: bool | None = None,
                  unlearn: float | None = None, unlearn_maps: int = 8, unlearn_warp: float | None = None,
                  unlearn_smooth: float | None = None, unlearn_each: bool | None = None,
+                 unlearn_append: bool | None = None,
                  unlearn_candidates: str = "probe", detect_only: bool = False,
                  precision: str = "auto", implementation: str = "fast", batch_images: int = 1024, **finetune_kw):
         super().__init__(recipe=recipe, **finetune_kw)
@@ -124,7 +131,8 @@ class FMT(FineTuning):
             raise MapPruneError(f"unknown recipe {recipe!r}; valid: {', '.join(FMT_RECIPES)}")
         given = {"n_images": n_images, "balanced": balanced, "eps": eps, "objective": objective, "scorer": scorer,
                  "selection": selection, "mask": mask, "unlearn": unlearn,
-                 "unlearn_warp": unlearn_warp, "unlearn_smooth": unlearn_smooth, "unlearn_each": unlearn_each}
+                 "unlearn_warp": unlearn_warp, "unlearn_smooth": unlearn_smooth, "unlearn_each": unlearn_each,
+                 "unlearn_append": unlearn_append}
         for k, v in given.items():
             setattr(self, k, FMT_RECIPES[recipe][k] if v is None else v)
         if self.selection not in SELECTIONS:
@@ -144,8 +152,9 @@ class FMT(FineTuning):
         if self.unlearn > 0 and self.objective not in ("patch", "warp"):
             raise MapPruneError("unlearn stamps the candidate triggers of the patch or warp objective; use one of "
                                 "those objectives")
-        if not isinstance(self.unlearn_each, bool):
-            raise MapPruneError(f"unlearn_each is true or false, got {self.unlearn_each!r}")
+        for flag in ("unlearn_each", "unlearn_append"):
+            if not isinstance(getattr(self, flag), bool):
+                raise MapPruneError(f"{flag} is true or false, got {getattr(self, flag)!r}")
         if unlearn_maps < 1:
             raise MapPruneError(f"unlearn_maps must be >= 1, got {unlearn_maps}")
         if self.unlearn_warp < 0:
@@ -248,10 +257,12 @@ class FMT(FineTuning):
     def unlearning(self, patches: "Patches | Field | Union"):
         """The fine-tune's batch transform: a share ``unlearn`` of each batch gets one of the candidate triggers
         stamped on, keeping its true label (FMT's own candidate poison samples, unlearned). With ``unlearn_each``,
-        each probe's candidates get their own share ``unlearn`` (:func:`stamping_each`)."""
+        each probe's candidates get their own share ``unlearn`` (:func:`stamping_each`). With ``unlearn_append``
+        the stamped images are copies added to the batch, so the clean images are all still seen."""
         if self.unlearn_each:
-            return stamping_each(patches.parts if isinstance(patches, Union) else [patches], self.unlearn)
-        return stamping(patches, self.unlearn)
+            return stamping_each(patches.parts if isinstance(patches, Union) else [patches], self.unlearn,
+                                 self.unlearn_append)
+        return stamping(patches, self.unlearn, self.unlearn_append)
 
     def _repair(self, model, data: CleanData, device):
         x, y = data.x, data.y
