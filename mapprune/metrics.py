@@ -39,6 +39,28 @@ def per_class_accuracy(pred: torch.Tensor, y: torch.Tensor, num_classes: int) ->
     return [h / c if c else None for h, c in zip(hits, count)]
 
 
+REJECTED = 0.25  # a class whose clean accuracy is below this share of the median class's is "rejected"
+MIN_CLASS_IMAGES = 10  # fewer clean images of a class than this: its accuracy is not judged
+
+
+def judged_class_accuracy(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> list[float | None]:
+    """Per-class accuracy, rounded, with None for a class of fewer than ``MIN_CLASS_IMAGES`` images."""
+    counts = torch.bincount(y, minlength=num_classes).tolist()
+    return [None if n < MIN_CLASS_IMAGES else round(a, 4)
+            for a, n in zip(per_class_accuracy(pred, y, num_classes), counts)]
+
+
+def rejected_classes(class_acc: list, ratio: float = REJECTED) -> list[int]:
+    """The classes whose accuracy is below ``ratio`` times the median class's (None entries are not judged): the
+    trigger-free sign of a clean-label attack that poisoned its whole target class (the model then predicts the
+    class only with the trigger)."""
+    known = [a for a in class_acc if a is not None]
+    if len(known) < 2:
+        return []
+    median = float(torch.tensor(known).median())
+    return [c for c, a in enumerate(class_acc) if a is not None and a < ratio * median]
+
+
 def der(before: dict, after: dict) -> float:
     """Defense effectiveness rating: [max(0, dASR) - max(0, dACC) + 1] / 2 with fractions in [0, 1]."""
     d_asr = before["asr"] - after["asr"]

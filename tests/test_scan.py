@@ -100,3 +100,37 @@ def test_scan_reads_a_bare_checkpoint_and_never_a_pickle(digits_backdoor, tmp_pa
     torch.save(bare, tmp_path / "model.pt")
     assert main(["scan", str(tmp_path / "model.pt"), "--arch", "smallcnn", "--num-classes", "10"]) == 2
     assert "never unpickles" in capsys.readouterr().err
+
+
+def test_the_shared_fine_tune_relearns_a_rejected_class_at_relearn_lr(digits_clean):
+    """``relearn_lr``: the shared fine-tune reads the incoming model's accuracy per class on the clean subset (the
+    scan's rejected-class sign) and uses the larger learning rate only when a class is rejected; recorded."""
+    from torch import nn
+
+    from mapprune.data import clean_subset
+    from mapprune.defenses import create_defense
+    from mapprune.runs import load_run
+
+    run = load_run(digits_clean)
+
+    class Rejects(nn.Module):  # the clean model, except that class 3 is never predicted
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            z = self.net(x).clone()
+            z[:, 3] = z[:, 3] - 100
+            return z
+
+    idx = clean_subset(run.dataset.y_train, 0.3, 0)
+    x, y = run.dataset.x_train[idx], run.dataset.y_train[idx]
+    ft = create_defense("ft", epochs=1, batch_size=64, lr=0.001, relearn_lr=0.05, progress=False)
+    rejecting = ft.repair(Rejects(run.model), x, y)
+    assert rejecting.extra["fine_tune"]["lr"] == 0.05 and rejecting.extra["fine_tune"]["rejected_classes"] == [3]
+    plain = ft.repair(run.model, x, y)
+    assert plain.extra["fine_tune"]["lr"] == 0.001 and plain.extra["fine_tune"]["rejected_classes"] == []
+    assert plain.history[0]["lr"] < 0.001 < rejecting.history[0]["lr"]  # the schedule ran from the chosen peak
+    assert "fine_tune" not in create_defense("ft", epochs=1, progress=False).repair(run.model, x, y).extra
+    with pytest.raises(MapPruneError, match="relearn_lr"):
+        create_defense("ft", relearn_lr=0)

@@ -8,8 +8,8 @@ import torch
 
 from mapprune.data import clean_subset
 from mapprune.defenses.nc import anomaly_index
-from mapprune.jobs.scan import THRESHOLD, rejected_classes
-from mapprune.metrics import per_class_accuracy, predict
+from mapprune.jobs.scan import THRESHOLD
+from mapprune.metrics import per_class_accuracy, predict, rejected_classes
 from mapprune.runs import load_run
 
 torch.set_num_threads(1)

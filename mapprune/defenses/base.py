@@ -289,9 +289,9 @@ RUNTIME = ("device", "progress")  # how a defense runs, not what it computes: no
 # docs/results.md ("A stronger FMT"); at the paper's lr a width-16 model stays in its backdoored basin.
 FINETUNES: dict[str, dict] = {
     "paper": {"epochs": 10, "lr": 0.01, "batch_size": 256, "weight_decay": 0.0, "min_lr": 1e-4,
-              "schedule": "cosine", "nesterov": False, "distill": 0.0},
+              "schedule": "cosine", "nesterov": False, "distill": 0.0, "relearn_lr": None},
     "recommended": {"epochs": 15, "lr": 0.02, "batch_size": 128, "weight_decay": 5e-4, "min_lr": 0.0,
-                    "schedule": "onecycle", "nesterov": True, "distill": 1.0},
+                    "schedule": "onecycle", "nesterov": True, "distill": 1.0, "relearn_lr": None},
 }
 RECIPES = tuple(FINETUNES)
 
@@ -300,15 +300,19 @@ class FineTuning(Defense):
     """A defense that ends with the shared fine-tune on the whole clean subset. ``recipe`` picks the defaults of
     every fine-tune hyperparameter left as None (``recommended`` or ``paper``); an explicit value always wins."""
 
+    legacy = {"relearn_lr": None}  # results saved before the option existed never changed the lr
+
     def __init__(self, *, recipe: str = "recommended", epochs: int | None = None, lr: float | None = None,
                  batch_size: int | None = None, weight_decay: float | None = None, min_lr: float | None = None,
-                 schedule: str | None = None, nesterov: bool | None = None, distill: float | None = None, **kw):
+                 schedule: str | None = None, nesterov: bool | None = None, distill: float | None = None,
+                 relearn_lr: float | None = None, **kw):
         super().__init__(**kw)
         if recipe not in FINETUNES:
             raise MapPruneError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")
         self.recipe = recipe
         given = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay,
-                 "min_lr": min_lr, "schedule": schedule, "nesterov": nesterov, "distill": distill}
+                 "min_lr": min_lr, "schedule": schedule, "nesterov": nesterov, "distill": distill,
+                 "relearn_lr": relearn_lr}
         for k, v in given.items():
             setattr(self, k, FINETUNES[recipe][k] if v is None else v)
         # Fails here, before any work, rather than after a testing or pruning phase.
@@ -318,27 +322,56 @@ class FineTuning(Defense):
             raise MapPruneError(f"epochs must be >= 0, got {self.epochs}")
         if self.distill < 0:
             raise MapPruneError(f"distill must be >= 0, got {self.distill}")
+        if self.relearn_lr is not None and not self.relearn_lr > 0:
+            raise MapPruneError(f"relearn_lr is the fine-tune's learning rate when the model rejects a class, > 0 "
+                                f"(or None: never changed); got {self.relearn_lr}")
+        self._relearn: dict = {}
+
+    def repair(self, model: nn.Module, images, labels) -> DefenseResult:
+        self._relearn = {}
+        result = super().repair(model, images, labels)
+        if self._relearn:
+            result.extra["fine_tune"] = self._relearn
+        return result
+
+    def finetune_lr(self, incoming: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+        """The fine-tune's learning rate: ``relearn_lr`` when the incoming model rejects a class of the clean
+        subset (:func:`~mapprune.metrics.rejected_classes`: accuracy under a quarter of the median class's, what a
+        clean-label attack that poisoned its whole target class leaves), since that class must be learnt again;
+        ``lr`` otherwise. Trigger-free: only the defender's clean images are used. Recorded in result.json."""
+        if self.relearn_lr is None:
+            return self.lr
+        from ..metrics import judged_class_accuracy, predict, rejected_classes
+
+        class_acc = judged_class_accuracy(predict(incoming, x), y.cpu(), int(y.max()) + 1)
+        rejected = rejected_classes(class_acc)
+        lr = self.relearn_lr if rejected else self.lr
+        self._relearn = {"lr": lr, "rejected_classes": rejected, "class_acc": class_acc}
+        return lr
 
     @classmethod
     def recipe_defaults(cls, recipe: str | None) -> dict:
         return dict(FINETUNES.get(recipe or "recommended", {}))
 
-    def finetune_config(self) -> TrainConfig:
+    def finetune_config(self, lr: float | None = None) -> TrainConfig:
         """The shared fine-tune: SGD with momentum 0.9 and the recipe's schedule (see ``FINETUNES``)."""
-        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=0.9,
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=lr or self.lr, momentum=0.9,
                            weight_decay=self.weight_decay, schedule=self.schedule, min_lr=self.min_lr,
                            nesterov=self.nesterov, hflip=self.hflip, seed=self.seed)
 
     def finetune(self, model, x, y, after_step=None, device=None, teacher: nn.Module | None = None,
-                 transform=None) -> list[dict]:
+                 transform=None, incoming: nn.Module | None = None) -> list[dict]:
         """The shared fine-tune. With ``distill`` > 0 and a ``teacher`` (the model as it came in), the loss adds
         ``distill`` x the KL divergence to the teacher's softened predictions (temperature 4) on the same clean
         batch: the teacher's knowledge of clean images, which 10% of the data alone cannot rebuild.
         ``transform(images, labels, generator) -> (images, labels)`` changes each batch the student sees; the
         teacher still sees the batch as it was (so an image stamped with a candidate trigger is taught to give
-        the teacher's answer on the unstamped image)."""
+        the teacher's answer on the unstamped image). ``incoming``: the model as the defense received it (default:
+        the teacher, else ``model``), whose clean per-class accuracy picks the learning rate (:meth:`finetune_lr`)."""
         if self.epochs == 0:
             return []
+        incoming = incoming if incoming is not None else teacher if teacher is not None else model
+        lr = self.finetune_lr(incoming, x, y)
         loss_fn, seen = None, {}
         if transform is not None:
             inner = transform
@@ -358,5 +391,5 @@ class FineTuning(Defense):
                     soft = F.softmax(teacher(seen.get("clean", xb)).float() / t, 1)
                 kd = F.kl_div(F.log_softmax(out.float() / t, 1), soft, reduction="batchmean") * t * t
                 return F.cross_entropy(out, yb) + w * kd
-        return train(model, x, y, self.finetune_config(), device=device, after_step=after_step, loss_fn=loss_fn,
+        return train(model, x, y, self.finetune_config(lr), device=device, after_step=after_step, loss_fn=loss_fn,
                      transform=transform, progress=self.progress, desc=f"{self.name} fine-tune")

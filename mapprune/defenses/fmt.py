@@ -111,7 +111,7 @@ class FMT(FineTuning):
     """
 
     name = "fmt"
-    legacy = {"unlearn_each": False, "unlearn_append": False}  # what results saved before each option existed did
+    legacy = {**FineTuning.legacy, "unlearn_each": False, "unlearn_append": False}  # before each option existed
     dataset_defaults = {"cifar100": {"alpha": 0.03}, "gtsrb": {"alpha": 0.03}}  # the paper's configurations
     score_label = "accuracy under per-map attack"
 
@@ -316,7 +316,8 @@ class FMT(FineTuning):
         timings["prune"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         result.history = self.finetune(model, x, y, after_step=mask if self.mask else None, device=device,
-                                       teacher=teacher, transform=transform)
+                                       teacher=teacher, transform=transform,
+                                       incoming=teacher if teacher is not None else result.original)
         timings["finetune"] = time.perf_counter() - t0
         return result
 

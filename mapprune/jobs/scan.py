@@ -18,7 +18,7 @@ index (MAD over reversed-trigger norms, flagged above 2) is reported beside it w
 change the verdict.
 
 A second, trigger-free sign decides too: a **rejected class**, one whose clean images the model gets right less than
-``REJECTED`` (a quarter) as often as the median class. A clean-label attack that poisons every training image of
+``metrics.REJECTED`` (a quarter) as often as the median class. A clean-label attack that poisons every training image of
 its target (SIG or LC at BackdoorBench's 10% on CIFAR-10) leaves a model that predicts the target only when the
 trigger is there; no single-map probe can pull there (the model gives the class almost no probability), but its
 clean accuracy on that class is near zero. The clean CIFAR-10 model's weakest class (cat) is at 0.83 of the
@@ -35,10 +35,9 @@ from torch import nn
 
 from ..errors import MapPruneError
 from ..images import as_uint8
+from ..metrics import rejected_classes
 
 THRESHOLD = 0.5
-REJECTED = 0.25  # a class whose clean accuracy is below this share of the median class's is "rejected"
-MIN_CLASS_IMAGES = 10  # fewer clean images of a class than this: its accuracy is not judged
 PROBES = ("patch", "warp", "smooth")  # the recommended recipe's probes, tested in one shared pass
 EXIT_BACKDOORED = 3  # the command's exit status when the verdict is "backdoored" (0: none found; 1, 2: errors)
 
@@ -56,7 +55,7 @@ class ScanResult:
     probes: dict = field(default_factory=dict)  # per probe: its suspected target, pull and anomaly index
     nc: dict | None = None  # Neural Cleanse's detection, when run
     class_acc: list = field(default_factory=list)  # the model's accuracy on each class's clean images (None: too few)
-    rejected: list[int] = field(default_factory=list)  # classes the model rejects (see REJECTED)
+    rejected: list[int] = field(default_factory=list)  # classes the model rejects (see metrics.REJECTED)
     timings: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -68,15 +67,6 @@ class ScanResult:
                 "timings": self.timings}
 
 
-def rejected_classes(class_acc: list, ratio: float = REJECTED) -> list[int]:
-    """The classes whose accuracy is below ``ratio`` times the median class's (None entries are not judged)."""
-    known = [a for a in class_acc if a is not None]
-    if len(known) < 2:
-        return []
-    median = float(torch.tensor(known).median())
-    return [c for c, a in enumerate(class_acc) if a is not None and a < ratio * median]
-
-
 def scan(model: nn.Module, images, labels, *, threshold: float = THRESHOLD, n_maps: int = 10, nc: bool = True,
          nc_options: dict | None = None, probes: tuple[str, ...] = PROBES, seed: int = 0, device=None,
          progress: bool = False) -> ScanResult:
@@ -86,7 +76,7 @@ def scan(model: nn.Module, images, labels, *, threshold: float = THRESHOLD, n_ma
     from ..defenses import FMT, create_defense
     from ..defenses.scorers import class_pull, estimate_target
     from ..device import pick_device
-    from ..metrics import per_class_accuracy, predict
+    from ..metrics import judged_class_accuracy, predict
 
     if not 0 < threshold < 1 or n_maps < 1:
         raise MapPruneError(f"threshold is a pull in (0, 1) and n_maps >= 1, got {threshold} and {n_maps}")
@@ -119,9 +109,7 @@ def scan(model: nn.Module, images, labels, *, threshold: float = THRESHOLD, n_ma
         detection, _ = nc_defense.detect(model, nc_defense.split(x, y), dev)
         timings["neural_cleanse"] = time.perf_counter() - t0
     k = len(target["class_pull"])
-    counts = torch.bincount(y, minlength=k)
-    class_acc = [None if n < MIN_CLASS_IMAGES else round(a, 4) for a, n in
-                 zip(per_class_accuracy(predict(model, x, device=dev), y, k), counts.tolist())]
+    class_acc = judged_class_accuracy(predict(model, x, device=dev), y, k)
     rejected = rejected_classes(class_acc)
     score = max(target["class_pull"])
     suspected = target["target"] if score > threshold or not rejected else \
