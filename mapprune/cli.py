@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--alpha", type=float, help="fmt: random start size (default 0.02; 0.03 CIFAR-100/GTSRB)")
     f.add_argument("--eps", type=float, help="fmt: signed step size (default 0.06)")
     f.add_argument("--epochs", type=int, help="fine-tune epochs (default 15; paper 10)")
-    f.add_argument("--lr", type=float, help="fine-tune peak learning rate (default 0.02 one-cycle; paper 0.01 cosine)")
+    f.add_argument("--lr", type=float, help="fine-tune peak learning rate (default 0.01 one-cycle, 0.02 when the "
+                   "model rejects a class: --opt relearn_lr; paper 0.01 cosine)")
     f.add_argument("--batch-size", type=int, help="fine-tune batch size (default 128; paper 256)")
     f.add_argument("--distill", type=float, help="fine-tune: weight of the distillation from the incoming model "
                    "(default 1.0: keeps clean accuracy; 0 = none, the paper's; 0 removes more of a backdoor the "

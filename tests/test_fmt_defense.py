@@ -442,7 +442,7 @@ def test_unlearn_append_adds_stamped_copies_and_keeps_every_clean_image():
             return self.model(xb)
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 12 * 12, 10))
-    ft = FineTuning(epochs=1, batch_size=50, distill=1.0)
+    ft = FineTuning(epochs=1, batch_size=50, distill=1.0, relearn_lr=0)  # the teacher only sees training batches
     history = ft.finetune(model, (x[:200] * 255).to(torch.uint8), y[:200], teacher=Teacher(copy.deepcopy(model)),
                           transform=FMT(unlearn=0.3, unlearn_append=True).unlearning(two))
     assert len(seen) == 4 and all(n > 50 for n in seen) and 0 <= history[0]["train_acc"] <= 1

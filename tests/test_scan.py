@@ -131,6 +131,7 @@ def test_the_shared_fine_tune_relearns_a_rejected_class_at_relearn_lr(digits_cle
     plain = ft.repair(run.model, x, y)
     assert plain.extra["fine_tune"]["lr"] == 0.001 and plain.extra["fine_tune"]["rejected_classes"] == []
     assert plain.history[0]["lr"] < 0.001 < rejecting.history[0]["lr"]  # the schedule ran from the chosen peak
-    assert "fine_tune" not in create_defense("ft", epochs=1, progress=False).repair(run.model, x, y).extra
+    assert "fine_tune" not in create_defense("ft", epochs=1, relearn_lr=0, progress=False).repair(run.model, x, y).extra
+    assert create_defense("ft").relearn_lr == 0.02 and create_defense("ft", recipe="paper").relearn_lr == 0
     with pytest.raises(MapPruneError, match="relearn_lr"):
-        create_defense("ft", relearn_lr=0)
+        create_defense("ft", relearn_lr=-0.1)
