@@ -9,6 +9,19 @@ import torch
 from mapprune.errors import MapPruneError
 
 
+class Rejects(torch.nn.Module):
+    """A model, except that class 3 is never predicted (what a clean-label attack that consumed its target leaves)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        z = self.net(x).clone()
+        z[:, 3] = z[:, 3] - 100
+        return z
+
+
 @pytest.fixture(scope="module")
 def digits_clean(tmp_path_factory):
     from mapprune.jobs.attack import attack_run
@@ -40,23 +53,11 @@ def test_scan_tells_the_backdoored_model_from_the_clean_one(digits_backdoor, dig
 def test_a_class_the_model_never_predicts_is_flagged(digits_clean):
     """A clean-label attack that poisoned its whole target class leaves a model that never predicts that class
     without the trigger: no probe pulls there, but the scan flags the class from its clean accuracy alone."""
-    from torch import nn
-
     from mapprune.data import clean_subset
     from mapprune.jobs.scan import rejected_classes, scan
     from mapprune.runs import load_run
 
     run = load_run(digits_clean)
-
-    class Rejects(nn.Module):  # the clean model, except that class 3 is never predicted
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            z = self.net(x).clone()
-            z[:, 3] = z[:, 3] - 100
-            return z
 
     idx = clean_subset(run.dataset.y_train, 0.3, 0)
     x, y = run.dataset.x_train[idx], run.dataset.y_train[idx]
@@ -105,23 +106,11 @@ def test_scan_reads_a_bare_checkpoint_and_never_a_pickle(digits_backdoor, tmp_pa
 def test_the_shared_fine_tune_relearns_a_rejected_class_at_relearn_lr(digits_clean):
     """``relearn_lr``: the shared fine-tune reads the incoming model's accuracy per class on the clean subset (the
     scan's rejected-class sign) and uses the larger learning rate only when a class is rejected; recorded."""
-    from torch import nn
-
     from mapprune.data import clean_subset
     from mapprune.defenses import create_defense
     from mapprune.runs import load_run
 
     run = load_run(digits_clean)
-
-    class Rejects(nn.Module):  # the clean model, except that class 3 is never predicted
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            z = self.net(x).clone()
-            z[:, 3] = z[:, 3] - 100
-            return z
 
     idx = clean_subset(run.dataset.y_train, 0.3, 0)
     x, y = run.dataset.x_train[idx], run.dataset.y_train[idx]
