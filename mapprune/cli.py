@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--nc-opt", action="append", default=[], metavar="KEY=VALUE", help="a Neural Cleanse option")
     sc.add_argument("--probes", nargs="+", default=["patch", "warp", "smooth"], metavar="PROBE",
                     help="FMT's probes to run in one pass (default: patch warp smooth); the largest pull decides")
+    sc.add_argument("--stimulate", type=float, default=4.0, metavar="LEVEL",
+                    help="the stimulation test's level in clean standard deviations (default 4; 0 skips it)")
     sc.add_argument("--seed", type=int, default=0, help="clean subset and probe seed (default 0)")
     sc.add_argument("--out", type=Path, help="report folder (default: RUN/scan, or CHECKPOINT's folder/scan-NAME)")
     sc.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -315,6 +317,12 @@ def cmd_defend(args) -> int:
     if "suspected_target" in r:
         t = r["suspected_target"]
         print(f"suspected target class {t['target']} (anomaly index {t['anomaly_index']:.1f}; above 2 is unusual)")
+    if "stimulated_target" in r:
+        from .defenses.stimulation import ANOMALY_THRESHOLD as STIMULATION_THRESHOLD
+
+        t = r["stimulated_target"]
+        print(f"stimulation test: maps pull to class {t['target']} (anomaly index {t['anomaly_index']:.1f}; "
+              f"clean models measured so far stay under {STIMULATION_THRESHOLD:g})")
     recipe = f"; recipe {r['recipe']}" if "recipe" in r else ""
     print(f"pruned {r['num_pruned']} channels; DER {100 * r['der']:.2f}; {r['wall_s']:.0f} s{recipe}; "
           f"written to {Path(args.run) / 'defense' / r['name']}")
@@ -492,8 +500,8 @@ def cmd_scan(args) -> int:
     model, ds, default_out = _scan_target(args)
     idx = clean_subset(ds.y_train, args.clean_ratio, args.seed)
     result = scan(model, ds.x_train[idx], ds.y_train[idx], threshold=args.threshold or THRESHOLD,
-                  nc=not args.no_nc, nc_options=nc_options, probes=tuple(args.probes), seed=args.seed, device=args.device,
-                  progress=not args.no_progress)
+                  nc=not args.no_nc, nc_options=nc_options, probes=tuple(args.probes), stimulate=args.stimulate,
+                  seed=args.seed, device=args.device, progress=not args.no_progress)
     out = args.out or default_out
     out.mkdir(parents=True, exist_ok=True)
     report = {"model": str(args.model), "dataset": ds.name, "clean_images": len(idx), **result.to_json()}
@@ -511,6 +519,12 @@ def cmd_scan(args) -> int:
         for c in result.rejected:
             print(f"  class {c} rejected: the model gets {result.class_acc[c]:.0%} of its clean images right, under "
                   f"a quarter of the median class's (as after a clean-label attack that poisoned all of it)")
+        if result.stimulation:
+            from .defenses.stimulation import ANOMALY_THRESHOLD
+
+            t = result.stimulation
+            print(f"  stimulation test: maps pull to class {t['target']}, anomaly {t['anomaly_index']:.1f} "
+                  f"(threshold {ANOMALY_THRESHOLD:g})")
         if nc:
             print(f"  Neural Cleanse: anomaly index {nc['anomaly_index']:.2f}, flagged {nc['flagged'] or 'none'}")
         print(f"  report: {out / 'scan.json'}, {out / 'scan.png'}")

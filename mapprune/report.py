@@ -138,7 +138,7 @@ def collect_rows(runs) -> list[dict]:
         # train_epochs_s (epochs without evaluations), so the larger of the two is the run's training time.
         rows.append({**base, "defense": "none", **m["metrics"], "der": None, "pruned": 0,
                      "wall_s": max(t["train_s"], t.get("train_epochs_s", 0.0)), "seed": None, "recipe": None,
-                     "suspected_target": None})
+                     "suspected_target": None, "stimulated_target": None})
         for res in sorted((run / "defense").glob("*/result.json")):
             r = json.loads(res.read_text())
             # Fine-tuning results written before recipes existed were all made with the paper's; defenses that
@@ -146,7 +146,8 @@ def collect_rows(runs) -> list[dict]:
             recipe = r.get("recipe", "paper" if "epochs" in r.get("params", {}) else None)
             rows.append({**base, "defense": r["name"], **r["after"], "der": r["der"], "pruned": r["num_pruned"],
                          "wall_s": r["wall_s"], "seed": r["clean_subset"]["seed"], "recipe": recipe,
-                         "suspected_target": r.get("suspected_target")})
+                         "suspected_target": r.get("suspected_target"),
+                         "stimulated_target": r.get("stimulated_target")})
     return rows
 
 
@@ -190,14 +191,17 @@ def markdown_seed_table(groups: list[dict]) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     head = ("| run | attack | defense | recipe | ACC % | ASR % | RA % | DER % | maps pruned | suspected target "
-            "(anomaly) | wall s |")
-    lines = [head, "|" + "---|" * 11]
+            "(anomaly) | stimulated target (anomaly) | wall s |")
+    lines = [head, "|" + "---|" * 12]
+
+    def target(t):
+        return "" if not t else f"{t['target']} ({t['anomaly_index']:.1f})"
+
     for r in rows:
         der = "" if r["der"] is None else f"{100 * r['der']:.2f}"
-        t = r.get("suspected_target")
-        target = "" if not t else f"{t['target']} ({t['anomaly_index']:.1f})"
         lines.append(f"| {r['run']} | {r['attack']} | {r['defense']} | {r.get('recipe') or ''} | {100 * r['acc']:.2f} | "
-                     f"{100 * r['asr']:.2f} | {100 * r['ra']:.2f} | {der} | {r['pruned']} | {target} | "
+                     f"{100 * r['asr']:.2f} | {100 * r['ra']:.2f} | {der} | {r['pruned']} | "
+                     f"{target(r.get('suspected_target'))} | {target(r.get('stimulated_target'))} | "
                      f"{r['wall_s']:.0f} |")
     return "\n".join(lines)
 

@@ -368,7 +368,8 @@ def test_a_result_saved_before_an_option_existed_matches_only_its_legacy_value(t
     from mapprune.jobs.defend import find_result
 
     params = FMT(unlearn_each=False).params()
-    old = {k: v for k, v in params.items() if k != "unlearn_each"}  # saved before unlearn_each existed
+    # saved before unlearn_each (and the stimulation test) existed
+    old = {k: v for k, v in params.items() if k not in ("unlearn_each", "stimulate", "stimulate_images")}
     folder = tmp_path / "defense" / "fmt"
     folder.mkdir(parents=True)
     (folder / "result.json").write_text(json.dumps({"defense": "fmt", "params": old,
@@ -377,6 +378,11 @@ def test_a_result_saved_before_an_option_existed_matches_only_its_legacy_value(t
     assert find_result(tmp_path, "fmt", FMT().params(), 0.1, 0) is None  # the recommended recipe's unlearn_each
     assert find_result(tmp_path, "fmt", FMT(unlearn_each=False, unlearn_smooth=0.0).params(), 0.1, 0) is None
     assert find_result(tmp_path, "fmt", params, 0.1, 1) is None
+    # The stimulation test only changes what is reported: a result made without it (or before it existed, or at
+    # another level) stands for the same repair at any level.
+    assert params["stimulate"] == 4.0 and "stimulate" not in old
+    assert find_result(tmp_path, "fmt", FMT(unlearn_each=False, stimulate=0, stimulate_images=10).params(), 0.1,
+                       0) == folder
 
 
 def test_smooth_probe_finds_a_low_frequency_backdoors_target(tmp_path):

@@ -182,6 +182,9 @@ class Defense:
     # Options added after results were first saved, with the value that reproduces what the defense did before
     # they existed: a saved result without such an option counts as having that value (jobs.defend.find_result).
     legacy: dict = {}
+    # Options that change only what the result reports, never the repaired model: a saved result stands for any
+    # value of them (jobs.defend.find_result).
+    report_only: tuple[str, ...] = ()
 
     def __init__(self, *, held_out: float = 0.2, hflip: bool = True, seed: int = 0, device=None,
                  progress: bool = False):

@@ -18,9 +18,10 @@ from ..device import amp_dtype
 from ..errors import MapPruneError
 from .base import FINETUNES, CleanData, FineTuning, accuracy, most_aggressive, pick_images, stamping
 from .pruning import prune
-from .scorers import SCORERS, class_pull, estimate_target, suspicion
+from .scorers import SCORERS, class_pull, estimate_target, suspicion, target_from_pull
 from .scoring import IMPLEMENTATIONS, OBJECTIVES, Field, MapTest, Patches, probe_maps, score_feature_maps
 from .selection import SELECTIONS, select
+from .stimulation import stimulate_maps
 
 __all__ = ["FMT", "score_feature_maps"]
 
@@ -89,10 +90,10 @@ def random_candidates(found, image_hw: tuple[int, int], seed: int):
 FMT_RECIPES: dict[str, dict] = {
     "paper": {"n_images": 32, "balanced": False, "eps": 0.06, "objective": "mse", "scorer": "accuracy",
               "selection": "rank", "mask": False, "unlearn": 0.0, "unlearn_warp": 0.0,
-              "unlearn_smooth": 0.0, "unlearn_each": False, "unlearn_append": False},
+              "unlearn_smooth": 0.0, "unlearn_each": False, "unlearn_append": False, "stimulate": 0.0},
     "recommended": {"n_images": 32, "balanced": False, "eps": 0.06, "objective": "patch", "scorer": "accuracy",
                     "selection": "global", "mask": True, "unlearn": 0.2, "unlearn_warp": 1.0,
-                    "unlearn_smooth": 0.06, "unlearn_each": True, "unlearn_append": False},
+                    "unlearn_smooth": 0.06, "unlearn_each": True, "unlearn_append": False, "stimulate": 4.0},
 }
 
 
@@ -112,6 +113,7 @@ class FMT(FineTuning):
 
     name = "fmt"
     legacy = {**FineTuning.legacy, "unlearn_each": False, "unlearn_append": False}  # before each option existed
+    report_only = ("stimulate", "stimulate_images")  # the stimulation test is reported; the repair never reads it
     dataset_defaults = {"cifar100": {"alpha": 0.03}, "gtsrb": {"alpha": 0.03}}  # the paper's configurations
     score_label = "accuracy under per-map attack"
 
@@ -123,7 +125,7 @@ class FMT(FineTuning):
                  contamination: float = 0.1, threshold: float = 3.5, mask: bool | None = None,
                  unlearn: float | None = None, unlearn_maps: int = 8, unlearn_warp: float | None = None,
                  unlearn_smooth: float | None = None, unlearn_each: bool | None = None,
-                 unlearn_append: bool | None = None,
+                 unlearn_append: bool | None = None, stimulate: float | None = None, stimulate_images: int = 30,
                  unlearn_candidates: str = "probe", detect_only: bool = False,
                  precision: str = "auto", implementation: str = "fast", batch_images: int = 1024, **finetune_kw):
         super().__init__(recipe=recipe, **finetune_kw)
@@ -132,7 +134,7 @@ class FMT(FineTuning):
         given = {"n_images": n_images, "balanced": balanced, "eps": eps, "objective": objective, "scorer": scorer,
                  "selection": selection, "mask": mask, "unlearn": unlearn,
                  "unlearn_warp": unlearn_warp, "unlearn_smooth": unlearn_smooth, "unlearn_each": unlearn_each,
-                 "unlearn_append": unlearn_append}
+                 "unlearn_append": unlearn_append, "stimulate": stimulate}
         for k, v in given.items():
             setattr(self, k, FMT_RECIPES[recipe][k] if v is None else v)
         if self.selection not in SELECTIONS:
@@ -161,7 +163,10 @@ class FMT(FineTuning):
             raise MapPruneError(f"unlearn_warp is a displacement in pixels, >= 0; got {self.unlearn_warp}")
         if not 0 <= self.unlearn_smooth <= 1:
             raise MapPruneError(f"unlearn_smooth is an L-inf amplitude in [0, 1], got {self.unlearn_smooth}")
-        self.unlearn_maps = unlearn_maps
+        if self.stimulate < 0 or stimulate_images < 1:
+            raise MapPruneError("stimulate is a level in clean standard deviations (0: no stimulation test) and "
+                                f"stimulate_images >= 1; got {self.stimulate} and {stimulate_images}")
+        self.unlearn_maps, self.stimulate_images = unlearn_maps, stimulate_images
         if budget == "auto":
             if self.selection != "global":
                 raise MapPruneError("budget='auto' chooses how many maps the global selection prunes; use "
@@ -207,6 +212,14 @@ class FMT(FineTuning):
             return probe_maps(model, xt, yt, probes, alpha=self.alpha, seed=self.seed,
                               implementation=self.implementation, batch_images=self.batch_images,
                               keep_probs=True, progress=self.progress)
+
+    def stimulation(self, model, x, y) -> dict:
+        """The stimulation test (:mod:`.stimulation`) on ``stimulate_images`` class-balanced images of the clean
+        subset: its suspected target, anomaly index and per-class pull. Detection only: the repair does not use it.
+        """
+        xs, ys = pick_images(x, y, self.stimulate_images, self.seed, balanced=True)
+        found = stimulate_maps(model, xs, ys, level=self.stimulate, batch_images=self.batch_images)
+        return {**target_from_pull(found.flat()), "level": self.stimulate, "n_images": len(ys)}
 
     def adaptive_budget(self, model, ranked: dict, data: CleanData, base: int) -> tuple[dict, list]:
         """``budget='auto'``: the most maps, in the global order, whose pruning (before the fine-tune) keeps the
@@ -274,12 +287,17 @@ class FMT(FineTuning):
         tests = self.probes(model, x, y, {self.objective: self.eps, **fields})
         test = tests[self.objective]
         timings["test"] = time.perf_counter() - t0
+        extra = {"recipe": self.recipe}
+        if self.stimulate > 0:
+            t0 = time.perf_counter()
+            extra["stimulated_target"] = self.stimulation(model, x, y)
+            timings["stimulate"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         target = estimate_target(test)
         ranked = test.acc if self.scorer == "accuracy" else \
             {k: -v for k, v in suspicion(test, self.scorer, target["target"]).items()}
         pruned = self.choose(ranked)
-        extra = {"recipe": self.recipe, "suspected_target": target}
+        extra["suspected_target"] = target
         if self.budget == "auto":
             pruned, extra["budget_sweep"] = self.adaptive_budget(model, ranked, data, self.rank_count(ranked))
         timings["select"] = time.perf_counter() - t0

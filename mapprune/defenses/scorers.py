@@ -44,12 +44,16 @@ def class_pull(test: MapTest) -> torch.Tensor:
 
 
 def estimate_target(test: MapTest, top: float = 0.02) -> dict:
-    """The class the most suspicious maps pull towards, and how anomalous that pull is among the classes.
+    """The class the most suspicious maps pull towards, and how anomalous that pull is among the classes
+    (:func:`target_from_pull` over :func:`class_pull`)."""
+    return target_from_pull(class_pull(test), top)
 
-    Per class, the mean pull of its ``top`` share of maps (the maps that pull hardest to it); the anomaly index
-    is the robust z-score of the largest of these among the K classes (NC and AEVA flag above 2).
+
+def target_from_pull(pull: torch.Tensor, top: float = 0.02) -> dict:
+    """From a (maps, K) pull of each map towards each class: per class, the mean pull of its ``top`` share of maps
+    (the maps that pull hardest to it); the suspected target is the class where that is largest, and its anomaly
+    index the robust z-score of it among the K classes (NC and AEVA flag above 2).
     """
-    pull = class_pull(test)
     m = max(1, round(top * len(pull)))
     tail = pull.topk(m, dim=0).values.mean(0)  # (K,)
     z = robust_z(tail)

@@ -37,10 +37,12 @@ def find_result(source, defense: str, params: dict, ratio: float, seed: int) -> 
     """A finished defense folder under ``source/defense/`` made with exactly these settings (same defense, every
     hyperparameter equal, the same clean subset), or None. Equality is over the full parameter set: a result
     written before a parameter existed matches only where the defense declares the value that reproduces it
-    (``Defense.legacy``) and the cell has that value."""
+    (``Defense.legacy``) and the cell has that value; options that only change what is reported
+    (``Defense.report_only``) are not compared."""
     from ..defenses import defense_class
 
-    legacy = defense_class(defense).legacy
+    cls = defense_class(defense)
+    params = {k: v for k, v in params.items() if k not in cls.report_only}
     for res in sorted(Path(source, "defense").glob("*/result.json")):
         try:
             r = json.loads(res.read_text())
@@ -49,7 +51,8 @@ def find_result(source, defense: str, params: dict, ratio: float, seed: int) -> 
         subset = r.get("clean_subset", {})
         stored = r.get("params")
         if isinstance(stored, dict):
-            stored = {**{k: v for k, v in legacy.items() if k in params and k not in stored}, **stored}
+            stored = {**{k: v for k, v in cls.legacy.items() if k in params and k not in stored}, **stored}
+            stored = {k: v for k, v in stored.items() if k not in cls.report_only}
         if r.get("defense") == defense and _json_equal(stored, params) \
                 and subset.get("ratio") == ratio and subset.get("seed") == seed:
             return res.parent

@@ -22,9 +22,17 @@ A second, trigger-free sign decides too: a **rejected class**, one whose clean i
 its target (SIG or LC at BackdoorBench's 10% on CIFAR-10) leaves a model that predicts the target only when the
 trigger is there; no single-map probe can pull there (the model gives the class almost no probability), but its
 clean accuracy on that class is near zero. The clean CIFAR-10 model's weakest class (cat) is at 0.83 of the
-median on the scan's clean images, the SIG and LC models' class 0 at 0.00. The verdict is "backdoored" when
-either sign fires; the suspected target is then the probes' class if their pull is over the threshold, else the
-rejected class.
+median on the scan's clean images, the SIG and LC models' class 0 at 0.00.
+
+A third sign sees the triggers no input probe can draw (a blend over the whole image, a warp, a learned
+per-image pattern): the **stimulation test** (:mod:`mapprune.defenses.stimulation`) sets each map directly to its
+clean mean plus ``stimulate`` standard deviations and records where the other classes' images go; its anomaly
+index (the robust z-score of the hardest-pulling 2% of maps' pull among the classes) above
+``stimulation.ANOMALY_THRESHOLD`` makes the verdict "backdoored". That threshold is set from clean models only
+(docs/results.md, "stimulation").
+
+The verdict is "backdoored" when any sign fires; the suspected target is then the probes' class if their pull is
+over the threshold, else the rejected class, else the stimulation test's class.
 """
 
 import time
@@ -33,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..defenses.stimulation import ANOMALY_THRESHOLD
 from ..errors import MapPruneError
 from ..images import as_uint8
 from ..metrics import rejected_classes
@@ -56,6 +65,7 @@ class ScanResult:
     nc: dict | None = None  # Neural Cleanse's detection, when run
     class_acc: list = field(default_factory=list)  # the model's accuracy on each class's clean images (None: too few)
     rejected: list[int] = field(default_factory=list)  # classes the model rejects (see metrics.REJECTED)
+    stimulation: dict | None = None  # the stimulation test's suspected target, anomaly index and pull, when run
     timings: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -63,16 +73,17 @@ class ScanResult:
                 "score": round(self.score, 4), "threshold": self.threshold, "suspected_target": self.target,
                 "anomaly_index": round(self.anomaly_index, 4), "probe": self.probe, "probes": self.probes,
                 "class_pull": self.class_pull, "class_acc": self.class_acc, "rejected_classes": self.rejected,
-                "suspicious_maps": self.suspicious_maps, "neural_cleanse": self.nc,
+                "suspicious_maps": self.suspicious_maps, "stimulation": self.stimulation, "neural_cleanse": self.nc,
                 "timings": self.timings}
 
 
 def scan(model: nn.Module, images, labels, *, threshold: float = THRESHOLD, n_maps: int = 10, nc: bool = True,
-         nc_options: dict | None = None, probes: tuple[str, ...] = PROBES, seed: int = 0, device=None,
-         progress: bool = False) -> ScanResult:
+         nc_options: dict | None = None, probes: tuple[str, ...] = PROBES, stimulate: float = 4.0,
+         stimulate_images: int = 30, seed: int = 0, device=None, progress: bool = False) -> ScanResult:
     """Scans ``model`` (any nn.Module taking [0, 1] pixels) with the clean ``images`` and ``labels``. ``probes``:
-    which of FMT's probes to run (one shared pass); the largest pull among them decides, and a rejected class
-    (see the module's docstring) makes the verdict "backdoored" too."""
+    which of FMT's probes to run (one shared pass); the largest pull among them decides, and a rejected class or
+    the stimulation test (``stimulate``: its level, 0 to skip it; see the module's docstring) makes the verdict
+    "backdoored" too."""
     from ..defenses import FMT, create_defense
     from ..defenses.scorers import class_pull, estimate_target
     from ..device import pick_device
@@ -87,7 +98,7 @@ def scan(model: nn.Module, images, labels, *, threshold: float = THRESHOLD, n_ma
     x = as_uint8(images, y, what="clean images")
     dev = pick_device(device)
     model = model.to(dev).eval()
-    fmt = FMT(seed=seed, device=device, progress=progress)
+    fmt = FMT(seed=seed, device=device, progress=progress, stimulate=stimulate, stimulate_images=stimulate_images)
     nc_defense = create_defense("nc", seed=seed, device=device, progress=progress, **(nc_options or {})) if nc \
         else None  # built first: a bad NC option fails before the probe runs
     t0 = time.perf_counter()
@@ -103,6 +114,11 @@ def scan(model: nn.Module, images, labels, *, threshold: float = THRESHOLD, n_ma
     owners = [(name, c) for name, acc in test.acc.items() for c in range(len(acc))]
     top = pull.topk(min(n_maps, len(pull))).indices.tolist()
     maps = [{"layer": owners[i][0], "channel": owners[i][1], "pull": round(float(pull[i]), 4)} for i in top]
+    stimulation = None
+    if stimulate > 0:
+        t0 = time.perf_counter()
+        stimulation = fmt.stimulation(model, x, y)
+        timings["stimulate"] = time.perf_counter() - t0
     detection = None
     if nc_defense is not None:
         t0 = time.perf_counter()
@@ -112,18 +128,23 @@ def scan(model: nn.Module, images, labels, *, threshold: float = THRESHOLD, n_ma
     class_acc = judged_class_accuracy(predict(model, x, device=dev), y, k)
     rejected = rejected_classes(class_acc)
     score = max(target["class_pull"])
-    suspected = target["target"] if score > threshold or not rejected else \
-        min(rejected, key=lambda c: class_acc[c])
-    return ScanResult(score > threshold or bool(rejected), score, threshold, target["anomaly_index"], suspected,
-                      target["class_pull"], maps, best, summary, detection, class_acc, rejected, timings)
+    stimulated = stimulation is not None and stimulation["anomaly_index"] > ANOMALY_THRESHOLD
+    if score > threshold or not (rejected or stimulated):
+        suspected = target["target"]
+    else:
+        suspected = min(rejected, key=lambda c: class_acc[c]) if rejected else stimulation["target"]
+    return ScanResult(score > threshold or bool(rejected) or stimulated, score, threshold, target["anomaly_index"],
+                      suspected, target["class_pull"], maps, best, summary, detection, class_acc, rejected,
+                      stimulation, timings)
 
 
 def save_scan_figure(path, result: ScanResult) -> None:
-    """Per-class pull of FMT's probe (the suspected target in red) and, with NC, its mask norm per class."""
+    """Per-class pull of FMT's probe (the suspected target in red), with the stimulation test its per-class pull,
+    and with NC its mask norm per class."""
     from ..report import _plt
 
     plt = _plt()
-    panels = 2 if result.nc else 1
+    panels = 1 + bool(result.stimulation) + bool(result.nc)
     fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3), squeeze=False)
     k = len(result.class_pull)
     colors = ["tab:red" if c == result.target else "tab:blue" for c in range(k)]
@@ -134,14 +155,24 @@ def save_scan_figure(path, result: ScanResult) -> None:
                          + (f"; rejected class {result.rejected}" if result.rejected else ""), fontsize=8)
     axes[0, 0].set_xlabel("class")
     axes[0, 0].set_ylabel("pull of the top 2% maps")
+    panel = 1
+    if result.stimulation:
+        st = result.stimulation
+        axes[0, panel].bar(range(k), st["class_pull"], color=["tab:red" if c == st["target"] else "tab:blue"
+                                                             for c in range(k)])
+        axes[0, panel].set_title(f"stimulation (level {st['level']:g}): anomaly {st['anomaly_index']:.1f} "
+                                 f"(threshold {ANOMALY_THRESHOLD:g})", fontsize=8)
+        axes[0, panel].set_xlabel("class")
+        axes[0, panel].set_ylabel("pull of the top 2% maps")
+        panel += 1
     if result.nc:
         norms = result.nc["norms"]
-        axes[0, 1].bar(range(k), norms, color=["tab:red" if c in result.nc["flagged"] else "tab:blue"
-                                                for c in range(k)])
-        axes[0, 1].set_title(f"Neural Cleanse: anomaly {result.nc['anomaly_index']:.2f}, flagged "
-                             f"{result.nc['flagged'] or 'none'}", fontsize=8)
-        axes[0, 1].set_xlabel("class")
-        axes[0, 1].set_ylabel("reversed mask L1 norm")
+        axes[0, panel].bar(range(k), norms, color=["tab:red" if c in result.nc["flagged"] else "tab:blue"
+                                                   for c in range(k)])
+        axes[0, panel].set_title(f"Neural Cleanse: anomaly {result.nc['anomaly_index']:.2f}, flagged "
+                                 f"{result.nc['flagged'] or 'none'}", fontsize=8)
+        axes[0, panel].set_xlabel("class")
+        axes[0, panel].set_ylabel("reversed mask L1 norm")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,0 +1,48 @@
+"""The stimulation test (``mapprune/defenses/stimulation.py``) over run folders: one markdown row per run and level.
+
+    python benchmarks/analysis/stimulation_table.py RUN [RUN ...] [--levels 4] [--seed 0] [--threads 1]
+
+Uses exactly what ``mapprune scan RUN`` uses: the run's clean subset (10%, seed 0), FMT's stimulation at the given
+level(s) on 30 class-balanced images of it. The run's manifest is read only to print the real target beside the
+suspected one (a run trained with poison ratio 0 is a clean model: "none").
+"""
+
+import argparse
+import time
+
+import torch
+
+from mapprune.data import clean_subset
+from mapprune.defenses import FMT
+from mapprune.defenses.stimulation import ANOMALY_THRESHOLD
+from mapprune.runs import load_run, read_manifest
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--levels", default="4", help="comma-separated levels in clean standard deviations")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    print("| model | real target | level | suspected (pull) | anomaly index | over the threshold "
+          f"({ANOMALY_THRESHOLD:g}) | s |")
+    print("|---|---|---|---|---|---|---|")
+    for folder in a.runs:
+        attack = read_manifest(folder)["attack"]
+        real = "none" if attack.get("poison_ratio") == 0 else attack.get("target")
+        run = load_run(folder)
+        idx = clean_subset(run.dataset.y_train, 0.1, a.seed)
+        x, y = run.dataset.x_train[idx], run.dataset.y_train[idx]
+        for level in (float(v) for v in a.levels.split(",")):
+            t0 = time.perf_counter()
+            st = FMT(stimulate=level, seed=a.seed).stimulation(run.model, x, y)
+            seconds = time.perf_counter() - t0
+            over = "yes" if st["anomaly_index"] > ANOMALY_THRESHOLD else "no"
+            print(f"| {folder} | {real} | {level:g} | {st['target']} ({max(st['class_pull']):.2f}) | "
+                  f"{st['anomaly_index']:.2f} | {over} | {seconds:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
