@@ -68,6 +68,9 @@ def test_shares_match_a_plain_loop_and_do_not_depend_on_batching():
         want = (pred[others] == j).float().mean() - (base[others] == j).float().mean()
         assert a.shares["conv"][5, j].item() == pytest.approx(want.item(), abs=1e-6)
     assert a.flat().shape == (48, 10) and a.level == 3.0
+    model.train()
+    stimulate_maps(model, x[:10], y[:10], layers=["conv"])
+    assert model.training  # tested in eval mode, handed back as it came
 
 
 def test_a_wired_map_is_found_and_named():

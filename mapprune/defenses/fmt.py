@@ -218,7 +218,8 @@ class FMT(FineTuning):
         subset: its suspected target, anomaly index and per-class pull. Detection only: the repair does not use it.
         """
         xs, ys = pick_images(x, y, self.stimulate_images, self.seed, balanced=True)
-        found = stimulate_maps(model, xs, ys, level=self.stimulate, batch_images=self.batch_images)
+        found = stimulate_maps(model, xs, ys, level=self.stimulate, batch_images=self.batch_images,
+                               progress=self.progress)
         return {**target_from_pull(found.flat()), "level": self.stimulate, "n_images": len(ys)}
 
     def adaptive_budget(self, model, ranked: dict, data: CleanData, base: int) -> tuple[dict, list]:

@@ -68,7 +68,15 @@ def stimulate_maps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     runs as one batch of at most ``batch_images`` images (at least one map's n)."""
     if level <= 0:
         raise MapPruneError(f"level is a number of clean standard deviations > 0, got {level}")
+    was_training = model.training
     model.eval()
+    try:
+        return _stimulate(model, images, labels, level, batch_images, layers, progress)
+    finally:
+        model.train(was_training)
+
+
+def _stimulate(model, images, labels, level, batch_images, layers, progress) -> Stimulation:
     device = next(model.parameters()).device
     x = as_unit(images).to(device)
     y = torch.as_tensor(labels, dtype=torch.long).reshape(-1).to(device)
@@ -86,7 +94,13 @@ def stimulate_maps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         found = {name: found[name] for name in layers}
     signs = consumer_signs(model, x[:1], found)
     per_batch = max(1, batch_images // n)
-    tick = progress if callable(progress) else None
+    tick, bar = progress if callable(progress) else None, None
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(num_maps(m) for m in found.values()), desc="stimulating feature maps", unit="map",
+                   leave=False, dynamic_ncols=True)
+        tick = bar.update
     shares = {}
     for name, layer in found.items():
         cd = channel_dim(layer)
@@ -107,4 +121,6 @@ def stimulate_maps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
             if tick:
                 tick(len(chans))
         shares[name] = result
+    if bar is not None:
+        bar.close()
     return Stimulation(shares, level, y.cpu())
