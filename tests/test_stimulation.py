@@ -123,3 +123,34 @@ def test_fmt_reports_it_and_the_repair_does_not_change(digits_defender):
     for p, q in zip(on.model.state_dict().values(), off.model.state_dict().values()):
         assert torch.equal(p, q)  # detection only: the repaired model is the same bit for bit
     assert "stimulated_target" not in FMT(recipe="paper", epochs=1).repair(copy.deepcopy(model), x, y).extra
+
+
+@pytest.mark.parametrize("arch", ["preactresnet18", "resnet18-bb", "vgg16_bn", "vit"])
+def test_replaying_the_upstream_part_changes_nothing(arch):
+    """The stimulated batch skips the part of the network before the stimulated layer (its recorded outputs are
+    replayed): the logits equal a full forward of the repeated images, on every layer of every architecture
+    (resnet18-bb calls one ReLU module before and after a conv: only its earlier calls are replayed)."""
+    from mapprune.defenses.pruning import channel_dim, map_layers
+    from mapprune.defenses.stimulation import _replaying, _stimulator, _upstream
+    from mapprune.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(arch, 10, width=4).eval()
+    x = torch.rand(3, 3, 32, 32)
+    layers = map_layers(model)
+    names = list(layers)
+    for name in names[::max(1, len(names) // 6)] + names[-1:]:
+        layer = layers[name]
+        upstream, out = _upstream(model, layer, x)
+        chans = torch.tensor([0, 1])
+        values = torch.tensor([2.5, -1.0])
+        with torch.no_grad():
+            handle = layer.register_forward_hook(_stimulator(chans, values, channel_dim(layer), len(x)))
+            try:
+                full = model(x.repeat(2, 1, 1, 1))
+                with _replaying(upstream + [(layer, out)], 2):
+                    fast = model(x.repeat(2, 1, 1, 1))
+            finally:
+                handle.remove()
+        torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-5, msg=f"{arch} {name}")
+        assert not any("forward" in vars(m) for m in model.modules())  # every module restored

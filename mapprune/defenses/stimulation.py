@@ -15,7 +15,9 @@ stimulated, minus the same fraction without stimulation. :func:`~.scorers.target
 shares into the suspected target and its anomaly index, as for the probes' pulls.
 """
 
+from collections import deque
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +45,52 @@ class Stimulation:
     def flat(self) -> torch.Tensor:
         """(all maps, K), the layers in order."""
         return torch.cat(list(self.shares.values()))
+
+
+def _upstream(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> tuple[list, torch.Tensor]:
+    """Runs ``model`` on ``x`` as far as ``layer``: the (module, output) of every leaf module called before it, in
+    call order, and ``layer``'s output."""
+    calls = []
+
+    def record(module, inputs, output):
+        if isinstance(output, torch.Tensor):  # copied: a later in-place op must not change what is replayed
+            calls.append((module, output.detach().clone()))
+
+    handles = [m.register_forward_hook(record)
+               for m in model.modules() if m is not layer and next(m.children(), None) is None]
+    try:
+        out = forward_to(model, layer, x)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls, out
+
+
+@contextmanager
+def _replaying(calls: list, m: int):
+    """While active, each module in ``calls`` returns, for its first calls, the recorded outputs repeated ``m``
+    times along the batch instead of computing them; later calls compute as usual. Nothing before the stimulated
+    layer depends on the stimulation, so the m blocks of a batch would all compute the same thing there: this
+    skips that part of the network (most of it, for a deep layer) without knowing how the model is wired."""
+    queues: dict[nn.Module, deque] = {}
+    for module, output in calls:
+        queues.setdefault(module, deque()).append(output)
+
+    def replay(module, queue):
+        def forward(*args, **kwargs):
+            if queue:
+                out = queue.popleft()
+                return out.repeat(m, *[1] * (out.dim() - 1))
+            return type(module).forward(module, *args, **kwargs)
+        return forward
+
+    for module, queue in queues.items():
+        module.forward = replay(module, queue)
+    try:
+        yield
+    finally:
+        for module in queues:
+            del module.forward
 
 
 def _stimulator(chans: torch.Tensor, values: torch.Tensor, cd: int, n: int):
@@ -104,16 +152,17 @@ def _stimulate(model, images, labels, level, batch_images, layers, progress) -> 
     shares = {}
     for name, layer in found.items():
         cd = channel_dim(layer)
-        out = forward_to(model, layer, x).float()
+        upstream, out = _upstream(model, layer, x)
         dims = [d for d in range(out.dim()) if d != cd % out.dim()]
-        value = out.mean(dims) + level * signs[name].to(device) * out.std(dims)  # (C,)
+        value = out.float().mean(dims) + level * signs[name].to(device) * out.float().std(dims)  # (C,)
         c_total = num_maps(layer)
         result = torch.empty(c_total, k)
         for start in range(0, c_total, per_batch):
             chans = torch.arange(start, min(start + per_batch, c_total), device=device)
             handle = layer.register_forward_hook(_stimulator(chans, value[chans], cd, n))
             try:
-                pred = model(x.repeat(len(chans), *[1] * (x.dim() - 1))).argmax(1).view(len(chans), n)
+                with _replaying(upstream + [(layer, out)], len(chans)):
+                    pred = model(x.repeat(len(chans), *[1] * (x.dim() - 1))).argmax(1).view(len(chans), n)
             finally:
                 handle.remove()
             sent = (torch.nn.functional.one_hot(pred, k).float() * other).sum(1) / denom  # (maps, K)
