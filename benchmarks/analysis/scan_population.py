@@ -7,7 +7,8 @@ The verdict is recomputed from the three signs with the scan's own thresholds (`
 ``metrics.REJECTED``, ``stimulation.ANOMALY_THRESHOLD``), so rows given as arguments are judged by the same rule. A
 run counts as clean when its manifest's poison ratio is 0. Rows measured without a scan.json (for example the
 probes of an earlier session and the stimulation table of this one) can be given as
-``NAME=PULL:WEAKEST_OVER_MEDIAN:STIMULATION_ANOMALY[:clean]``; they are marked as such.
+``NAME=PULL:WEAKEST_OVER_MEDIAN:STIMULATION_ANOMALY[:clean]`` (the anomaly "-" where the stimulation test was not
+run); they are marked as such.
 
     python benchmarks/analysis/scan_population.py [NAME=PULL:RATIO:ANOMALY[:clean] ...]
 """
@@ -47,7 +48,8 @@ for path in sorted(glob.glob("runs/cifar10-*/scan/scan.json")):
 for arg in sys.argv[1:]:
     name, values = arg.split("=")
     pull, ratio, anomaly, *kind = values.split(":")
-    rows.append((name, kind == ["clean"], float(pull), float(ratio), float(anomaly), None, "given", None))
+    rows.append((name, kind == ["clean"], float(pull), float(ratio), None if anomaly == "-" else float(anomaly), None,
+                 "given", None))
 
 print("| model | clean ACC | largest pull | weakest class / median | stimulation anomaly | verdict | target right | "
       "source |")
