@@ -79,7 +79,7 @@ def test_scan_api_with_neural_cleanse_on_any_module(digits_backdoor):
                   nc_options={"reverse_epochs": 3, "n_images": 100, "hflip": False})
     assert result.backdoored and result.target == 0 and len(result.suspicious_maps) == 10
     assert set(result.nc) >= {"anomaly_index", "flagged", "norms"} and len(result.nc["norms"]) == 10
-    assert set(result.timings) == {"fmt_probe", "neural_cleanse"}
+    assert set(result.timings) == {"fmt_probe", "stimulate", "neural_cleanse"}
     with pytest.raises(MapPruneError, match="threshold"):
         scan(run.model, run.dataset.x_train[idx], run.dataset.y_train[idx], threshold=2.0)
     with pytest.raises(MapPruneError, match="no option"):
