@@ -178,7 +178,11 @@ def test_global_selection_ranks_within_layer_z():
     chosen = select("global", scores, budget=1)
     assert chosen == {"wide": [9], "noisy": []}
     assert sum(len(v) for v in select("global", scores, budget=5).values()) == 5
-    assert select("global", {"one": torch.tensor([0.1, 0.9])}, budget=5) == {"one": [0]}  # never a whole layer
+    # Only maps below their layer's median: never a whole layer, and nothing where every map scored alike (the
+    # SSBA model at seed 1, whose tied scores once had the whole first conv pruned in layer order).
+    assert select("global", {"one": torch.tensor([0.1, 0.5, 0.9])}, budget=5) == {"one": [0]}
+    tied = {"conv1": torch.full((16,), 1 / 32), "layer1": torch.full((16,), 1 / 32)}
+    assert select("global", tied, budget=25) == {"conv1": [], "layer1": []}
 
 
 def test_defense_input_errors(digits_run):

@@ -85,7 +85,9 @@ def select_outlier(scores: dict[str, torch.Tensor], *, method: str = "elliptic",
 def select_global(scores: dict[str, torch.Tensor], *, budget: int = 25, **_) -> dict[str, list[int]]:
     """The ``budget`` lowest scores over all layers at once, compared as within-layer robust z-scores (a layer's
     maps are measured against that layer's median and MAD, since layers differ in how fragile they are);
-    never every map of a layer."""
+    never every map of a layer, and never a map that is not below its layer's median (z >= 0: its test found
+    nothing against it). Without that rule, tied scores (a probe every map fails alike, as the random start does on
+    SSBA's model at some seeds) were broken by layer order, and the whole first conv was pruned."""
     from .scorers import robust_z
 
     if budget < 0:
@@ -97,6 +99,8 @@ def select_global(scores: dict[str, torch.Tensor], *, budget: int = 25, **_) -> 
     for i in torch.sort(z, stable=True).indices.tolist():
         if sum(len(v) for v in out.values()) >= budget:
             break
+        if z[i] >= 0:
+            break  # sorted: nothing after this is below its layer's median either
         n, c = owner[i]
         if len(out[n]) < len(scores[n]) - 1:
             out[n].append(c)
