@@ -28,8 +28,8 @@ A third sign sees the triggers no input probe can draw (a blend over the whole i
 per-image pattern): the **stimulation test** (:mod:`mapprune.defenses.stimulation`) sets each map directly to its
 clean mean plus ``stimulate`` standard deviations and records where the other classes' images go; its anomaly
 index (the robust z-score of the hardest-pulling 2% of maps' pull among the classes) above
-``stimulation.ANOMALY_THRESHOLD`` makes the verdict "backdoored". That threshold is set from clean models only
-(docs/results.md, "stimulation").
+``stimulation.ANOMALY_THRESHOLD`` makes the verdict "backdoored". That threshold is set from clean models and
+from a backdoored model's non-target class, never from a real target (docs/results.md, "the stimulation test").
 
 The verdict is "backdoored" when any sign fires; the suspected target is then the probes' class if their pull is
 over the threshold, else the rejected class, else the stimulation test's class.
