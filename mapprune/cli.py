@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+from .allocator import keep_freed_memory
 from .errors import MapPruneError
 
 
@@ -546,6 +547,7 @@ def main(argv=None) -> int:
 
     warnings.simplefilter("always", MapPruneWarning)
     warnings.showwarning = _one_line_warning
+    keep_freed_memory()
     try:
         if getattr(args, "threads", None) is not None:
             if args.threads < 1:

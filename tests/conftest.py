@@ -6,10 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from mapprune.allocator import keep_freed_memory
+
 # One thread (override with MAPPRUNE_TEST_THREADS): the models here are tiny, and on a shared machine several
 # threads oversubscribe the cores (a 2-epoch digits run goes from ~2 s to ~27 s while another process keeps
 # both cores of a 2-core machine busy).
 torch.set_num_threads(int(os.environ.get("MAPPRUNE_TEST_THREADS", "1")))
+keep_freed_memory()  # as the command line does: big tensors are not page-faulted in afresh at every allocation
 
 REPO = Path(__file__).resolve().parents[1]
 # The user's own cache setting, before the session fixture below points MAPPRUNE_CACHE at a temporary folder.

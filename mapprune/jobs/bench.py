@@ -39,6 +39,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..allocator import keep_freed_memory
 from ..errors import MapPruneError, unknown_name
 
 BACKENDS = ("local", "ray")
@@ -303,6 +304,7 @@ def run_cell(cell: dict, grid: dict, threads: int | None, progress: bool, adopt_
 
     t0 = time.perf_counter()
     try:
+        keep_freed_memory()  # a spawned worker does not inherit the command line's setting
         if threads:
             import torch
 
