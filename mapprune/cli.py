@@ -315,19 +315,43 @@ def cmd_defend(args) -> int:
         rows += [{"model": f"  {label} {when}", **m["triggers"][label]}
                  for when, m in (("before", b), ("after", a))]
     print(format_table(rows, ["model", "acc", "asr", "ra"]))
-    if "suspected_target" in r:
-        t = r["suspected_target"]
-        print(f"suspected target class {t['target']} (anomaly index {t['anomaly_index']:.1f}; above 2 is unusual)")
-    if "stimulated_target" in r:
-        from .defenses.stimulation import ANOMALY_THRESHOLD as STIMULATION_THRESHOLD
-
-        t = r["stimulated_target"]
-        print(f"stimulation test: maps pull to class {t['target']} (anomaly index {t['anomaly_index']:.1f}; "
-              f"clean models measured so far stay under {STIMULATION_THRESHOLD:g})")
+    for line in _detection_lines(r):
+        print(line)
     recipe = f"; recipe {r['recipe']}" if "recipe" in r else ""
     print(f"pruned {r['num_pruned']} channels; DER {100 * r['der']:.2f}; {r['wall_s']:.0f} s{recipe}; "
           f"written to {Path(args.run) / 'defense' / r['name']}")
     return 0
+
+
+def _detection_lines(r: dict) -> list[str]:
+    """What a defense's result says about the backdoor, judged by the scan's own lines (jobs/scan.py): the probes'
+    suspected class and pull, a class the incoming model rejects, the stimulation test's class and anomaly."""
+    import statistics
+
+    from .defenses.stimulation import ANOMALY_THRESHOLD as STIMULATION_THRESHOLD
+    from .jobs.scan import THRESHOLD as PULL_THRESHOLD
+
+    lines = []
+    if "suspected_target" in r:
+        t = r["suspected_target"]
+        pull = max(t["class_pull"])
+        judged = ""
+        if r.get("params", {}).get("objective") == "patch":  # the scan's line is set for the patch probe's pull
+            judged = f"{'over' if pull > PULL_THRESHOLD else 'under'} the scan's {PULL_THRESHOLD:.0%}; "
+        lines.append(f"suspected target class {t['target']}: its maps pull {pull:.0%} of other classes' images there "
+                     f"beyond chance ({judged}anomaly index {t['anomaly_index']:.1f})")
+    relearn = r.get("fine_tune") or {}
+    for c in relearn.get("rejected_classes", []):
+        acc = relearn["class_acc"]
+        median = statistics.median(acc)
+        lines.append(f"class {c} rejected: the model gets {acc[c]:.0%} of its clean images right (median class "
+                     f"{median:.0%}), the mark of a clean-label attack's target; fine-tuned at lr {relearn['lr']:g}")
+    if "stimulated_target" in r:
+        t = r["stimulated_target"]
+        over = t["anomaly_index"] > STIMULATION_THRESHOLD
+        lines.append(f"stimulation test: maps pull to class {t['target']} (anomaly index {t['anomaly_index']:.1f}, "
+                     f"{'over' if over else 'under'} the scan's {STIMULATION_THRESHOLD:g})")
+    return lines
 
 
 def cmd_report(args) -> int:
