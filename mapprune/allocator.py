@@ -12,10 +12,10 @@ def keep_freed_memory() -> bool:
 
     By default glibc serves every allocation above a few MB with a fresh ``mmap`` and unmaps it on free, so each
     large tensor (a batch of 1,024 images' activations is tens of MB) has every page faulted in again: FMT's
-    testing phase spent about half its wall time in the kernel doing that (``benchmarks/fmt_recipe_cost.py``
-    shows the figures with and without). The price: resident memory stays near its peak instead of shrinking,
-    and glibc grows the heap a few times before it settles on reusing a freed chunk (the testing phase of a CIFAR
-    model peaked at 1.1 GB against 0.8 GB).
+    testing phase spent about 40% of its wall time in the kernel doing that (``benchmarks/allocator.py`` and
+    ``benchmarks/fmt_recipe_cost.py --system-allocator`` show the figures with and without). The price:
+    resident memory stays near its peak instead of shrinking, and glibc grows the heap a few times before it
+    settles on reusing a freed chunk (the testing phase of a CIFAR model peaked at 1.25 GB against 0.83 GB).
     Process-wide, so the library never does it on import; the command line does it at start. Nothing happens off
     glibc, when the user already chose (a ``MALLOC_*`` environment variable, or another allocator preloaded), or
     with ``MAPPRUNE_ALLOCATOR=system``. Returns whether the setting is in force.
