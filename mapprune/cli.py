@@ -323,12 +323,26 @@ def cmd_defend(args) -> int:
     return 0
 
 
+def _rejected_line(c: int, class_acc: list) -> str:
+    """A class the model rejects (metrics.rejected_classes), as defend and scan both say it."""
+    import statistics
+
+    return (f"class {c} rejected: the model gets {class_acc[c]:.0%} of its clean images right (median class "
+            f"{statistics.median(class_acc):.0%}), the mark of a clean-label attack's target")
+
+
+def _stimulation_line(t: dict) -> str:
+    """The stimulation test's class and anomaly against the scan's threshold, as defend and scan both say it."""
+    from .defenses.stimulation import ANOMALY_THRESHOLD
+
+    side = "over" if t["anomaly_index"] > ANOMALY_THRESHOLD else "under"
+    return (f"stimulation test: maps pull to class {t['target']} (anomaly index {t['anomaly_index']:.1f}, {side} "
+            f"the scan's {ANOMALY_THRESHOLD:g})")
+
+
 def _detection_lines(r: dict) -> list[str]:
     """What a defense's result says about the backdoor, judged by the scan's own lines (jobs/scan.py): the probes'
     suspected class and pull, a class the incoming model rejects, the stimulation test's class and anomaly."""
-    import statistics
-
-    from .defenses.stimulation import ANOMALY_THRESHOLD as STIMULATION_THRESHOLD
     from .jobs.scan import THRESHOLD as PULL_THRESHOLD
 
     lines = []
@@ -342,15 +356,9 @@ def _detection_lines(r: dict) -> list[str]:
                      f"beyond chance ({judged}anomaly index {t['anomaly_index']:.1f})")
     relearn = r.get("fine_tune") or {}
     for c in relearn.get("rejected_classes", []):
-        acc = relearn["class_acc"]
-        median = statistics.median(acc)
-        lines.append(f"class {c} rejected: the model gets {acc[c]:.0%} of its clean images right (median class "
-                     f"{median:.0%}), the mark of a clean-label attack's target; fine-tuned at lr {relearn['lr']:g}")
+        lines.append(f"{_rejected_line(c, relearn['class_acc'])}; fine-tuned at lr {relearn['lr']:g}")
     if "stimulated_target" in r:
-        t = r["stimulated_target"]
-        over = t["anomaly_index"] > STIMULATION_THRESHOLD
-        lines.append(f"stimulation test: maps pull to class {t['target']} (anomaly index {t['anomaly_index']:.1f}, "
-                     f"{'over' if over else 'under'} the scan's {STIMULATION_THRESHOLD:g})")
+        lines.append(_stimulation_line(r["stimulated_target"]))
     return lines
 
 
@@ -542,14 +550,9 @@ def cmd_scan(args) -> int:
             print(f"  {name} probe: pull {p['pull']:.2f} to class {p['suspected_target']}, anomaly "
                   f"{p['anomaly_index']:.1f}")
         for c in result.rejected:
-            print(f"  class {c} rejected: the model gets {result.class_acc[c]:.0%} of its clean images right, under "
-                  f"a quarter of the median class's (as after a clean-label attack that poisoned all of it)")
+            print(f"  {_rejected_line(c, result.class_acc)}")
         if result.stimulation:
-            from .defenses.stimulation import ANOMALY_THRESHOLD
-
-            t = result.stimulation
-            print(f"  stimulation test: maps pull to class {t['target']}, anomaly {t['anomaly_index']:.1f} "
-                  f"(threshold {ANOMALY_THRESHOLD:g})")
+            print(f"  {_stimulation_line(result.stimulation)}")
         if nc:
             print(f"  Neural Cleanse: anomaly index {nc['anomaly_index']:.2f}, flagged {nc['flagged'] or 'none'}")
         print(f"  report: {out / 'scan.json'}, {out / 'scan.png'}")
