@@ -162,11 +162,13 @@ def test_recipes_and_bad_options_fail_before_work():
     paper, rec = FMT(recipe="paper"), FMT()
     assert (paper.mask, paper.selection, paper.scorer, paper.lr, paper.epochs) == (False, "rank", "accuracy", 0.01, 10)
     assert rec.mask is True and rec.recipe == "recommended" and rec.schedule == "onecycle"
+    assert (rec.field_images, paper.field_images) == (16, 0)
     assert FMT(recipe="paper", mask=True).mask is True  # an explicit value wins over the recipe
     for kw, msg in [({"recipe": "best"}, "recipe"), ({"scorer": "x"}, "scorer"), ({"objective": "x"}, "objective"),
                     ({"n_images": 0}, "n_images"), ({"eps": -1.0}, "eps"), ({"budget": -1}, "budget"),
                     ({"lr": 0.0}, "learning rate"), ({"fraction": 2.0}, "fraction"), ({"epochs": -1}, "epochs"),
-                    ({"distill": -1.0}, "distill")]:
+                    ({"distill": -1.0}, "distill"), ({"field_images": -1}, "field_images"),
+                    ({"field_images": 2.5}, "field_images"), ({"field_images": True}, "field_images")]:
         with pytest.raises(MapPruneError, match=msg):
             FMT(**kw)
 
@@ -371,22 +373,25 @@ def test_a_result_saved_before_an_option_existed_matches_only_its_legacy_value(t
 
     from mapprune.jobs.defend import find_result
 
-    params = FMT(unlearn_each=False).params()
-    # saved before unlearn_each (and the stimulation test) existed
-    old = {k: v for k, v in params.items() if k not in ("unlearn_each", "stimulate", "stimulate_images")}
+    params = FMT(unlearn_each=False, field_images=0).params()
+    # saved before unlearn_each (and the stimulation test, and field_images) existed
+    old = {k: v for k, v in params.items() if k not in ("unlearn_each", "stimulate", "stimulate_images",
+                                                        "field_images")}
     folder = tmp_path / "defense" / "fmt"
     folder.mkdir(parents=True)
     (folder / "result.json").write_text(json.dumps({"defense": "fmt", "params": old,
                                                     "clean_subset": {"ratio": 0.1, "seed": 0}}))
     assert find_result(tmp_path, "fmt", params, 0.1, 0) == folder  # it did what unlearn_each=False does
+    # it judged the candidate fields on every test image, not on the recommended recipe's 16
+    assert find_result(tmp_path, "fmt", FMT(unlearn_each=False).params(), 0.1, 0) is None
     assert find_result(tmp_path, "fmt", FMT().params(), 0.1, 0) is None  # the recommended recipe's unlearn_each
     assert find_result(tmp_path, "fmt", FMT(unlearn_each=False, unlearn_smooth=0.0).params(), 0.1, 0) is None
     assert find_result(tmp_path, "fmt", params, 0.1, 1) is None
     # The stimulation test only changes what is reported: a result made without it (or before it existed, or at
     # another level) stands for the same repair at any level.
     assert params["stimulate"] == 4.0 and "stimulate" not in old
-    assert find_result(tmp_path, "fmt", FMT(unlearn_each=False, stimulate=0, stimulate_images=10).params(), 0.1,
-                       0) == folder
+    assert find_result(tmp_path, "fmt", FMT(unlearn_each=False, field_images=0, stimulate=0,
+                                            stimulate_images=10).params(), 0.1, 0) == folder
 
 
 def test_smooth_probe_finds_a_low_frequency_backdoors_target(tmp_path):

@@ -269,3 +269,34 @@ def test_probes_sharing_one_pass_equal_each_probe_alone():
             assert (ref[objective].acc[layer] - joint[objective].acc[layer]).abs().max() <= 0.2
     with pytest.raises(MapPruneError, match="mse probe"):
         probe_maps(model, xs, y, {"mse": 0.06, "patch": 0.06})
+
+
+def test_judged_images_judge_a_probe_on_the_first_images_only():
+    """``judged_images`` keeps each map's step (it follows every image's gradient) and evaluates it on the first m
+    images: the probabilities, labels and null are exactly the full probe's first m, in both implementations."""
+    from mapprune.defenses.scoring import probe_maps
+
+    torch.manual_seed(0)
+    model = _calibrated(create_model("preactresnet18", 10, width=8), (3, 32, 32))
+    xs, y = _images_and_own_labels(model, 6, (3, 32, 32))
+    y[::2] = (y[::2] + 1) % 10  # some wrong labels, so the judged accuracy is not 1 everywhere
+    probes = {"patch": 0.06, "warp": 1.0, "smooth": 0.06}
+    kw = {"alpha": 0.02, "seed": 1, "keep_probs": True, "batch_images": 18}
+    for implementation in ("fast", "reference"):
+        full = probe_maps(model, xs, y, probes, implementation=implementation, **kw)
+        part = probe_maps(model, xs, y, probes, implementation=implementation,
+                          judged_images={"warp": 4, "smooth": 2}, **kw)
+        for objective, m in (("patch", 6), ("warp", 4), ("smooth", 2)):
+            a, b = part[objective], full[objective]
+            assert torch.equal(a.labels, y[:m])
+            torch.testing.assert_close(a.null_probs, b.null_probs[:m])
+            for layer in b.acc:
+                torch.testing.assert_close(a.probs[layer], b.probs[layer][:, :m])
+                expected = (b.probs[layer][:, :m].argmax(-1) == y[:m]).float().mean(1)
+                torch.testing.assert_close(a.acc[layer], expected)
+                if objective != "patch":
+                    assert torch.equal(a.patches[layer].phi, b.patches[layer].phi)  # the same fields found
+    with pytest.raises(MapPruneError, match="not probed"):
+        probe_maps(model, xs, y, {"patch": 0.06}, judged_images={"warp": 2})
+    with pytest.raises(MapPruneError, match="number of images"):
+        probe_maps(model, xs, y, {"patch": 0.06, "warp": 1.0}, judged_images={"warp": 0})

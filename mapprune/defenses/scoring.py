@@ -284,19 +284,19 @@ def adversarial_for_map(model, layer, x, x0, channel: int, eps: float, objective
 
 
 def _score_reference(model, layers, x, y, x0, eps, progress, max_maps, objective, signs, probs_out,
-                     patches_out) -> dict[str, torch.Tensor]:
+                     patches_out, judged: int) -> dict[str, torch.Tensor]:
     """The plain per-map loop of the method's description: for each map, the clean activation, the gradient of
-    the map's squared deviation, one signed step, and the accuracy on the n stepped images."""
+    the map's squared deviation, one signed step, and the accuracy on the stepped images (the first ``judged``)."""
     scores = {}
     for name, layer in layers.items():
         acc = torch.full((num_maps(layer),), float("nan"))
         probs, patches = [], []
         for c in range(min(num_maps(layer), max_maps)):
             sign = float(signs[name][c]) if signs is not None else 1.0
-            x_adv = adversarial_for_map(model, layer, x, x0, c, eps, objective, sign, patches)
+            x_adv = adversarial_for_map(model, layer, x, x0, c, eps, objective, sign, patches)[:judged]
             with torch.no_grad():
                 logits = model(x_adv)
-                acc[c] = (logits.argmax(1) == y).float().mean().cpu()
+                acc[c] = (logits.argmax(1) == y[:judged]).float().mean().cpu()
                 probs.append(logits.float().softmax(1).cpu())
             progress(1)
         scores[name] = acc
@@ -350,8 +350,9 @@ def _stepped(objective: str, eps: float, x0: torch.Tensor, grad: torch.Tensor, f
 
 
 def _score_fast(model, layers, x, y, x0, probes: dict[str, float], progress, max_maps, batch_images, signs,
-                keep_probs) -> dict[str, tuple[dict, dict, dict]]:
-    """{objective: (scores, probs, patches)} for every probe, sharing each layer's forward and batched backward."""
+                keep_probs, judged: dict[str, int]) -> dict[str, tuple[dict, dict, dict]]:
+    """{objective: (scores, probs, patches)} for every probe, sharing each layer's forward and batched backward.
+    ``judged[objective]``: how many of the images (the first ones) the probe's stepped images are judged on."""
     n = len(x)
     chunk = max(1, batch_images // n)
     out_of = {o: ({}, {}, {}) for o in probes}
@@ -389,12 +390,15 @@ def _score_fast(model, layers, x, y, x0, probes: dict[str, float], progress, max
             grads = dict(zip(unique, torch.autograd.grad(out, unique, cot, retain_graph=True, is_grads_batched=True)))
             with torch.inference_mode():
                 for objective, eps in probes.items():
+                    m = judged[objective]
                     x_adv = _stepped(objective, eps, x0, grads[leaves[objective]], found[objective])
+                    if m < n:  # the step used every image's gradient; only the first m are judged
+                        x_adv = x_adv.view(k, n, *x_adv.shape[1:])[:, :m].flatten(0, 1)
                     logits = model(x_adv.contiguous(memory_format=torch.channels_last))
-                    correct = (logits.argmax(1) == y.repeat(k)).view(k, n)
+                    correct = (logits.argmax(1) == y[:m].repeat(k)).view(k, m)
                     acc[objective][c0:c0 + k] = correct.float().mean(1).cpu()
                     if keep_probs:
-                        probs[objective].append(logits.float().softmax(1).view(k, n, -1).cpu())
+                        probs[objective].append(logits.float().softmax(1).view(k, m, -1).cpu())
             del cot, grads
             progress(k)
         del out, out_cf, x_in, leaves, unique
@@ -464,6 +468,7 @@ def probe_maps(
     batch_images: int = 1024,
     max_maps: int | None = None,
     keep_probs: bool = False,
+    judged_images: dict[str, int] | None = None,
     progress: Callable[[int], None] | bool = False,
 ) -> dict[str, MapTest]:
     """Several probes of every map at once, ``{objective: eps}`` -> ``{objective: MapTest}`` (see
@@ -473,7 +478,9 @@ def probe_maps(
     left as it was found. ``layers`` restricts testing to those layer names (default: :func:`~.pruning.map_layers`,
     every Conv2d and every nn.Linear but the classifier head; a registry CNN's convs). ``batch_images`` bounds how
     many images one pass of the fast implementation holds (memory scales with it). ``keep_probs`` also keeps every
-    map's softmax outputs and a random-direction null (see :class:`MapTest`).
+    map's softmax outputs and a random-direction null (see :class:`MapTest`). ``judged_images``: ``{objective:
+    m}`` judges that probe's stepped images on the first m images only (its step still follows all of them): the
+    evaluation forward is most of a probe's cost; its MapTest then holds those m images' labels and null.
     """
     if implementation not in IMPLEMENTATIONS:
         raise MapPruneError(f"unknown implementation {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}")
@@ -488,6 +495,11 @@ def probe_maps(
         raise MapPruneError("the mse probe has its own cotangent and cannot share a pass; probe it alone")
     if alpha < 0:
         raise MapPruneError(f"alpha must be >= 0, got alpha={alpha}")
+    for objective, m in (judged_images or {}).items():
+        if objective not in probes:
+            raise MapPruneError(f"judged_images names {objective!r}, which is not probed ({', '.join(probes)})")
+        if not isinstance(m, int) or m < 1:
+            raise MapPruneError(f"judged_images[{objective!r}] is a number of images >= 1, got {m!r}")
     all_layers = map_layers(model)
     if layers is not None:
         unknown = [n for n in layers if n not in all_layers]
@@ -499,6 +511,7 @@ def probe_maps(
     x = as_unit(images, labels).to(device).contiguous(memory_format=torch.channels_last)
     y = labels.to(device)
     x0 = random_start(x, alpha, seed)
+    judged = {o: min(len(x), (judged_images or {}).get(o, len(x))) for o in probes}
     max_maps = max_maps if max_maps is not None else max(num_maps(m) for m in all_layers.values())
     tick = progress if callable(progress) else (lambda k: None)
     bar = None
@@ -521,20 +534,21 @@ def probe_maps(
             for objective, eps in probes.items():
                 probs, patches = {}, {}
                 acc = _score_reference(model, all_layers, x, y, x0, eps, tick, max_maps, objective, signs, probs,
-                                       patches)
+                                       patches, judged[objective])
                 found[objective] = (acc, probs, patches)
         else:
             found = _score_fast(model, all_layers, x, y, x0, probes, tick, max_maps, batch_images, signs,
-                                keep_probs)
+                                keep_probs, judged)
         tests = {}
         for objective, eps in probes.items():
             acc, probs, patches = found[objective]
+            m = judged[objective]
             null = None
             if keep_probs:
-                x_null = (x0 + eps * _random_sign(x, seed + 1)).clamp(0, 1)
+                x_null = (x0 + eps * _random_sign(x, seed + 1)).clamp(0, 1)[:m]
                 with torch.inference_mode():
                     null = model(x_null).float().softmax(1).cpu()
-            tests[objective] = MapTest(acc, y.cpu(), probs if keep_probs else {}, null, patches)
+            tests[objective] = MapTest(acc, y[:m].cpu(), probs if keep_probs else {}, null, patches)
         return tests
     finally:
         for p, r in zip(model.parameters(), requires):
