@@ -254,3 +254,50 @@ def test_a_changed_default_makes_a_new_cell(tmp_path, monkeypatch):
     after = {c.label: c.path for c in plan(grid, tmp_path) if c.kind == "defense"}
     changed = {label for label in before if before[label] != after[label]}
     assert changed == {label for label in before if label.split(" / ")[1].startswith("fmt")}, changed
+
+
+REFERENCE = '''name = "Someone's paper"
+[cells]
+badnets = {none = [90.0, 95.5, 4.0], clp = [89.0, 1.25, 88.0]}
+sig = {clp = [80.0, 2.0, 70.0]}
+'''
+
+
+def test_published_numbers_are_printed_beside_the_grid_without_changing_it(tiny, tmp_path):
+    out, grid, cells, _, _ = tiny
+    (tmp_path / "ref.toml").write_text(REFERENCE)
+    with_ref = tmp_path / "grid.toml"
+    with_ref.write_text(grid.read_text().replace('seeds = [0, 1]', 'seeds = [0, 1]\nreference = "ref.toml"'))
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    r = run_bench(with_ref, copy, progress=False, log=_quiet)  # not another grid: no --update needed
+    assert r["ran"] == [] and r["done"] == len(cells)
+    ours, published = (copy / "table.md").read_text().split("# Published: Someone's paper")
+    assert "95.50" not in ours
+    asr, acc = published.split("## clean ACC %")
+    # only the grid's columns with a published number (none, clp), in the grid's order
+    assert "| attack | none | clp |" in asr
+    assert "| badnets | 95.50 / 4.00 | 1.25 / 88.00 |" in asr
+    assert "| blended | - | - |" in asr  # a row the reference lacks; sig, which the grid lacks, is not shown
+    assert "sig" not in published
+    assert "| **average** | 95.50 / 4.00 (1 of 2) | 1.25 / 88.00 (1 of 2) |" in asr
+    assert "| badnets | 90.00 | 89.00 |" in acc
+
+
+@pytest.mark.parametrize("ref, msg", [
+    (None, "reference file .* not found"),
+    ('[cells]\nbadnets = {none = [1, 2, 3]}\n', "needs a 'name'"),
+    ('name = "x"\n', r"needs a \[cells\] table"),
+    ('name = "x"\n[cells]\nbadnets = {none = [1, 2]}\n', r"cells.badnets.none must be \[ACC, ASR, RA\]"),
+    ('name = "x"\n[cells]\nbadnets = {none = [1, 2, 300]}\n', "three percentages"),
+    ('name = "x"\nyear = 2022\n[cells]\nbadnets = {none = [1, 2, 3]}\n', "unknown key 'year'"),
+])
+def test_a_bad_reference_fails_before_any_work(tmp_path, ref, msg):
+    if ref is not None:
+        (tmp_path / "ref.toml").write_text(ref)
+    grid = tmp_path / "grid.toml"
+    grid.write_text((GRIDS / "digits-tiny.toml").read_text().replace('seeds = [0, 1]',
+                                                                    'seeds = [0, 1]\nreference = "ref.toml"'))
+    with pytest.raises(MapPruneError, match=msg):
+        run_bench(grid, tmp_path / "out", progress=False, log=_quiet)
+    assert not (tmp_path / "out").exists()

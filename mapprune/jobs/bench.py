@@ -19,6 +19,16 @@ A grid is a TOML file (see ``benchmarks/grids/``)::
     sweep = {eps = [0.02, 0.1], clean_ratio = [0.02]}   # optional: one more cell per value, one setting
                                 # changed at a time from opts (a sensitivity analysis: figures/sweep-*.png)
 
+A grid may name published numbers to print beside its own: ``reference = "path.toml"`` (relative to the grid
+file; see ``benchmarks/reference/``), a table of ACC / ASR / RA in % per attack and defense label::
+
+    name = "BackdoorBench leaderboard, CIFAR-10, PreActResNet-18"
+    [cells]
+    badnets = {none = [91.32, 95.03, 4.67], nc = [89.05, 1.27, 89.16]}
+
+It changes no cell: table.md gains the same tables filled with the published numbers, for the attacks and
+defenses the grid has.
+
 Every cell (one backdoored model, or one defense on one model with one seed) is keyed by a stable hash of its
 full settings and written as an ordinary run folder: ``DIR/runs/<attack>-<hash>/`` (readable by ``eval``,
 ``defend``, ``report``) and its ``defense/<variant>-<hash>[-seedN]/``. A cell whose folder is complete is never
@@ -43,7 +53,10 @@ from ..allocator import keep_freed_memory
 from ..errors import MapPruneError, unknown_name
 
 BACKENDS = ("local", "ray")
-GRID_KEYS = {"name", "dataset", "data_dir", "preset", "clean_ratio", "seeds", "model", "attack", "defense"}
+GRID_KEYS = {"name", "dataset", "data_dir", "preset", "clean_ratio", "seeds", "model", "attack", "defense",
+             "reference"}
+# What only changes how results are shown: not part of the grid's identity (bench.json's hash).
+PRESENTATION_KEYS = {"reference", "_reference"}
 ATTACK_KEYS = {"name", "opts", "poison_ratio", "target", "all_to_all", "train_seed", "run", "label", "adopt_defenses"}
 DEFENSE_KEYS = {"name", "opts", "label", "clean_ratio", "sweep"}
 MODEL_KEYS = {"model", "width", "epochs", "batch_size", "lr", "schedule", "eval_every"}
@@ -108,7 +121,38 @@ def load_grid(path) -> dict:
     _expand_sweeps(grid, path)
     _check_names(grid, path)
     grid.pop("_shape", None)
+    if "reference" in grid:
+        if not isinstance(grid["reference"], str) or not grid["reference"]:
+            raise MapPruneError(f"{path}: reference must be the path of a TOML file of published numbers")
+        grid["_reference"] = load_reference(path.parent / grid["reference"])
     return grid
+
+
+def load_reference(path) -> dict:
+    """Published numbers to print beside a grid's own: {"name", "cells": {attack: {defense: [acc, asr, ra]}}},
+    percentages as written in the file (validated here, before any work)."""
+    path = Path(path)
+    try:
+        ref = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise MapPruneError(f"reference file {path} not found (a grid's reference is relative to the grid file)") from None
+    except tomllib.TOMLDecodeError as e:
+        raise MapPruneError(f"{path} is not valid TOML: {e}") from None
+    _only(ref, {"name", "source", "note", "cells"}, f"{path}")
+    if not isinstance(ref.get("name"), str) or not ref["name"]:
+        raise MapPruneError(f"{path}: a reference needs a 'name' (a string) saying whose numbers these are")
+    cells = ref.get("cells")
+    if not isinstance(cells, dict) or not cells:
+        raise MapPruneError(f"{path}: a reference needs a [cells] table: attack = {{defense = [ACC, ASR, RA]}}")
+    for attack, row in cells.items():
+        if not isinstance(row, dict):
+            raise MapPruneError(f"{path}: cells.{attack} must be a table of defense = [ACC, ASR, RA]")
+        for defense, v in row.items():
+            if (not isinstance(v, list) or len(v) != 3 or
+                    not all(isinstance(x, int | float) and not isinstance(x, bool) and 0 <= x <= 100 for x in v)):
+                raise MapPruneError(f"{path}: cells.{attack}.{defense} must be [ACC, ASR, RA], three percentages "
+                                    f"in 0..100, got {v!r}")
+    return {"name": ref["name"], "cells": cells}
 
 
 def _expand_sweeps(grid: dict, path) -> None:
@@ -517,7 +561,7 @@ def _claim(out: Path, grid: dict, grid_path: Path, update: bool) -> None:
     """DIR/bench.json names the grid that made DIR; another grid is refused unless ``update``."""
     out.mkdir(parents=True, exist_ok=True)
     meta = out / "bench.json"
-    digest = _hash(grid)
+    digest = _hash({k: v for k, v in grid.items() if k not in PRESENTATION_KEYS})
     if meta.is_file():
         old = json.loads(meta.read_text())
         if old.get("grid_hash") != digest and not update:
@@ -572,20 +616,32 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
-def markdown(rows: list[dict], title: str) -> str:
+def markdown(rows: list[dict], title: str, reference: dict | None = None) -> str:
     """Attacks as rows, defenses as columns: ASR / RA (mean ± sd over seeds), then ACC, each with the mean over
-    attacks as the last row."""
+    attacks as the last row; with a ``reference`` (load_reference), the same tables of its published numbers."""
     summary = summarise(rows)
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
     defenses = list(dict.fromkeys(r["defense"] for r in rows))
+    parts = [f"# {title}", "", *_tables(summary, attacks, defenses, "(mean ± sd over defense seeds)")]
+    if reference:
+        published = {(a, d): {"n": 1, **{m: (v[i] / 100, None) for i, m in enumerate(("acc", "asr", "ra"))}}
+                     for a, row in reference["cells"].items() for d, v in row.items()}
+        cols = [d for d in defenses if any((a, d) in published for a in attacks)]
+        if cols:
+            parts += [f"# Published: {reference['name']}", "",
+                      "The same cells as published (`-`: not published); averages over the published cells.", "",
+                      *_tables(published, attacks, cols, "(published)")]
+    return "\n".join(parts)
 
+
+def _tables(summary: dict, attacks: list[str], defenses: list[str], caption: str) -> list[str]:
     def pm(v):
         return f"{100 * v[0]:.2f}" + ("" if v[1] is None else f" ± {100 * v[1]:.2f}")
 
-    parts = [f"# {title}", ""]
+    parts = []
     for what, cell in (("ASR % / RA %", lambda s: f"{pm(s['asr'])} / {100 * s['ra'][0]:.2f}"),
                        ("clean ACC %", lambda s: pm(s["acc"]))):
-        parts += [f"## {what} (mean ± sd over defense seeds)", "",
+        parts += [f"## {what} {caption}", "",
                   "| attack | " + " | ".join(defenses) + " |", "|" + "---|" * (len(defenses) + 1)]
         for a in attacks:
             parts.append(f"| {a} | " + " | ".join(cell(summary[(a, d)]) if (a, d) in summary else "-"
@@ -593,6 +649,9 @@ def markdown(rows: list[dict], title: str) -> str:
         avg = []
         for d in defenses:
             ss = [summary[(a, d)] for a in attacks if (a, d) in summary]
+            if not ss:
+                avg.append("-")
+                continue
             # A column with missing cells averages over fewer attacks: say over how many.
             part = "" if len(ss) == len(attacks) else f" ({len(ss)} of {len(attacks)})"
             if what.startswith("ASR"):
@@ -601,7 +660,7 @@ def markdown(rows: list[dict], title: str) -> str:
             else:
                 avg.append(f"{100 * statistics.fmean(s['acc'][0] for s in ss):.2f}{part}")
         parts += ["| **average** | " + " | ".join(avg) + " |", ""]
-    return "\n".join(parts)
+    return parts
 
 
 def write_results(cells: list[Cell], grid: dict, out: Path) -> None:
@@ -612,7 +671,7 @@ def write_results(cells: list[Cell], grid: dict, out: Path) -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    text = markdown(rows, f"{grid['name']}: {grid['dataset']}")
+    text = markdown(rows, f"{grid['name']}: {grid['dataset']}", grid.get("_reference"))
     if grid.get("_sweeps"):
         text += "\n" + sweep_markdown(rows, grid["_sweeps"])
     (out / "table.md").write_text(text)
