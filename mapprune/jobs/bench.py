@@ -102,12 +102,7 @@ class Cell:
 def load_grid(path) -> dict:
     """Reads and validates a grid file; every attack, defense and option is checked here, before any work."""
     path = Path(path)
-    try:
-        grid = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise MapPruneError(f"grid file {path} not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise MapPruneError(f"{path} is not valid TOML: {e}") from None
+    grid = _read_toml(path, f"grid file {path} not found")
     _only(grid, GRID_KEYS, f"{path}")
     for k in ("name", "dataset"):
         if not isinstance(grid.get(k), str) or not grid[k]:
@@ -128,16 +123,20 @@ def load_grid(path) -> dict:
     return grid
 
 
+def _read_toml(path: Path, missing: str) -> dict:
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise MapPruneError(missing) from None
+    except tomllib.TOMLDecodeError as e:
+        raise MapPruneError(f"{path} is not valid TOML: {e}") from None
+
+
 def load_reference(path) -> dict:
     """Published numbers to print beside a grid's own: {"name", "cells": {attack: {defense: [acc, asr, ra]}}},
     percentages as written in the file (validated here, before any work)."""
     path = Path(path)
-    try:
-        ref = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise MapPruneError(f"reference file {path} not found (a grid's reference is relative to the grid file)") from None
-    except tomllib.TOMLDecodeError as e:
-        raise MapPruneError(f"{path} is not valid TOML: {e}") from None
+    ref = _read_toml(path, f"reference file {path} not found (a grid's reference is relative to the grid file)")
     _only(ref, {"name", "source", "note", "cells"}, f"{path}")
     if not isinstance(ref.get("name"), str) or not ref["name"]:
         raise MapPruneError(f"{path}: a reference needs a 'name' (a string) saying whose numbers these are")
