@@ -301,3 +301,18 @@ def test_a_bad_reference_fails_before_any_work(tmp_path, ref, msg):
     with pytest.raises(MapPruneError, match=msg):
         run_bench(grid, tmp_path / "out", progress=False, log=_quiet)
     assert not (tmp_path / "out").exists()
+
+
+def test_every_shipped_grid_and_reference_is_valid(shared_data, user_cache, monkeypatch):
+    """The grids docs/results.md and the README point at load as shipped (names, options, references)."""
+    from mapprune.jobs.bench import load_reference
+
+    monkeypatch.setenv("MAPPRUNE_DATA", str(shared_data))
+    for path in sorted(GRIDS.glob("*.toml")):
+        grid = load_grid(path)
+        assert grid["attack"] and grid["defense"], path
+    ref = load_reference(GRIDS.parent / "reference" / "backdoorbench-cifar10.toml")
+    # baselines.md 1.1: eight attacks; BadNets has no CLP and no i-BAU cell in the leaderboard's CSV
+    assert len(ref["cells"]) == 8 and ref["cells"]["badnets"]["nc"] == [89.05, 1.27, 89.16]
+    assert "clp" not in ref["cells"]["badnets"] and ref["cells"]["sig"]["anp"] == [77.97, 0.01, 48.80]
+    assert load_grid(GRIDS / "cifar10-cpu-runs.toml")["_reference"] == ref
