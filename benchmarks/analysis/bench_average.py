@@ -1,0 +1,50 @@
+"""Each defense's mean ACC / ASR / RA over a chosen set of attacks, from a bench's results.csv, beside a reference's
+published means over the same attacks (only where the reference has every one of them).
+
+    python benchmarks/analysis/bench_average.py bench/c10-runs/results.csv --attacks badnets,blended,wanet,inputaware,lc \
+        --reference benchmarks/reference/backdoorbench-cifar10.toml
+
+A defense missing a cell on one of the attacks is listed with the attacks it lacks and no mean, so a mean is always
+over the same models for every defense.
+"""
+import argparse
+import csv
+import statistics
+
+from mapprune.jobs.bench import load_reference
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("results", help="a bench's results.csv")
+    ap.add_argument("--attacks", required=True, help="comma-separated attack labels, as in the table's rows")
+    ap.add_argument("--reference", help="a reference TOML (benchmarks/reference/)")
+    args = ap.parse_args()
+    attacks = args.attacks.split(",")
+    with open(args.results) as f:
+        rows = [r for r in csv.DictReader(f) if r["attack"] in attacks]
+    unknown = set(attacks) - {r["attack"] for r in rows}
+    if unknown:
+        raise SystemExit(f"no rows for {sorted(unknown)} in {args.results}")
+    cells: dict = {}
+    for r in rows:
+        cells.setdefault(r["defense"], {}).setdefault(r["attack"], []).append(r)
+    ref = load_reference(args.reference)["cells"] if args.reference else {}
+    print(f"Means over {len(attacks)} attacks ({', '.join(attacks)}); seeds averaged within a cell first.\n")
+    print("| defense | ACC | ASR | RA | published ACC / ASR / RA |")
+    print("|---|---|---|---|---|")
+    for d, by_attack in cells.items():
+        missing = [a for a in attacks if a not in by_attack]
+        published = [ref.get(a, {}).get(d) for a in attacks]
+        pub = ("-" if None in published else
+               " / ".join(f"{statistics.fmean(p[i] for p in published):.2f}" for i in range(3)))
+        if missing:
+            print(f"| {d} | missing {', '.join(missing)} | | | {pub} |")
+            continue
+        means = [statistics.fmean(statistics.fmean(float(x[m]) for x in by_attack[a]) for a in attacks)
+                 for m in ("acc", "asr", "ra")]
+        print(f"| {d} | " + " | ".join(f"{100 * v:.2f}" for v in means) + f" | {pub} |")
+
+
+if __name__ == "__main__":
+    main()
