@@ -11,7 +11,7 @@ import argparse
 import csv
 import statistics
 
-from mapprune.jobs.bench import load_reference
+from mapprune.jobs.bench import load_reference, summarise
 
 
 def main() -> None:
@@ -26,23 +26,23 @@ def main() -> None:
     unknown = set(attacks) - {r["attack"] for r in rows}
     if unknown:
         raise SystemExit(f"no rows for {sorted(unknown)} in {args.results}")
-    cells: dict = {}
     for r in rows:
-        cells.setdefault(r["defense"], {}).setdefault(r["attack"], []).append(r)
+        r.update({m: float(r[m]) for m in ("acc", "asr", "ra")})
+    cells = summarise(rows)  # {(attack, defense): mean over the cell's seeds}
+    defenses = list(dict.fromkeys(r["defense"] for r in rows))
     ref = load_reference(args.reference)["cells"] if args.reference else {}
     print(f"Means over {len(attacks)} attacks ({', '.join(attacks)}); seeds averaged within a cell first.\n")
     print("| defense | ACC | ASR | RA | published ACC / ASR / RA |")
     print("|---|---|---|---|---|")
-    for d, by_attack in cells.items():
-        missing = [a for a in attacks if a not in by_attack]
+    for d in defenses:
+        missing = [a for a in attacks if (a, d) not in cells]
         published = [ref.get(a, {}).get(d) for a in attacks]
         pub = ("-" if None in published else
                " / ".join(f"{statistics.fmean(p[i] for p in published):.2f}" for i in range(3)))
         if missing:
             print(f"| {d} | missing {', '.join(missing)} | | | {pub} |")
             continue
-        means = [statistics.fmean(statistics.fmean(float(x[m]) for x in by_attack[a]) for a in attacks)
-                 for m in ("acc", "asr", "ra")]
+        means = [statistics.fmean(cells[(a, d)][m][0] for a in attacks) for m in ("acc", "asr", "ra")]
         print(f"| {d} | " + " | ".join(f"{100 * v:.2f}" for v in means) + f" | {pub} |")
 
 
