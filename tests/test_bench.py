@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mapprune.errors import MapPruneError
-from mapprune.jobs.bench import load_grid, plan, run_bench
+from mapprune.jobs.bench import load_grid, plan, run_bench, sweep_markdown
 
 GRIDS = Path(__file__).resolve().parents[1] / "benchmarks" / "grids"
 
@@ -241,6 +241,20 @@ def test_a_sweep_changes_one_setting_at_a_time_and_draws_its_curves(tmp_path):
     bad.write_text(SWEEP.replace("sweep = {fraction", "sweep = {fractoin"))
     with pytest.raises(MapPruneError, match="no option 'fractoin' to sweep"):
         load_grid(bad)
+
+
+def test_a_sweep_over_an_option_the_defense_decides_prints_its_default_by_name(tmp_path):
+    """FMT's budget is None by default (its rank rule decides): that point reads "default", first, not "None"."""
+    grid = tmp_path / "budget.toml"
+    grid.write_text(SWEEP.replace("sweep = {fraction = [0.0625, 0.125, 0.25], clean_ratio = [0.05]}",
+                                  "sweep = {budget = [0, 12]}"))
+    g = load_grid(grid)
+    (sw,) = g["_sweeps"]
+    assert [v for v, _ in sw["points"]] == [None, 0, 12]
+    rows = [{"attack": "badnets", "defense": label, "acc": 0.9, "asr": asr, "ra": 0.5}
+            for (_, label), asr in zip(sw["points"], (0.01, 0.2, 0.05))]
+    text = sweep_markdown(rows, g["_sweeps"])
+    assert "| default* | 1.00 / 90.00 |" in text and "| 0 | 20.00 / 90.00 |" in text and "None" not in text
 
 
 def test_a_changed_default_makes_a_new_cell(tmp_path, monkeypatch):

@@ -699,9 +699,16 @@ def sweep_markdown(rows: list[dict], sweeps: list[dict]) -> str:
         for i, v in enumerate(values):
             cells = [f"{100 * got[(str(v), a)]['asr'][0]:.2f} / {100 * got[(str(v), a)]['acc'][0]:.2f}"
                      if (str(v), a) in got else "-" for a in attacks]
-            parts.append(f"| {v}{'*' if sw['points'][i][1] == sw['defense'] else ''} | " + " | ".join(cells) + " |")
+            parts.append(f"| {_value_text(v)}{'*' if sw['points'][i][1] == sw['defense'] else ''} | "
+                         + " | ".join(cells) + " |")
         parts.append("")
     return "\n".join(parts)
+
+
+def _value_text(v) -> str:
+    """A swept value as printed; an option whose own setting is None (the defense decides, e.g. FMT's budget from
+    its rank rule) reads "default"."""
+    return "default" if v is None else str(v)
 
 
 def _sweep_figure(rows: list[dict], sweep: dict, folder: Path) -> None:
@@ -722,7 +729,7 @@ def _sweep_figure(rows: list[dict], sweep: dict, folder: Path) -> None:
         ax.set_xlabel(sweep["param"])
         ax.set_ylabel(metric)
         if not numeric:
-            ax.set_xticks(xs, [str(v) for v in values])
+            ax.set_xticks(xs, [_value_text(v) for v in values])
         ax.axvline(xs[[p[1] for p in sweep["points"]].index(sweep["defense"])], color="grey", lw=0.8, ls=":")
     axes[0].set_ylim(-3, 103)
     axes[0].legend(fontsize=7)
