@@ -241,6 +241,9 @@ def test_a_sweep_changes_one_setting_at_a_time_and_draws_its_curves(tmp_path):
     bad.write_text(SWEEP.replace("sweep = {fraction", "sweep = {fractoin"))
     with pytest.raises(MapPruneError, match="no option 'fractoin' to sweep"):
         load_grid(bad)
+    bad.write_text(SWEEP.replace("sweep = {fraction = [0.0625, 0.125, 0.25]", "sweep = {fraction = [0.125, 2.0]"))
+    with pytest.raises(MapPruneError, match="sweep fraction = 2.0: .*fraction"):
+        load_grid(bad)
 
 
 def test_a_sweep_over_an_option_the_defense_decides_prints_its_default_by_name(tmp_path):

@@ -132,8 +132,8 @@ def test_fmt_and_ft_on_a_really_backdoored_model(digits_run):
     x, y = r.dataset.x_train[idx], r.dataset.y_train[idx]
     original = {k: v.clone() for k, v in r.model.state_dict().items()}
 
-    # The demo's settings for 8x8 digits (see mapprune/jobs/demo.py): eps 0.06 barely moves a digits CNN.
-    fmt = FMT(hflip=False, batch_size=32, mask=True, eps=0.2, fraction=1 / 8)
+    # The demo's settings for 8x8 digits (see mapprune/jobs/demo.py).
+    fmt = FMT(hflip=False, batch_size=32, mask=True, fraction=1 / 8)
     result = fmt.repair(r.model, x, y)
     after = evaluate(result.model, tests)
     assert all(torch.equal(v, r.model.state_dict()[k]) for k, v in original.items()), "input model untouched"
@@ -164,8 +164,10 @@ def test_recipes_and_bad_options_fail_before_work():
     assert rec.mask is True and rec.recipe == "recommended" and rec.schedule == "onecycle"
     assert (rec.field_images, paper.field_images) == (16, 0)
     assert FMT(recipe="paper", mask=True).mask is True  # an explicit value wins over the recipe
+    assert FMT(recipe="paper", eps=0.1).eps == 0.1 and FMT(objective="warp", eps=1.0).eps == 1.0
     for kw, msg in [({"recipe": "best"}, "recipe"), ({"scorer": "x"}, "scorer"), ({"objective": "x"}, "objective"),
-                    ({"n_images": 0}, "n_images"), ({"eps": -1.0}, "eps"), ({"budget": -1}, "budget"),
+                    ({"n_images": 0}, "n_images"), ({"eps": -1.0}, "eps"),
+                    ({"eps": 0.1}, "patch objective .* has no step size"), ({"budget": -1}, "budget"),
                     ({"lr": 0.0}, "learning rate"), ({"fraction": 2.0}, "fraction"), ({"epochs": -1}, "epochs"),
                     ({"distill": -1.0}, "distill"), ({"field_images": -1}, "field_images"),
                     ({"field_images": 2.5}, "field_images"), ({"field_images": True}, "field_images")]:

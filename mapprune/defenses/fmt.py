@@ -153,6 +153,12 @@ class FMT(FineTuning):
             raise MapPruneError(f"n_images must be >= 1, got {self.n_images}")
         if self.eps < 0 or alpha < 0:
             raise MapPruneError(f"eps and alpha must be >= 0, got eps={self.eps}, alpha={alpha}")
+        if eps is not None and self.objective == "patch":
+            # A silently ignored eps would make a sweep over it look like a finding ("eps does not matter").
+            raise MapPruneError("eps is the step of the mse, excite, warp and smooth objectives; the patch objective "
+                                "(the recommended recipe's) stamps a 0/1 patch and has no step size. Drop eps, or "
+                                "set the field probes' steps (unlearn_warp, unlearn_smooth), or choose "
+                                "objective='mse' (the paper's)")
         if not 0 <= self.unlearn < 1:
             raise MapPruneError(f"unlearn is the share of each fine-tune batch stamped, in [0, 1), got {self.unlearn}")
         if self.unlearn > 0 and self.objective not in ("patch", "warp"):

@@ -190,6 +190,11 @@ def _expand_sweeps(grid: dict, path) -> None:
                 entry = {"name": d["name"], "opts": opts, "clean_ratio": v} if param == "clean_ratio" else \
                     {"name": d["name"], "opts": {**opts, param: v}, **({"clean_ratio": d["clean_ratio"]}
                                                                      if "clean_ratio" in d else {})}
+                if param != "clean_ratio":
+                    try:  # each swept value is refused here, before any cell runs, as the defense would refuse it
+                        create_defense(d["name"], **entry["opts"])
+                    except MapPruneError as e:
+                        raise MapPruneError(f"{where}: sweep {param} = {v!r}: {e}") from None
                 expanded.append(entry)
                 points.append((v, entry.get("label") or _defense_label(entry)))
             try:
