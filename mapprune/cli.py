@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--implementation", choices=["fast", "reference"], help="fmt testing phase (default fast)")
     f.add_argument("--n-images", type=int, help="fmt: test images (default 32)")
     f.add_argument("--alpha", type=float, help="fmt: random start size (default 0.02; 0.03 CIFAR-100/GTSRB)")
-    f.add_argument("--eps", type=float, help="fmt: signed step size (default 0.06)")
+    f.add_argument("--eps", type=float, help="fmt: signed step size of the mse, excite, warp and smooth objectives "
+                   "(default 0.06; the recommended recipe's patch objective has none and refuses it)")
     f.add_argument("--epochs", type=int, help="fine-tune epochs (default 15; paper 10)")
     f.add_argument("--lr", type=float, help="fine-tune peak learning rate (default 0.01 one-cycle, 0.02 when the "
                    "model rejects a class: --opt relearn_lr; paper 0.01 cosine)")
