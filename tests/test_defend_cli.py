@@ -17,10 +17,10 @@ def run(tmp_path_factory):
 
 
 def test_defend_fmt_writes_result_model_and_figures(run, capsys):
-    rc = main(["defend", "fmt", str(run), "--eps", "0.2", "--fraction", "0.125", "--batch-size", "32", "--mask",
+    rc = main(["defend", "fmt", str(run), "--n-images", "16", "--fraction", "0.125", "--batch-size", "32", "--mask",
                "--no-progress"])
     assert rc == 0
-    folder = run / "defense" / "fmt-fraction0.125-eps0.2-batchsize32"  # named by its non-default options
+    folder = run / "defense" / "fmt-fraction0.125-nimages16-batchsize32"  # named by its non-default options
     for name in ("model.safetensors", "result.json", "metrics.png", "scores.png", "adversarial.png"):
         assert (folder / name).is_file(), name
     r = json.loads((folder / "result.json").read_text())

@@ -165,6 +165,7 @@ def test_recipes_and_bad_options_fail_before_work():
     assert (rec.field_images, paper.field_images) == (16, 0)
     assert FMT(recipe="paper", mask=True).mask is True  # an explicit value wins over the recipe
     assert FMT(recipe="paper", eps=0.1).eps == 0.1 and FMT(objective="warp", eps=1.0).eps == 1.0
+    assert FMT(**FMT().params()).params() == FMT().params()  # the recorded eps rebuilds the defense
     for kw, msg in [({"recipe": "best"}, "recipe"), ({"scorer": "x"}, "scorer"), ({"objective": "x"}, "objective"),
                     ({"n_images": 0}, "n_images"), ({"eps": -1.0}, "eps"),
                     ({"eps": 0.1}, "patch objective .* has no step size"), ({"budget": -1}, "budget"),

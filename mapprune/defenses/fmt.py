@@ -153,8 +153,9 @@ class FMT(FineTuning):
             raise MapPruneError(f"n_images must be >= 1, got {self.n_images}")
         if self.eps < 0 or alpha < 0:
             raise MapPruneError(f"eps and alpha must be >= 0, got eps={self.eps}, alpha={alpha}")
-        if eps is not None and self.objective == "patch":
-            # A silently ignored eps would make a sweep over it look like a finding ("eps does not matter").
+        if self.objective == "patch" and eps not in (None, FMT_RECIPES[recipe]["eps"]):
+            # A silently ignored eps would make a sweep over it look like a finding ("eps does not matter"). The
+            # recipe's own value is let through: result.json records it, and its params rebuild the defense.
             raise MapPruneError("eps is the step of the mse, excite, warp and smooth objectives; the patch objective "
                                 "(the recommended recipe's) stamps a 0/1 patch and has no step size. Drop eps, or "
                                 "set the field probes' steps (unlearn_warp, unlearn_smooth), or choose "
