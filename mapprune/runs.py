@@ -29,8 +29,9 @@ def versions() -> dict:
 
     from . import __version__
 
+    # torch_threads: CPU results can differ in the last digits with the thread count (reductions split differently).
     return {"mapprune": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": numpy.__version__, "platform": platform.platform()}
+            "numpy": numpy.__version__, "platform": platform.platform(), "torch_threads": torch.get_num_threads()}
 
 
 def write_json(path: Path, obj) -> None:

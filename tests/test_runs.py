@@ -81,6 +81,7 @@ def test_manifest(run):
     assert m["dataset"]["fingerprint"] == ds.fingerprint() and m["dataset"]["train"] == len(ds.y_train)
     assert m["poison"]["count"] == round(0.1 * len(ds.y_train))
     assert {"mapprune", "python", "torch", "numpy"} <= set(m["versions"])
+    assert m["versions"]["torch_threads"] == torch.get_num_threads()  # CPU results depend on it in the last digits
     assert m["timings"]["train_s"] > 0 and m["timings"]["total_s"] >= m["timings"]["train_s"]
     assert m["peak_memory_mb"] > 0
     assert set(m["metrics"]) == {"acc", "asr", "ra"}
