@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mapprune.errors import MapPruneError
-from mapprune.jobs.bench import load_grid, plan, run_bench, sweep_markdown
+from mapprune.jobs.bench import load_grid, markdown, plan, run_bench, sweep_markdown
 
 GRIDS = Path(__file__).resolve().parents[1] / "benchmarks" / "grids"
 
@@ -68,6 +68,7 @@ def test_results_table_and_figures(tiny):
     assert len(fmt) == 2 and all(float(r["asr"]) < 0.1 for r in fmt), fmt  # the backdoor is really removed
     table = (out / "table.md").read_text()
     assert "| badnets |" in table and "**average**" in table and "±" in table
+    assert "per trigger" not in table  # no model of this grid has several triggers
     assert (out / "figures" / "asr_heatmap.png").is_file() and (out / "figures" / "asr_vs_acc.png").is_file()
     # ordinary run folders: eval and report read them
     from mapprune.cli import main
@@ -244,6 +245,24 @@ def test_a_sweep_changes_one_setting_at_a_time_and_draws_its_curves(tmp_path):
     bad.write_text(SWEEP.replace("sweep = {fraction = [0.0625, 0.125, 0.25]", "sweep = {fraction = [0.125, 2.0]"))
     with pytest.raises(MapPruneError, match="sweep fraction = 2.0: .*fraction"):
         load_grid(bad)
+
+
+def test_a_several_trigger_model_is_judged_on_each_trigger():
+    """The pooled ASR of a two-trigger model can hide a trigger a defense left: table.md lists each one."""
+    def row(attack, defense, asr, triggers=None):
+        return {"attack": attack, "defense": defense, "acc": 0.9, "asr": asr, "ra": 0.5,
+                "triggers": json.dumps(triggers) if triggers else ""}
+
+    both = {"badnets->0": {"asr": 0.96, "ra": 0.03}, "blended->5": {"asr": 1.0, "ra": 0.0}}
+    rows = [row("badnets", "none", 0.95), row("badnets", "ft", 0.9),
+            row("multi", "none", 0.98, both),
+            row("multi", "ft", 0.5, {"badnets->0": {"asr": 0.02, "ra": 0.8}, "blended->5": {"asr": 0.98, "ra": 0.01}}),
+            row("multi", "ft", 0.5, {"badnets->0": {"asr": 0.04, "ra": 0.6}, "blended->5": {"asr": 0.96, "ra": 0.03}})]
+    text = markdown(rows, "t")
+    assert "| attack: trigger | none | ft |" in text
+    assert "| multi: badnets->0 | 96.00 / 3.00 | 3.00 / 70.00 |" in text  # mean over the two seeds
+    assert "| multi: blended->5 | 100.00 / 0.00 | 97.00 / 2.00 |" in text
+    assert "| badnets: " not in text and "| multi | 98.00 / 50.00 | 50.00 ± 0.00 / 50.00 |" in text
 
 
 def test_a_sweep_over_an_option_the_defense_decides_prints_its_default_by_name(tmp_path):

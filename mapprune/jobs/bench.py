@@ -579,8 +579,14 @@ def _claim(out: Path, grid: dict, grid_path: Path, update: bool) -> None:
 
 # -- results ----------------------------------------------------------------------------------------------------
 
+def _triggers(metrics: dict) -> str:
+    """A several-trigger model's ASR and RA per trigger, as JSON ({label: {"asr", "ra"}}); "" for one trigger."""
+    return json.dumps(metrics["triggers"]) if metrics.get("triggers") else ""
+
+
 def collect(cells: list[Cell]) -> list[dict]:
-    """One row per finished cell: settings, metrics before and after, DER, wall time per phase, peak memory."""
+    """One row per finished cell: settings, metrics before and after (and per trigger where a model has several),
+    DER, wall time per phase, peak memory."""
     rows = []
     for c in cells:
         if not c.done():
@@ -589,7 +595,7 @@ def collect(cells: list[Cell]) -> list[dict]:
             m = json.loads((Path(c.path) / "manifest.json").read_text())
             rows.append({"attack": c.attack, "defense": "none", "seed": None, "key": c.key, "path": c.path,
                          "acc": m["metrics"]["acc"], "asr": m["metrics"]["asr"], "ra": m["metrics"]["ra"],
-                         "acc_before": None, "asr_before": None, "ra_before": None, "der": None,
+                         "triggers": _triggers(m["metrics"]), "acc_before": None, "asr_before": None, "ra_before": None, "der": None,
                          "wall_s": m["timings"].get("train_s"), "timings": json.dumps(m["timings"]),
                          "peak_memory_mb": m.get("peak_memory_mb"), "settings": json.dumps(c.settings),
                          "adopted_from": c.settings.get("source")})
@@ -597,7 +603,7 @@ def collect(cells: list[Cell]) -> list[dict]:
         r = json.loads((Path(c.path) / "result.json").read_text())
         rows.append({"attack": c.attack, "defense": c.defense, "seed": c.seed, "key": c.key, "path": c.path,
                      "acc": r["after"]["acc"], "asr": r["after"]["asr"], "ra": r["after"]["ra"],
-                     "acc_before": r["before"]["acc"], "asr_before": r["before"]["asr"],
+                     "triggers": _triggers(r["after"]), "acc_before": r["before"]["acc"], "asr_before": r["before"]["asr"],
                      "ra_before": r["before"]["ra"], "der": r["der"], "wall_s": r["wall_s"],
                      "timings": json.dumps(r["timings"]), "peak_memory_mb": r.get("peak_memory_mb"),
                      "settings": json.dumps({**c.settings, "params": r["params"]}),
@@ -622,11 +628,13 @@ def summarise(rows: list[dict]) -> dict:
 
 def markdown(rows: list[dict], title: str, reference: dict | None = None) -> str:
     """Attacks as rows, defenses as columns: ASR / RA (mean ± sd over seeds), then ACC, each with the mean over
-    attacks as the last row; with a ``reference`` (load_reference), the same tables of its published numbers."""
+    attacks as the last row; each trigger of a several-trigger model; with a ``reference`` (load_reference), the
+    same tables of its published numbers."""
     summary = summarise(rows)
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
     defenses = list(dict.fromkeys(r["defense"] for r in rows))
-    parts = [f"# {title}", "", *_tables(summary, attacks, defenses, "(mean ± sd over defense seeds)")]
+    parts = [f"# {title}", "", *_tables(summary, attacks, defenses, "(mean ± sd over defense seeds)"),
+             *_trigger_table(rows, defenses)]
     if reference:
         published = {(a, d): {"n": 1, **{m: (v[i] / 100, None) for i, m in enumerate(("acc", "asr", "ra"))}}
                      for a, row in reference["cells"].items() for d, v in row.items()}
@@ -636,6 +644,25 @@ def markdown(rows: list[dict], title: str, reference: dict | None = None) -> str
                       "The same cells as published (`-`: not published); averages over the published cells.", "",
                       *_tables(published, attacks, cols, "(published)")]
     return "\n".join(parts)
+
+
+def _trigger_table(rows: list[dict], defenses: list[str]) -> list[str]:
+    """For models with several triggers, each trigger's ASR / RA under each defense (mean over seeds): a defense
+    judged only on the pooled ASR could remove one trigger and leave another."""
+    per: dict = {}
+    for r in rows:
+        for label, m in (json.loads(r["triggers"]) if r.get("triggers") else {}).items():
+            per.setdefault((r["attack"], label), {}).setdefault(r["defense"], []).append(m)
+    if not per:
+        return []
+    parts = ["## ASR % / RA % per trigger (models with several triggers; mean over defense seeds)", "",
+             "| attack: trigger | " + " | ".join(defenses) + " |", "|" + "---|" * (len(defenses) + 1)]
+    for (attack, label), cells in per.items():
+        parts.append(f"| {attack}: {label} | " + " | ".join(
+            f"{100 * statistics.fmean(m['asr'] for m in cells[d]):.2f} / "
+            f"{100 * statistics.fmean(m['ra'] for m in cells[d]):.2f}" if d in cells else "-"
+            for d in defenses) + " |")
+    return parts + [""]
 
 
 def _tables(summary: dict, attacks: list[str], defenses: list[str], caption: str) -> list[str]:
