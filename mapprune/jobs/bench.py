@@ -595,7 +595,8 @@ def collect(cells: list[Cell]) -> list[dict]:
             m = json.loads((Path(c.path) / "manifest.json").read_text())
             rows.append({"attack": c.attack, "defense": "none", "seed": None, "key": c.key, "path": c.path,
                          "acc": m["metrics"]["acc"], "asr": m["metrics"]["asr"], "ra": m["metrics"]["ra"],
-                         "triggers": _triggers(m["metrics"]), "acc_before": None, "asr_before": None, "ra_before": None, "der": None,
+                         "triggers": _triggers(m["metrics"]),
+                         "acc_before": None, "asr_before": None, "ra_before": None, "der": None,
                          "wall_s": m["timings"].get("train_s"), "timings": json.dumps(m["timings"]),
                          "peak_memory_mb": m.get("peak_memory_mb"), "settings": json.dumps(c.settings),
                          "adopted_from": c.settings.get("source")})
@@ -603,7 +604,8 @@ def collect(cells: list[Cell]) -> list[dict]:
         r = json.loads((Path(c.path) / "result.json").read_text())
         rows.append({"attack": c.attack, "defense": c.defense, "seed": c.seed, "key": c.key, "path": c.path,
                      "acc": r["after"]["acc"], "asr": r["after"]["asr"], "ra": r["after"]["ra"],
-                     "triggers": _triggers(r["after"]), "acc_before": r["before"]["acc"], "asr_before": r["before"]["asr"],
+                     "triggers": _triggers(r["after"]),
+                     "acc_before": r["before"]["acc"], "asr_before": r["before"]["asr"],
                      "ra_before": r["before"]["ra"], "der": r["der"], "wall_s": r["wall_s"],
                      "timings": json.dumps(r["timings"]), "peak_memory_mb": r.get("peak_memory_mb"),
                      "settings": json.dumps({**c.settings, "params": r["params"]}),
