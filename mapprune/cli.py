@@ -360,6 +360,12 @@ def _detection_lines(r: dict) -> list[str]:
         lines.append(f"{_rejected_line(c, relearn['class_acc'])}; fine-tuned at lr {relearn['lr']:g}")
     if "stimulated_target" in r:
         lines.append(_stimulation_line(r["stimulated_target"]))
+    if "diverged" in relearn:
+        d = relearn["diverged"]
+        lines.append(f"warning: the fine-tune diverged (its loss rose from {d['first_loss']:.2f} in epoch 1 to "
+                     f"{d['peak_loss']:.2f} in epoch {d['peak_epoch']} at lr {d['lr']:g}): a diverging fine-tune relearns much of "
+                     f"the model from the clean subset, so what it removed may not be the defense's doing; rerun with a lower --lr "
+                     f"(0.001 suits an Adam-trained model such as the ViT)")
     return lines
 
 

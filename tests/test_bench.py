@@ -265,6 +265,28 @@ def test_a_several_trigger_model_is_judged_on_each_trigger():
     assert "| badnets: " not in text and "| multi | 98.00 / 50.00 | 50.00 ± 0.00 / 50.00 |" in text
 
 
+def test_a_fine_tune_that_diverged_is_marked_in_the_table():
+    """A fine-tune whose loss blew up relearns the model (the ViT's FT on Blended): table.md marks the cell, and
+    results.csv's ``diverged`` is judged from the saved history, so results saved before the check count too."""
+    from mapprune.jobs.bench import _diverged
+
+    climbing = [{"loss": v} for v in (0.63, 2.35, 7.14, 4.59)]
+    assert _diverged({"defense": "ft", "history": climbing}) == 3
+    assert _diverged({"defense": "fmt", "history": climbing[:1] + climbing[-1:]}) == 2
+    assert _diverged({"defense": "ft", "history": [{"loss": v} for v in (0.7, 0.8, 0.6)]}) is None
+    assert _diverged({"defense": "anp", "history": climbing}) is None  # not a fine-tune: its loss means else
+
+    def row(defense, asr, diverged=None):
+        return {"attack": "blended", "defense": defense, "acc": 0.9, "asr": asr, "ra": 0.5, "diverged": diverged}
+
+    calm = markdown([row("none", 1.0), row("ft", 0.99)], "t")
+    assert "†" not in calm
+    text = markdown([row("none", 1.0), row("ft", 0.1, 3), row("ft", 0.2), row("fmt", 0.05)], "t")
+    assert "| blended | 100.00 / 50.00 | 15.00 ± 7.07 / 50.00 † | 5.00 / 50.00 |" in text
+    assert "| blended | 90.00 | 90.00 ± 0.00 † | 90.00 |" in text
+    assert "† the defense's fine-tune diverged" in text
+
+
 def test_a_sweep_over_an_option_the_defense_decides_prints_its_default_by_name(tmp_path):
     """FMT's budget is None by default (its rank rule decides): that point reads "default", first, not "None"."""
     grid = tmp_path / "budget.toml"

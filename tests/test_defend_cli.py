@@ -137,3 +137,8 @@ def test_defend_states_each_detection_sign_by_the_scans_lines():
              "suspected_target": {"target": 2, "anomaly_index": 9.3, "class_pull": pull}}
     (line,) = _detection_lines(paper)
     assert "scan" not in line
+    # A fine-tune that diverged is named, with what to do about it.
+    paper["fine_tune"]["diverged"] = {"first_loss": 0.63, "peak_loss": 7.14, "peak_epoch": 3, "last_loss": 4.59, "lr": 0.01}
+    warning = _detection_lines(paper)[-1]
+    assert warning.startswith("warning: the fine-tune diverged") and "0.63" in warning and "7.14 in epoch 3" in warning
+    assert "--lr" in warning

@@ -190,3 +190,29 @@ def test_every_defense_runs_on_the_papers_architectures(name, arch):
         fast.update(ON_ARCH[arch][name])
     result = create_defense(name, **fast).repair(model, x, y)
     load_state_into(create_model(arch, 10, width=4), result.model.state_dict(), "repaired")
+
+
+def test_a_fine_tune_whose_loss_climbs_is_reported_as_diverged():
+    from mapprune.defenses.base import loss_divergence
+    from mapprune.defenses.ft import FineTune
+
+    # Hand-made histories: the ViT's FT on Blended (0.63 -> 7.14) diverged; a one-cycle warm-up's bump did not.
+    vit = [{"loss": v} for v in (0.63, 2.35, 7.14, 6.61, 4.59)]
+    assert loss_divergence(vit) == {"first_loss": 0.63, "peak_loss": 7.14, "peak_epoch": 3, "last_loss": 4.59}
+    assert loss_divergence([{"loss": v} for v in (1.79, 1.46, 2.44, 1.6)]) is None  # 1.36x, the largest CNN rise
+    assert loss_divergence([{"loss": v} for v in (1.6, 1.08, -0.12)]) is None  # FST's loss has a negative term
+    assert loss_divergence([{"loss": 0.5}]) is None
+
+    # A real fine-tune of a linear model: a sane lr learns quietly, lr 1.0 blows the loss up; result.json says so.
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (300, 3, 12, 12), dtype=torch.uint8)
+    y = torch.arange(300) % 10
+    for c in range(10):
+        x[y == c, c % 3, : c + 1] = 255
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 12 * 12, 10))
+    calm = FineTune(epochs=4, lr=0.01, batch_size=50, distill=0, relearn_lr=0).repair(model, x, y)
+    assert "diverged" not in calm.extra.get("fine_tune", {})
+    wild = FineTune(epochs=4, lr=1.0, batch_size=50, distill=0, relearn_lr=0).repair(model, x, y)
+    d = wild.extra["fine_tune"]["diverged"]
+    assert d["lr"] == 1.0 and d["peak_loss"] > 1.5 * d["first_loss"]
+    assert d["peak_loss"] == max(h["loss"] for h in wild.history)

@@ -331,13 +331,13 @@ class FineTuning(Defense):
         if not self.relearn_lr >= 0:
             raise MapPruneError(f"relearn_lr is the fine-tune's learning rate when the model rejects a class, > 0 "
                                 f"(or 0: the lr never changes); got {self.relearn_lr}")
-        self._relearn: dict = {}
+        self._fine_tune: dict = {}  # what the fine-tune decided or saw, for result.json's "fine_tune"
 
     def repair(self, model: nn.Module, images, labels) -> DefenseResult:
-        self._relearn = {}
+        self._fine_tune = {}
         result = super().repair(model, images, labels)
-        if self._relearn:
-            result.extra["fine_tune"] = self._relearn
+        if self._fine_tune:
+            result.extra["fine_tune"] = self._fine_tune
         return result
 
     def finetune_lr(self, incoming: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -352,7 +352,7 @@ class FineTuning(Defense):
         class_acc = judged_class_accuracy(predict(incoming, x), y.cpu(), int(y.max()) + 1)
         rejected = rejected_classes(class_acc)
         lr = self.relearn_lr if rejected else self.lr
-        self._relearn = {"lr": lr, "rejected_classes": rejected, "class_acc": class_acc}
+        self._fine_tune.update({"lr": lr, "rejected_classes": rejected, "class_acc": class_acc})
         return lr
 
     @classmethod
@@ -397,5 +397,30 @@ class FineTuning(Defense):
                     soft = F.softmax(teacher(seen.get("clean", xb)).float() / t, 1)
                 kd = F.kl_div(F.log_softmax(out.float() / t, 1), soft, reduction="batchmean") * t * t
                 return F.cross_entropy(out, yb) + w * kd
-        return train(model, x, y, self.finetune_config(lr), device=device, after_step=after_step, loss_fn=loss_fn,
-                     transform=transform, progress=self.progress, desc=f"{self.name} fine-tune")
+        history = train(model, x, y, self.finetune_config(lr), device=device, after_step=after_step,
+                        loss_fn=loss_fn, transform=transform, progress=self.progress, desc=f"{self.name} fine-tune")
+        diverged = loss_divergence(history)
+        if diverged:
+            self._fine_tune["diverged"] = {**diverged, "lr": lr}
+        return history
+
+
+# How far above its first epoch's loss a fine-tune's epoch loss may rise before it counts as diverged. On the
+# 227 CNN fine-tunes saved by the CIFAR-10 benches the rise is at most 1.36x (warm-up of a one-cycle schedule); the ViT's
+# fine-tunes at lr 0.01, which wreck the model (FT on Blended: ACC 75.9 -> 38.9), rise 1.8-11x.
+DIVERGENCE_FACTOR = 1.5
+
+
+def loss_divergence(history: list[dict], factor: float = DIVERGENCE_FACTOR) -> dict | None:
+    """The epoch where a fine-tune's training loss rose highest above its first epoch's, when it rose more than
+    ``factor`` times: ``{"first_loss", "peak_loss", "peak_epoch", "last_loss"}``; None otherwise (or when the first
+    loss is not positive: a loss with a negative term, FST's, has no such reference). Trigger-free: it reads the
+    fine-tune's own loss on the defender's clean images. A diverged fine-tune relearns the model from the clean
+    subset, which can remove a backdoor for a reason that has nothing to do with the defense."""
+    losses = [float(h["loss"]) for h in history if "loss" in h]
+    if len(losses) < 2 or not losses[0] > 0:
+        return None
+    peak = max(range(1, len(losses)), key=losses.__getitem__)
+    if losses[peak] <= factor * losses[0]:
+        return None
+    return {"first_loss": losses[0], "peak_loss": losses[peak], "peak_epoch": peak + 1, "last_loss": losses[-1]}

@@ -599,7 +599,7 @@ def collect(cells: list[Cell]) -> list[dict]:
                          "acc_before": None, "asr_before": None, "ra_before": None, "der": None,
                          "wall_s": m["timings"].get("train_s"), "timings": json.dumps(m["timings"]),
                          "peak_memory_mb": m.get("peak_memory_mb"), "settings": json.dumps(c.settings),
-                         "adopted_from": c.settings.get("source")})
+                         "adopted_from": c.settings.get("source"), "diverged": None})
             continue
         r = json.loads((Path(c.path) / "result.json").read_text())
         rows.append({"attack": c.attack, "defense": c.defense, "seed": c.seed, "key": c.key, "path": c.path,
@@ -609,8 +609,21 @@ def collect(cells: list[Cell]) -> list[dict]:
                      "ra_before": r["before"]["ra"], "der": r["der"], "wall_s": r["wall_s"],
                      "timings": json.dumps(r["timings"]), "peak_memory_mb": r.get("peak_memory_mb"),
                      "settings": json.dumps({**c.settings, "params": r["params"]}),
-                     "adopted_from": r.get("adopted_from")})
+                     "adopted_from": r.get("adopted_from"), "diverged": _diverged(r)})
     return rows
+
+
+def _diverged(result: dict) -> int | None:
+    """The epoch where a fine-tuning defense's loss peaked, when its fine-tune diverged
+    (:func:`~mapprune.defenses.base.loss_divergence`, read from the saved history, so results saved before the
+    check existed are judged too); None otherwise."""
+    from ..defenses import FineTuning, defense_class
+    from ..defenses.base import loss_divergence
+
+    if not issubclass(defense_class(result["defense"]), FineTuning):
+        return None
+    d = loss_divergence(result.get("history") or [])
+    return d["peak_epoch"] if d else None
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -620,7 +633,7 @@ def summarise(rows: list[dict]) -> dict:
         groups.setdefault((r["attack"], r["defense"]), []).append(r)
     out = {}
     for k, members in groups.items():
-        s = {"n": len(members)}
+        s = {"n": len(members), "diverged": sum(bool(x.get("diverged")) for x in members)}
         for m in ("acc", "asr", "ra"):
             v = [x[m] for x in members]
             s[m] = (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else None)
@@ -637,6 +650,11 @@ def markdown(rows: list[dict], title: str, reference: dict | None = None) -> str
     defenses = list(dict.fromkeys(r["defense"] for r in rows))
     parts = [f"# {title}", "", *_tables(summary, attacks, defenses, "(mean ± sd over defense seeds)"),
              *_trigger_table(rows, defenses)]
+    if any(s["diverged"] for s in summary.values()):
+        parts += ["† the defense's fine-tune diverged (its loss rose over 1.5x its first epoch's; results.csv: "
+                  "`diverged`, the epoch of the peak) in at least one seed: it relearnt much of the model from the "
+                  "clean subset, so what it removed may not be the defense's doing; a lower lr (`opts = {lr = "
+                  "0.001}`) tells.", ""]
     if reference:
         published = {(a, d): {"n": 1, **{m: (v[i] / 100, None) for i, m in enumerate(("acc", "asr", "ra"))}}
                      for a, row in reference["cells"].items() for d, v in row.items()}
@@ -672,8 +690,11 @@ def _tables(summary: dict, attacks: list[str], defenses: list[str], caption: str
         return f"{100 * v[0]:.2f}" + ("" if v[1] is None else f" ± {100 * v[1]:.2f}")
 
     parts = []
-    for what, cell in (("ASR % / RA %", lambda s: f"{pm(s['asr'])} / {100 * s['ra'][0]:.2f}"),
-                       ("clean ACC %", lambda s: pm(s["acc"]))):
+    def mark(s):
+        return " †" if s.get("diverged") else ""
+
+    for what, cell in (("ASR % / RA %", lambda s: f"{pm(s['asr'])} / {100 * s['ra'][0]:.2f}{mark(s)}"),
+                       ("clean ACC %", lambda s: pm(s["acc"]) + mark(s))):
         parts += [f"## {what} {caption}", "",
                   "| attack | " + " | ".join(defenses) + " |", "|" + "---|" * (len(defenses) + 1)]
         for a in attacks:
