@@ -363,9 +363,9 @@ def _detection_lines(r: dict) -> list[str]:
     if "diverged" in relearn:
         d = relearn["diverged"]
         lines.append(f"warning: the fine-tune diverged (its loss rose from {d['first_loss']:.2f} in epoch 1 to "
-                     f"{d['peak_loss']:.2f} in epoch {d['peak_epoch']} at lr {d['lr']:g}): a diverging fine-tune relearns much of "
-                     f"the model from the clean subset, so what it removed may not be the defense's doing; rerun with a lower --lr "
-                     f"(0.001 suits an Adam-trained model such as the ViT)")
+                     f"{d['peak_loss']:.2f} in epoch {d['peak_epoch']} at lr {d['lr']:g}): a diverging fine-tune "
+                     f"relearns much of the model from the clean subset, so what it removed may not be the defense's "
+                     f"doing; rerun with a lower --lr (0.001 suits an Adam-trained model such as the ViT)")
     return lines
 
 

@@ -405,9 +405,9 @@ class FineTuning(Defense):
         return history
 
 
-# How far above its first epoch's loss a fine-tune's epoch loss may rise before it counts as diverged. On the
-# 227 CNN fine-tunes saved by the CIFAR-10 benches the rise is at most 1.36x (warm-up of a one-cycle schedule); the ViT's
-# fine-tunes at lr 0.01, which wreck the model (FT on Blended: ACC 75.9 -> 38.9), rise 1.8-11x.
+# How far above its first epoch's loss a fine-tune's epoch loss may rise before it counts as diverged. Over the
+# 227 CNN fine-tunes saved by the CIFAR-10 benches the rise is at most 1.36x (a one-cycle schedule's warm-up);
+# the ViT's fine-tunes at lr 0.01, which wreck the model (FT on Blended: ACC 75.9 -> 38.9), rise 1.8-11x.
 DIVERGENCE_FACTOR = 1.5
 
 

@@ -651,9 +651,11 @@ def markdown(rows: list[dict], title: str, reference: dict | None = None) -> str
     parts = [f"# {title}", "", *_tables(summary, attacks, defenses, "(mean ± sd over defense seeds)"),
              *_trigger_table(rows, defenses)]
     if any(s["diverged"] for s in summary.values()):
-        parts += ["† the defense's fine-tune diverged (its loss rose over 1.5x its first epoch's; results.csv: "
-                  "`diverged`, the epoch of the peak) in at least one seed: it relearnt much of the model from the "
-                  "clean subset, so what it removed may not be the defense's doing; a lower lr (`opts = {lr = "
+        from ..defenses.base import DIVERGENCE_FACTOR
+
+        parts += [f"† the defense's fine-tune diverged (an epoch's loss over {DIVERGENCE_FACTOR:g}x the first's; "
+                  "results.csv: `diverged`, the epoch of the peak) in at least one seed: it relearnt much of the model "
+                  "from the clean subset, so what it removed may not be the defense's doing; a lower lr (`opts = {lr = "
                   "0.001}`) tells.", ""]
     if reference:
         published = {(a, d): {"n": 1, **{m: (v[i] / 100, None) for i, m in enumerate(("acc", "asr", "ra"))}}
