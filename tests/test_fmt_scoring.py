@@ -300,3 +300,32 @@ def test_judged_images_judge_a_probe_on_the_first_images_only():
         probe_maps(model, xs, y, {"patch": 0.06}, judged_images={"warp": 2})
     with pytest.raises(MapPruneError, match="number of images"):
         probe_maps(model, xs, y, {"patch": 0.06, "warp": 1.0}, judged_images={"warp": 0})
+
+
+def test_a_field_probes_null_is_a_random_field_of_its_own_kind_and_size():
+    """The pull of a warp or smooth probe is measured against a null; with field_null="sign" that null steps every
+    pixel by +-eps, which for a 1-pixel warp (eps = 1) is a saturated binary noise image, not a warp at all. The
+    "field" null is a random field of the probe's kind: a 1-pixel warp moves pixels without changing their range,
+    a smooth field stays within eps and is low-pass."""
+    from mapprune.defenses.fmt import FMT
+    from mapprune.defenses.scoring import null_images
+
+    g = torch.Generator().manual_seed(0)
+    # A smooth image (a ramp plus a little noise), so a 1-pixel move changes each pixel by ~1/32.
+    ramp = torch.linspace(0, 1, 32)
+    x0 = (ramp[None, None, None, :] * 0.8 + 0.1 + 0.02 * torch.rand(4, 3, 32, 32, generator=g)).clamp(0, 1)
+    sign_warp = null_images("warp", x0, 1.0, 1, "sign")
+    assert set(sign_warp.unique().tolist()) <= {0.0, 1.0}  # the old null: noise, whatever the image
+    warp = null_images("warp", x0, 1.0, 1, "field")
+    assert warp.shape == x0.shape and 0 < (warp - x0).abs().mean() < 0.05
+    assert warp.min() >= x0.min() - 1e-6 and warp.max() <= x0.max() + 1e-6  # resampled, not added
+    smooth = null_images("smooth", x0, 0.06, 1, "field")
+    d = smooth - x0
+    assert d.abs().max() <= 0.06 + 1e-6 and d.abs().mean() > 0.01
+    # low-pass: neighbouring pixels change alike, unlike +-eps noise
+    assert (d[..., 1:] - d[..., :-1]).abs().mean() < 0.2 * (null_images("smooth", x0, 0.06, 1) - x0).abs().mean()
+    assert torch.equal(null_images("smooth", x0, 0.06, 1, "field"), smooth)  # seeded
+    assert torch.equal(null_images("patch", x0, 0.06, 1, "field"), null_images("patch", x0, 0.06, 1))  # not a field
+    with pytest.raises(MapPruneError, match="field_null"):
+        FMT(field_null="warp")
+    assert FMT().params()["field_null"] == "sign" and FMT.variant_name({"field_null": "field"}) == "fmt-fieldnullfield"

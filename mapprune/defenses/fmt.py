@@ -19,7 +19,7 @@ from ..errors import MapPruneError
 from .base import FINETUNES, CleanData, FineTuning, accuracy, most_aggressive, pick_images, stamping
 from .pruning import prune
 from .scorers import SCORERS, class_pull, estimate_target, suspicion, target_from_pull
-from .scoring import IMPLEMENTATIONS, OBJECTIVES, Field, MapTest, Patches, probe_maps, score_feature_maps
+from .scoring import FIELD_NULLS, IMPLEMENTATIONS, OBJECTIVES, Field, MapTest, Patches, probe_maps, score_feature_maps
 from .selection import SELECTIONS, select
 from .stimulation import stimulate_maps
 
@@ -115,7 +115,8 @@ class FMT(FineTuning):
 
     name = "fmt"
     # Before each option existed: every candidate field was judged on all n_images.
-    legacy = {**FineTuning.legacy, "unlearn_each": False, "unlearn_append": False, "field_images": 0}
+    legacy = {**FineTuning.legacy, "unlearn_each": False, "unlearn_append": False, "field_images": 0,
+              "field_null": "sign"}
     report_only = ("stimulate", "stimulate_images")  # the stimulation test is reported; the repair never reads it
     dataset_defaults = {"cifar100": {"alpha": 0.03}, "gtsrb": {"alpha": 0.03}}  # the paper's configurations
     score_label = "accuracy under per-map attack"
@@ -129,7 +130,7 @@ class FMT(FineTuning):
                  unlearn: float | None = None, unlearn_maps: int = 8, unlearn_warp: float | None = None,
                  unlearn_smooth: float | None = None, unlearn_each: bool | None = None,
                  unlearn_append: bool | None = None, field_images: int | None = None,
-                 stimulate: float | None = None, stimulate_images: int = 30,
+                 stimulate: float | None = None, stimulate_images: int = 30, field_null: str | None = None,
                  unlearn_candidates: str = "probe", detect_only: bool = False,
                  precision: str = "auto", implementation: str = "fast", batch_images: int = 1024, **finetune_kw):
         super().__init__(recipe=recipe, **finetune_kw)
@@ -196,6 +197,10 @@ class FMT(FineTuning):
         if unlearn_candidates not in CANDIDATES:
             raise MapPruneError(f"unknown unlearn_candidates {unlearn_candidates!r}; valid: {', '.join(CANDIDATES)}")
         self.max_drop, self.precision, self.unlearn_candidates = max_drop, precision, unlearn_candidates
+        # None (not in the recipes) keeps the cells of grids made before the option existed: their results used "sign".
+        self.field_null = field_null or "sign"
+        if self.field_null not in FIELD_NULLS:
+            raise MapPruneError(f"unknown field_null {self.field_null!r}; valid: {', '.join(FIELD_NULLS)}")
         if not 0 < fraction < 1:
             raise MapPruneError(f"rank fraction must be in (0, 1), got {fraction}")
         self.alpha, self.fraction, self.min_per_layer, self.budget = alpha, fraction, min_per_layer, budget
@@ -227,7 +232,8 @@ class FMT(FineTuning):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             return probe_maps(model, xt, yt, probes, alpha=self.alpha, seed=self.seed,
                               implementation=self.implementation, batch_images=self.batch_images,
-                              keep_probs=True, judged_images=judged, progress=self.progress)
+                              keep_probs=True, judged_images=judged, progress=self.progress,
+                              field_null=self.field_null)
 
     def stimulation(self, model, x, y) -> dict:
         """The stimulation test (:mod:`.stimulation`) on ``stimulate_images`` class-balanced images of the clean

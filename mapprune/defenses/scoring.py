@@ -85,6 +85,22 @@ def _random_sign(x: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.randint(0, 2, x.shape, generator=g).mul_(2).sub_(1).to(x.device, x.dtype)
 
 
+FIELD_NULLS = ("sign", "field")
+
+
+def null_images(objective: str, x0: torch.Tensor, eps: float, seed: int, field_null: str = "sign") -> torch.Tensor:
+    """The images a probe's pull is measured against: ``x0`` changed at random by as much as the probe may change
+    it. A +-eps step of every pixel, or, for a field probe with ``field_null="field"``, a random field of the
+    probe's kind (random +-1 control points, as the probe's own signed step has) and size on each image."""
+    if field_null == "field" and objective in FIELDS:
+        cls, grid, channels = FIELDS[objective]
+        side = grid(min(x0.shape[-2:]))
+        g = torch.Generator().manual_seed(seed)
+        phi = torch.randint(0, 2, (len(x0), channels(x0.shape[1]), side, side), generator=g).mul_(2).sub_(1)
+        return cls.apply(x0, phi.to(x0.device, x0.dtype), eps)
+    return (x0 + eps * _random_sign(x0, seed)).clamp(0, 1)
+
+
 def random_start(x: torch.Tensor, alpha: float, seed: int) -> torch.Tensor:
     return (x + alpha * _random_sign(x, seed)).clamp_(0, 1)
 
@@ -470,6 +486,7 @@ def probe_maps(
     keep_probs: bool = False,
     judged_images: dict[str, int] | None = None,
     progress: Callable[[int], None] | bool = False,
+    field_null: str = "sign",
 ) -> dict[str, MapTest]:
     """Several probes of every map at once, ``{objective: eps}`` -> ``{objective: MapTest}`` (see
     :func:`probe_feature_maps` for the objectives). The fast implementation shares each layer's forward and
@@ -481,9 +498,14 @@ def probe_maps(
     map's softmax outputs and a random-direction null (see :class:`MapTest`). ``judged_images``: ``{objective:
     m}`` judges that probe's stepped images on the first m images only (its step still follows all of them): the
     evaluation forward is most of a probe's cost; its MapTest then holds those m images' labels and null.
+    ``field_null``: the null of the field probes (warp, smooth): ``sign`` steps every pixel by +-eps (their size
+    read as an intensity: a 1-pixel warp's null is then a saturated binary noise image), ``field`` applies a random
+    field of the probe's own kind and size to each image (:func:`null_images`).
     """
     if implementation not in IMPLEMENTATIONS:
         raise MapPruneError(f"unknown implementation {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}")
+    if field_null not in FIELD_NULLS:
+        raise MapPruneError(f"unknown field_null {field_null!r}; valid: {', '.join(FIELD_NULLS)}")
     if not probes:
         raise MapPruneError("no probe given; give at least one objective")
     for objective, eps in probes.items():
@@ -545,7 +567,7 @@ def probe_maps(
             m = judged[objective]
             null = None
             if keep_probs:
-                x_null = (x0 + eps * _random_sign(x, seed + 1)).clamp(0, 1)[:m]
+                x_null = null_images(objective, x0, eps, seed + 1, field_null)[:m]
                 with torch.inference_mode():
                     null = model(x_null).float().softmax(1).cpu()
             tests[objective] = MapTest(acc, y[:m].cpu(), probs if keep_probs else {}, null, patches)
