@@ -80,3 +80,37 @@ def test_grayscale_model_keeps_one_channel_of_statistics():
 def test_preactresnet_class_directly():
     net = PreActResNet18(num_classes=43, width=8)
     assert net(torch.rand(1, 3, 32, 32)).shape == (1, 43)
+
+
+def test_tiny_strided_shortcuts_are_guarded_and_compute_the_same_gradients():
+    """A width-4 ResNet's 4 -> 8 stride-2 shortcut goes through the standard-layout guard (a oneDNN CPU bug corrupts
+    the heap there in channels_last); the guarded layer's gradients equal a plain convolution's, and a
+    channels_last training step of the whole model runs."""
+    from mapprune.models.conv_guard import StandardLayoutConv2d
+
+    model = create_model("preactresnet18", 10, width=4)
+    guarded = [m for m in model.modules() if isinstance(m, StandardLayoutConv2d)]
+    assert [(m.in_channels, m.out_channels, m.stride) for m in guarded] == [(4, 8, (2, 2))]
+    assert all(type(m) is nn.Conv2d for m in create_model("preactresnet18", 10, width=8).modules()
+               if isinstance(m, nn.Conv2d))  # nothing to guard from width 8 up
+
+    torch.manual_seed(0)
+    plain = nn.Conv2d(4, 8, 1, stride=2, bias=False)
+    guard = StandardLayoutConv2d(4, 8, 1, stride=2, bias=False)
+    guard.load_state_dict(plain.state_dict())
+    guard = guard.to(memory_format=torch.channels_last)
+    x = torch.rand(8, 4, 16, 16)
+    plain(x).square().sum().backward()
+    xg = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    guard(xg).square().sum().backward()
+    assert torch.allclose(guard.weight.grad, plain.weight.grad, rtol=1e-4, atol=1e-4)
+
+    model = model.to(memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(3):
+        loss = nn.functional.cross_entropy(model(torch.rand(16, 3, 32, 32).contiguous(
+            memory_format=torch.channels_last)), torch.arange(16) % 10)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.isfinite(loss)

@@ -9,6 +9,7 @@ from functools import partial
 from torch import nn
 
 from ..errors import unknown_name
+from .conv_guard import guard_strided_pointwise_convs
 from .preactresnet import PreActResNet18
 from .resnet import ResNet18
 from .smallcnn import SmallCNN
@@ -58,7 +59,8 @@ def create_model(
 
             raise MapPruneError(f"--width must be a positive integer, got {width}")
         kw["width"] = width
-    return Normalized(MODELS[name](**kw), mean[:in_channels], std[:in_channels])
+    # Built through the guard: a few tiny strided 1x1 convolutions crash PyTorch's CPU kernel (conv_guard.py).
+    return guard_strided_pointwise_convs(Normalized(MODELS[name](**kw), mean[:in_channels], std[:in_channels]))
 
 
 __all__ = ["MODELS", "Normalized", "create_model"]
