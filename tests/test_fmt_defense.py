@@ -255,8 +255,9 @@ def test_recommended_recipe_spares_a_clean_model(tmp_path):
 
 
 def test_unlearning_stamps_candidates_found_where_the_trigger_is(digits_run):
-    """FMT's candidate triggers on the digits BadNets model sit on the trigger (the bottom-right pixel), the
-    fine-tune stamps them on about ``unlearn`` of each batch, and the backdoor is removed."""
+    """FMT's candidate triggers on the digits BadNets model sit on or next to the trigger (the bottom-right pixel;
+    a 1-pixel candidate beside it excites the same 3x3 convolutions), the fine-tune stamps them on about ``unlearn``
+    of each batch, and the backdoor is removed."""
     from mapprune.data import clean_subset
     from mapprune.defenses.fmt import Union
     from mapprune.defenses.scoring import Patches, Warps
@@ -268,7 +269,10 @@ def test_unlearning_stamps_candidates_found_where_the_trigger_is(digits_run):
     kw = {"hflip": False, "batch_size": 32, "fraction": 1 / 8, "distill": 0.0}
     result = FMT(unlearn=0.3, **kw).repair(r.model, x, y)
     positions = result.extra["unlearning"]["patch_positions"]
-    assert len(positions) == 8 and sum(p == [7, 7] for p in positions) >= 4, positions
+    # (measured: at least 4 of 8 exactly on it on an AVX-512 CPU, 3 on an AVX2 one with 3 more at [6, 7]; at random 0.5
+    # of 8 would fall within a pixel of the corner)
+    assert len(positions) == 8 and [7, 7] in positions, positions
+    assert sum(max(abs(r - 7), abs(c - 7)) <= 1 for r, c in positions) >= 6, positions
     assert evaluate(result.model, r.test_sets())["asr"] <= 0.05
 
     fmt = FMT(unlearn=0.5, **kw)
@@ -317,7 +321,9 @@ def test_adaptive_budget_prunes_the_most_that_keep_held_out_accuracy(digits_run)
         FMT(budget="many")
 
 
-def test_bf16_and_fp32_testing_select_the_same_maps(digits_run):
+def test_bf16_and_fp32_testing_select_nearly_the_same_maps(digits_run):
+    """bf16 moves per-map scores a little, so maps at the selection's edge may swap: on an AVX-512 CPU (native bf16)
+    the selections were equal, on an AVX2 one 22 of fp32's 24 maps were kept. The suspected target is the same."""
     from mapprune.data import clean_subset
 
     r = digits_run
@@ -326,7 +332,10 @@ def test_bf16_and_fp32_testing_select_the_same_maps(digits_run):
     kw = {"hflip": False, "fraction": 1 / 8, "detect_only": True, "unlearn_warp": 0.0}
     fp32 = FMT(precision="fp32", **kw).repair(r.model, x, y)
     bf16 = FMT(precision="bf16", **kw).repair(r.model, x, y)
-    assert bf16.pruned == fp32.pruned
+    assert bf16.pruned.keys() == fp32.pruned.keys()
+    kept = sum(len(set(fp32.pruned[k]) & set(bf16.pruned[k])) for k in fp32.pruned)
+    assert kept >= 0.8 * sum(map(len, fp32.pruned.values())), (fp32.pruned, bf16.pruned)
+    assert bf16.extra["suspected_target"]["target"] == fp32.extra["suspected_target"]["target"] == 0
     with pytest.raises(MapPruneError, match="precision"):
         FMT(precision="fp8")
 

@@ -168,10 +168,10 @@ def _prototype_model(poisoned: bool):
     return model.eval()
 
 
-def test_nc_flags_the_planted_target_and_not_a_clean_model():
+def test_nc_flags_the_planted_target_above_anything_in_a_clean_model():
     """With a search long enough for the masks to converge (60 epochs here), the backdoored model's class 0 is
-    the strongest outlier and the clean model has none. (Searches cut short leave the clean classes' norms uneven and
-    the rule then flags clean models too: docs/results.md.)"""
+    the strongest outlier, stronger than any of the clean model's. (Searches cut short leave the clean classes'
+    norms uneven and the rule then flags clean models more often: docs/results.md.)"""
     import copy
 
     from mapprune.defenses.nc import ReversedTriggers
@@ -199,7 +199,12 @@ def test_nc_flags_the_planted_target_and_not_a_clean_model():
     flagged, clean = found[True].extra["detection"], found[False].extra["detection"]
     # the planted target first (smallest norm); a naturally easy class may be flagged after it (class 7 here)
     assert flagged["flagged"][0] == 0 and flagged["anomaly_index"] > 3, flagged
-    assert clean["flagged"] == [] and clean["anomaly_index"] < 2, clean
-    assert found[True].extra["mitigation"] == "unlearn" and "unchanged" in found[False].extra["mitigation"]
+    # The clean model has no outlier as strong as the planted one, and never class 0. Whether its easiest classes
+    # pass NC's rule depends on the trained model: none (anomaly < 2) on an AVX-512 CPU; classes 9 and 7 (anomaly
+    # 2.9, against 60 or 120 search epochs alike) on an AVX2 one, where the floating point differs. A clean model
+    # that is flagged is unlearnt like any other: NC's false positives are real.
+    assert 0 not in clean["flagged"] and clean["anomaly_index"] < flagged["anomaly_index"] - 1, (flagged, clean)
+    assert found[True].extra["mitigation"] == "unlearn"
+    assert ("unchanged" in found[False].extra["mitigation"]) == (clean["flagged"] == [])
     assert found[True].tensors["mask"].shape == (10, 1, 12, 12)
     assert float(found[True].tensors["mask"][0].sum()) == pytest.approx(flagged["norms"][0], rel=1e-3)
