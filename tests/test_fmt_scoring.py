@@ -32,6 +32,19 @@ def _smooth_images(n, shape, g):
     return torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear").clamp(0, 1)
 
 
+# The reference loop attacks one map at a time, so its cost is the number of maps times a whole model's pass: the
+# comparisons run a width-4 PreActResNet18 (the real layout, 1x1 shortcuts included) on 16x16 images.
+SMALL = (3, 16, 16)
+
+
+# Three probes in two implementations: the stem, a strided shortcut and the last conv stand for every kind of layer.
+FEW_LAYERS = ["net.conv1", "net.layer2.0.shortcut.0", "net.layer4.1.conv2"]
+
+
+def _small_resnet() -> nn.Module:
+    return _calibrated(create_model("preactresnet18", 10, width=4), SMALL)
+
+
 def _images_and_own_labels(model, n, shape, seed=1):
     """Images labelled with the model's own predictions: clean accuracy is 100%, so scores are informative."""
     x = _smooth_images(n, shape, torch.Generator().manual_seed(seed))
@@ -41,13 +54,14 @@ def _images_and_own_labels(model, n, shape, seed=1):
 
 
 @pytest.mark.parametrize(
-    ("name", "width", "eps"), [("preactresnet18", 16, 0.06), ("vgg16_bn", 4, 0.06)],
-    ids=["preactresnet18-w16", "vgg16_bn-w4"],
+    ("name", "width", "size", "eps"), [("preactresnet18", 8, 16, 0.06), ("vgg16_bn", 4, 32, 0.06)],
+    ids=["preactresnet18-w8", "vgg16_bn-w4"],
 )
-def test_fast_equals_reference(name, width, eps):
+def test_fast_equals_reference(name, width, size, eps):
+    # Small widths and images keep the reference loop fast (see SMALL); VGG needs 32 pixels for its five poolings.
     torch.manual_seed(0)
-    model = _calibrated(create_model(name, 10, width=width), (3, 32, 32))
-    x, y = _images_and_own_labels(model, 8, (3, 32, 32))
+    model = _calibrated(create_model(name, 10, width=width), (3, size, size))
+    x, y = _images_and_own_labels(model, 8, (3, size, size))
     # batch_images=24 makes chunks of 3 maps, so chunk edges and remainders are exercised too.
     fast = score_feature_maps(model, x, y, eps=eps, alpha=0.02, seed=3, implementation="fast", batch_images=24)
     ref = score_feature_maps(model, x, y, eps=eps, alpha=0.02, seed=3, implementation="reference")
@@ -140,8 +154,8 @@ def test_layers_subset_and_bad_input():
 
 def test_excite_objective_fast_equals_reference():
     torch.manual_seed(0)
-    model = _calibrated(create_model("preactresnet18", 10, width=8), (3, 32, 32))
-    x, y = _images_and_own_labels(model, 6, (3, 32, 32))
+    model = _small_resnet()
+    x, y = _images_and_own_labels(model, 6, SMALL)
     kw = {"eps": 0.03, "alpha": 0.02, "seed": 1, "objective": "excite", "keep_probs": True}
     fast = probe_feature_maps(model, x, y, implementation="fast", batch_images=18, **kw)
     ref = probe_feature_maps(model, x, y, implementation="reference", **kw)
@@ -158,8 +172,8 @@ def test_patch_objective_fast_equals_reference_and_changes_a_patch_only():
     from mapprune.defenses.scoring import patch_step
 
     torch.manual_seed(0)
-    model = _calibrated(create_model("preactresnet18", 10, width=8), (3, 32, 32))
-    x, y = _images_and_own_labels(model, 6, (3, 32, 32))
+    model = _small_resnet()
+    x, y = _images_and_own_labels(model, 6, SMALL)
     kw = {"alpha": 0.0, "seed": 1, "objective": "patch", "keep_probs": True}
     fast = probe_feature_maps(model, x, y, implementation="fast", batch_images=18, **kw)
     ref = probe_feature_maps(model, x, y, implementation="reference", **kw)
@@ -168,6 +182,7 @@ def test_patch_objective_fast_equals_reference_and_changes_a_patch_only():
         assert torch.equal(fast.patches[layer].pos, ref.patches[layer].pos)
         assert torch.equal(fast.patches[layer].window, ref.patches[layer].window)
         assert len(fast.patches[layer]) == len(fast.acc[layer])
+    x = torch.rand(3, 3, 32, 32)
     grad = torch.zeros(2, 3, 3, 32, 32)
     grad[0, :, 0, 10:15, 20:25] = 1.0  # map 0 wants red up in one 5x5 window
     grad[1, :, :, 0:5, 0:5] = -1.0  # map 1 wants the top-left corner dark
@@ -204,8 +219,8 @@ def test_warp_objective_fast_equals_reference_and_identity_at_zero():
     torch.testing.assert_close(warp(x, torch.zeros(1, 2, 4, 4), 2.0), x, atol=1e-5, rtol=0)
     shifted = warp(x, torch.ones(1, 2, 4, 4), 1.0)  # every control point 1: a one-pixel shift right and down
     torch.testing.assert_close(shifted[..., 1:30, 1:30], x[..., 2:31, 2:31], atol=1e-4, rtol=0)
-    model = _calibrated(create_model("preactresnet18", 10, width=8), (3, 32, 32))
-    xs, y = _images_and_own_labels(model, 5, (3, 32, 32))
+    model = _small_resnet()
+    xs, y = _images_and_own_labels(model, 5, SMALL)
     kw = {"alpha": 0.0, "seed": 1, "objective": "warp", "keep_probs": True, "eps": 1.0}
     fast = probe_feature_maps(model, xs, y, implementation="fast", batch_images=15, **kw)
     ref = probe_feature_maps(model, xs, y, implementation="reference", **kw)
@@ -228,15 +243,15 @@ def test_smooth_objective_fast_equals_reference_and_stays_smooth_and_bounded():
     assert (out - x).abs().max() <= 0.1 + 1e-6, "the L-inf size is eps"
     # Low-pass: neighbouring pixels differ by far less than the field's range (a patch would jump by 1).
     assert (out[..., 1:, :] - out[..., :-1, :]).abs().max() < 0.1
-    model = _calibrated(create_model("preactresnet18", 10, width=8), (3, 32, 32))
-    xs, y = _images_and_own_labels(model, 5, (3, 32, 32))
+    model = _small_resnet()
+    xs, y = _images_and_own_labels(model, 5, SMALL)
     kw = {"alpha": 0.0, "seed": 1, "objective": "smooth", "keep_probs": True, "eps": 0.1}
     fast = probe_feature_maps(model, xs, y, implementation="fast", batch_images=15, **kw)
     ref = probe_feature_maps(model, xs, y, implementation="reference", **kw)
     for layer in ref.acc:
         torch.testing.assert_close(fast.probs[layer], ref.probs[layer], rtol=1e-4, atol=1e-5)
         assert isinstance(fast.patches[layer], Shifts) and torch.equal(fast.patches[layer].phi, ref.patches[layer].phi)
-        assert fast.patches[layer].phi.shape[1:] == (3, 8, 8)
+        assert fast.patches[layer].phi.shape[1:] == (3, 4, 4)  # SMOOTH_GRID points per 32 pixels: 4 on 16
     one = fast.patches["net.conv1"].select(torch.tensor([0]))
     torch.testing.assert_close(one.stamp(xs[:2], torch.tensor([0, 0])), smooth_shift(xs[:2], one.phi, 0.1))
 
@@ -248,10 +263,10 @@ def test_probes_sharing_one_pass_equal_each_probe_alone():
     from mapprune.defenses.scoring import probe_maps
 
     torch.manual_seed(0)
-    model = _calibrated(create_model("preactresnet18", 10, width=8), (3, 32, 32))
-    xs, y = _images_and_own_labels(model, 5, (3, 32, 32))
+    model = _small_resnet()
+    xs, y = _images_and_own_labels(model, 5, SMALL)
     probes = {"patch": 0.06, "warp": 1.0, "smooth": 0.06}
-    kw = {"alpha": 0.02, "seed": 1, "keep_probs": True, "batch_images": 15}
+    kw = {"alpha": 0.02, "seed": 1, "keep_probs": True, "batch_images": 15, "layers": FEW_LAYERS}
     joint = probe_maps(model, xs, y, probes, **kw)
     for objective, eps in probes.items():
         alone = probe_feature_maps(model, xs, y, objective=objective, eps=eps, **kw)
@@ -277,11 +292,11 @@ def test_judged_images_judge_a_probe_on_the_first_images_only():
     from mapprune.defenses.scoring import probe_maps
 
     torch.manual_seed(0)
-    model = _calibrated(create_model("preactresnet18", 10, width=8), (3, 32, 32))
-    xs, y = _images_and_own_labels(model, 6, (3, 32, 32))
+    model = _small_resnet()
+    xs, y = _images_and_own_labels(model, 6, SMALL)
     y[::2] = (y[::2] + 1) % 10  # some wrong labels, so the judged accuracy is not 1 everywhere
     probes = {"patch": 0.06, "warp": 1.0, "smooth": 0.06}
-    kw = {"alpha": 0.02, "seed": 1, "keep_probs": True, "batch_images": 18}
+    kw = {"alpha": 0.02, "seed": 1, "keep_probs": True, "batch_images": 18, "layers": FEW_LAYERS}
     for implementation in ("fast", "reference"):
         full = probe_maps(model, xs, y, probes, implementation=implementation, **kw)
         part = probe_maps(model, xs, y, probes, implementation=implementation,
