@@ -14,13 +14,14 @@ from .lc import LabelConsistent
 from .lowfreq import LowFrequency
 from .multi import MultiAttack
 from .patch import PatchAttack
+from .random_patch import RandomPatch
 from .sig import SIG
 from .ssba import SSBA
 from .wanet import WaNet
 
 ATTACKS: dict[str, type[Attack]] = {
     cls.name: cls for cls in (BadNets, Blended, WaNet, LowFrequency, SSBA, InputAware, SIG, LabelConsistent,
-                              PatchAttack, MultiAttack, DistributedAttack,
+                              PatchAttack, RandomPatch, MultiAttack, DistributedAttack,
                               FMTEvasiveAttack)
 }
 _plugins_loaded = False

@@ -57,7 +57,8 @@ GRID_KEYS = {"name", "dataset", "data_dir", "preset", "clean_ratio", "seeds", "m
              "reference"}
 # What only changes how results are shown: not part of the grid's identity (bench.json's hash).
 PRESENTATION_KEYS = {"reference", "_reference"}
-ATTACK_KEYS = {"name", "opts", "poison_ratio", "target", "all_to_all", "train_seed", "run", "label", "adopt_defenses"}
+ATTACK_KEYS = {"name", "opts", "poison_ratio", "target", "all_to_all", "train_seed", "run", "label", "adopt_defenses",
+               "model"}
 DEFENSE_KEYS = {"name", "opts", "label", "clean_ratio", "sweep"}
 MODEL_KEYS = {"model", "width", "epochs", "batch_size", "lr", "schedule", "eval_every"}
 
@@ -111,8 +112,9 @@ def load_grid(path) -> dict:
     seeds = grid.setdefault("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise MapPruneError(f"{path}: seeds must be a non-empty list of non-negative integers, got {seeds!r}")
-    if not grid.get("attack") or not grid.get("defense"):
-        raise MapPruneError(f"{path}: a grid needs at least one [[attack]] and one [[defense]]")
+    if not grid.get("attack"):
+        raise MapPruneError(f"{path}: a grid needs at least one [[attack]]")
+    grid.setdefault("defense", [])  # a grid of models only (a population) trains its models and stops
     _expand_sweeps(grid, path)
     _check_names(grid, path)
     grid.pop("_shape", None)
@@ -232,6 +234,13 @@ def _check_names(grid: dict, path) -> None:
     for i, a in enumerate(grid["attack"]):
         where = f"{path} [[attack]] #{i + 1}"
         _only(a, ATTACK_KEYS, where)
+        if not isinstance(a.get("model", {}), dict):
+            raise MapPruneError(f"{where}: model is a table of training settings, e.g. model = {{model = \"vgg16_bn\"}}")
+        _only(a.get("model", {}), MODEL_KEYS, f"{where} model")
+        if "run" in a and "model" in a:
+            raise MapPruneError(f"{where}: an adopted run keeps its own model; drop model")
+        if a.get("model", {}).get("model") not in (None, *MODELS):
+            raise unknown_name("model", a["model"]["model"], MODELS)
         if a.get("name") not in ATTACKS and "run" not in a:
             raise MapPruneError(f"{where}: unknown attack {a.get('name')!r}; valid attacks: {', '.join(ATTACKS)}")
         if "run" in a and not (Path(a["run"]) / "manifest.json").is_file():
@@ -308,8 +317,8 @@ def _defense_label(d: dict) -> str:
 def plan(grid: dict, out: Path) -> list[Cell]:
     """Every cell of the grid, models first, each defense cell depending on its model."""
     cells = []
-    model_kw = dict(grid.get("model", {}))
     for a in grid["attack"]:
+        model_kw = {**grid.get("model", {}), **a.get("model", {})}  # an attack's own [model] keys win
         label = a.get("label") or a.get("name") or Path(a["run"]).name
         if "run" in a:
             m = json.loads((Path(a["run"]) / "manifest.json").read_text())
