@@ -95,7 +95,7 @@ def make_grid(*, seed: int, backdoored: int, clean: int, dataset: str, num_class
         f"#   python benchmarks/population_grid.py --seed {seed} --backdoored {backdoored} --clean {clean} "
         f"--dataset {dataset} --preset {preset}",
         "# Train it (resumable; each model is an ordinary run folder with its trigger and poison indices):",
-        f"#   mapprune bench THIS_FILE --out bench/population --data-dir ../shared/data --jobs 2 --threads 1",
+        "#   mapprune bench THIS_FILE --out bench/population --data-dir ../shared/data --jobs 2 --threads 1",
         f'name = "{dataset}-population"',
         f'dataset = "{dataset}"',
         f'preset = "{preset}"',

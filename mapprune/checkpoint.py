@@ -62,4 +62,11 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], path, what
             f"checkpoint {path} does not fit the {what}: {'; '.join(parts)}. "
             "Was it saved from another architecture, width or class count?"
         )
+    for k, v in state.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            bad = int((~torch.isfinite(v)).sum())
+            raise MapPruneError(
+                f"checkpoint {path} holds non-finite values: {bad} of {v.numel()} entries of {k} are NaN or infinite; "
+                "a model with broken weights cannot be measured or judged: retrain it or restore a good copy"
+            )
     model.load_state_dict(state)

@@ -2,11 +2,30 @@
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 from .allocator import keep_freed_memory
 from .errors import MapPruneError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what was wrong, and where the help is), not the whole usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _finite(s: str) -> float:
+    """A float flag's value: a finite number (NaN and infinity refused)."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{s!r} is not a finite number")
+    return v
 
 
 def _ratio(s: str) -> float:
@@ -43,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .models import MODELS
     from .presets import PRESETS
 
-    ap = argparse.ArgumentParser(prog="mapprune", description="Find and remove backdoors in image classifiers.")
+    ap = _Parser(prog="mapprune", description="Find and remove backdoors in image classifiers.")
     sub = ap.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("attack", help="train a backdoored model and write a run folder")
@@ -55,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, type=Path, help="run folder to write")
     a.add_argument("--epochs", type=int)
     a.add_argument("--batch-size", type=int)
-    a.add_argument("--lr", type=float)
+    a.add_argument("--lr", type=_finite)
     a.add_argument("--schedule", choices=["cosine", "onecycle"])
     _add_poison_choice(a)
     a.add_argument("--all-to-all", action="store_true")
@@ -73,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     place.add_argument("--random-position", action="store_true", help="patch: a random place on every image")
     _add_common(a)
 
-    sc = sub.add_parser("scan", help="is this model backdoored? exit status 3 if the verdict is yes, 0 if not")
+    sc = sub.add_parser("scan", help="is this model backdoored? exit status 3 if the verdict is yes, 0 if not, 4 if the "
+                        "model cannot be judged (broken or collapsed)")
     sc.add_argument("model", type=Path, help="a run folder, or a safetensors checkpoint (with --arch, --num-classes)")
     sc.add_argument("--arch", help=f"checkpoint architecture: one of {', '.join(MODELS)}")
     sc.add_argument("--num-classes", type=int, help="checkpoint: number of classes")
@@ -82,14 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "cifar10; a run folder uses its own)")
     sc.add_argument("--clean-ratio", type=_ratio, default=0.1,
                     help="clean class-balanced share of the training set used as the defender's images (default 0.1)")
-    sc.add_argument("--threshold", type=float, help="the suspected target's pull above which the verdict is "
+    sc.add_argument("--threshold", type=_finite, help="the suspected target's pull above which the verdict is "
                     "backdoored (default 0.5, set on clean models; docs/results.md)")
     sc.add_argument("--no-nc", action="store_true", help="skip Neural Cleanse's second opinion (saves ~10 minutes "
                     "on a CPU for a CIFAR model)")
     sc.add_argument("--nc-opt", action="append", default=[], metavar="KEY=VALUE", help="a Neural Cleanse option")
     sc.add_argument("--probes", nargs="+", default=["patch", "warp", "smooth"], metavar="PROBE",
                     help="FMT's probes to run in one pass (default: patch warp smooth); the largest pull decides")
-    sc.add_argument("--stimulate", type=float, default=4.0, metavar="LEVEL",
+    sc.add_argument("--stimulate", type=_finite, default=4.0, metavar="LEVEL",
                     help="the stimulation test's level in clean standard deviations (default 4; 0 skips it)")
     sc.add_argument("--seed", type=int, default=0, help="clean subset and probe seed (default 0)")
     sc.add_argument("--out", type=Path, help="report folder (default: RUN/scan, or CHECKPOINT's folder/scan-NAME)")
@@ -132,22 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--budget", type=_budget, help="fmt global: maps pruned (default: the rank rule's count), or "
                    "auto: the most that keep held-out clean accuracy within max_drop (--opt max_drop=0.1)")
     f.add_argument("--outlier-method", choices=["elliptic", "mad"], help="fmt outlier: detector (default elliptic)")
-    f.add_argument("--contamination", type=float, help="fmt outlier elliptic: contamination (default 0.1)")
-    f.add_argument("--fraction", type=float, help="fmt rank: share of maps pruned per layer (default 1/64)")
+    f.add_argument("--contamination", type=_finite, help="fmt outlier elliptic: contamination (default 0.1)")
+    f.add_argument("--fraction", type=_finite, help="fmt rank: share of maps pruned per layer (default 1/64)")
     f.add_argument("--mask", action=argparse.BooleanOptionalAction, default=None,
                    help="fmt: keep pruned maps zero while fine-tuning (default: on; off in the paper recipe)")
     f.add_argument("--detect-only", action="store_true", default=None,
                    help="fmt: score and report suspicious maps, change nothing")
     f.add_argument("--implementation", choices=["fast", "reference"], help="fmt testing phase (default fast)")
     f.add_argument("--n-images", type=int, help="fmt: test images (default 32)")
-    f.add_argument("--alpha", type=float, help="fmt: random start size (default 0.02; 0.03 CIFAR-100/GTSRB)")
-    f.add_argument("--eps", type=float, help="fmt: signed step size of the mse, excite, warp and smooth objectives "
+    f.add_argument("--alpha", type=_finite, help="fmt: random start size (default 0.02; 0.03 CIFAR-100/GTSRB)")
+    f.add_argument("--eps", type=_finite, help="fmt: signed step size of the mse, excite, warp and smooth objectives "
                    "(default 0.06; the recommended recipe's patch objective has none and refuses it)")
     f.add_argument("--epochs", type=int, help="fine-tune epochs (default 15; paper 10)")
-    f.add_argument("--lr", type=float, help="fine-tune peak learning rate (default 0.01 one-cycle, 0.02 when the "
+    f.add_argument("--lr", type=_finite, help="fine-tune peak learning rate (default 0.01 one-cycle, 0.02 when the "
                    "model rejects a class: --opt relearn_lr; paper 0.01 cosine)")
     f.add_argument("--batch-size", type=int, help="fine-tune batch size (default 128; paper 256)")
-    f.add_argument("--distill", type=float, help="fine-tune: weight of the distillation from the incoming model "
+    f.add_argument("--distill", type=_finite, help="fine-tune: weight of the distillation from the incoming model "
                    "(default 1.0: keeps clean accuracy; 0 = none, the paper's; 0 removes more of a backdoor the "
                    "pruning missed, e.g. WaNet, at ~2-3 points of ACC: docs/results.md)")
     f.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
@@ -273,11 +293,12 @@ def cmd_attack(args) -> int:
 
 def cmd_eval(args) -> int:
     from .evaluation import evaluate_run
+    from .runs import json_text
 
     result = evaluate_run(args.run, defense=args.defense, data_dir=args.data_dir, device=args.device,
                           per_class=args.per_class)
     if args.json:
-        print(json.dumps(result))
+        print(json_text(result, indent=None))
     else:
         print(f"{args.run}{' + ' + args.defense if args.defense else ''}: ACC {100 * result['acc']:.2f}%  "
               f"ASR {100 * result['asr']:.2f}%  RA {100 * result['ra']:.2f}%")
@@ -462,15 +483,21 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .jobs.bench import run_bench
+    """Runs the grid; SIGTERM exits with status 143 and ^C with 130 (workers stopped), each with one line."""
+    from .jobs.bench import Terminated, run_bench
 
     if args.data_dir:
         import os
 
         os.environ["MAPPRUNE_DATA"] = str(args.data_dir)  # worker processes resolve the data the same way
-    r = run_bench(args.grid, args.out, jobs=args.jobs, threads=args.threads, backend=args.backend,
-                  address=args.address, retry_failed=args.retry_failed, update=args.update,
-                  adopt_only=args.adopt_only, progress=not args.no_progress)
+    try:
+        r = run_bench(args.grid, args.out, jobs=args.jobs, threads=args.threads, backend=args.backend,
+                      address=args.address, retry_failed=args.retry_failed, update=args.update,
+                      adopt_only=args.adopt_only, progress=not args.no_progress)
+    except KeyboardInterrupt as e:
+        how = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
+        print(f"mapprune: bench {how}; rerun the same command to finish the missing cells", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     print(f"{r['done']}/{r['cells']} cells done; table: {args.out / 'table.md'}")
     if r["failed"]:
         print(f"{len(r['failed'])} failed or blocked (see {args.out / 'failed'}; --retry-failed reruns them): "
@@ -531,24 +558,31 @@ def _scan_target(args):
 
 def cmd_scan(args) -> int:
     from .data import clean_subset
-    from .jobs.scan import EXIT_BACKDOORED, THRESHOLD, save_scan_figure, scan
-    from .runs import write_json
+    from .jobs.scan import EXIT_BACKDOORED, EXIT_CANNOT_JUDGE, THRESHOLD, CannotJudge, save_scan_figure, scan
+    from .runs import json_text, write_json
 
     nc_options = _attack_opts(args.nc_opt, "--nc-opt")
     if nc_options and args.no_nc:
         raise MapPruneError("--nc-opt with --no-nc: Neural Cleanse is not run")
     model, ds, default_out = _scan_target(args)
     idx = clean_subset(ds.y_train, args.clean_ratio, args.seed)
-    result = scan(model, ds.x_train[idx], ds.y_train[idx], threshold=args.threshold or THRESHOLD,
-                  nc=not args.no_nc, nc_options=nc_options, probes=tuple(args.probes), stimulate=args.stimulate,
-                  seed=args.seed, device=args.device, progress=not args.no_progress)
     out = args.out or default_out
+    try:
+        result = scan(model, ds.x_train[idx], ds.y_train[idx], threshold=args.threshold or THRESHOLD,
+                      nc=not args.no_nc, nc_options=nc_options, probes=tuple(args.probes), stimulate=args.stimulate,
+                      seed=args.seed, device=args.device, progress=not args.no_progress, num_classes=ds.num_classes)
+    except CannotJudge as e:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "scan.json", {"model": str(args.model), "dataset": ds.name, "clean_images": len(idx),
+                                       "verdict": "cannot judge", "backdoored": None, "reason": str(e), **e.details})
+        print(f"{args.model}: {e}")
+        return EXIT_CANNOT_JUDGE
     out.mkdir(parents=True, exist_ok=True)
     report = {"model": str(args.model), "dataset": ds.name, "clean_images": len(idx), **result.to_json()}
     write_json(out / "scan.json", report)
     save_scan_figure(out / "scan.png", result)
     if args.json:
-        print(json.dumps(report, indent=1))
+        print(json_text(report, indent=1))
     else:
         nc = result.nc
         print(f"{args.model}: {report['verdict']} (FMT {result.probe} probe pull {result.score:.2f}, threshold "

@@ -6,14 +6,18 @@ leaves a folder that looks complete; rerunning the same command resumes from the
 """
 
 import json
+import math
 import os
 import platform
 import shutil
+import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 
 from .attacks import Attack, create_attack
 from .checkpoint import load_state_into, load_tensors
@@ -34,22 +38,100 @@ def versions() -> dict:
             "numpy": numpy.__version__, "platform": platform.platform(), "torch_threads": torch.get_num_threads()}
 
 
-def write_json(path: Path, obj) -> None:
+def finite_json(obj):
+    """``obj`` with every NaN or infinite float replaced by None, so it serialises as strict JSON (RFC 8259 has no
+    NaN/Infinity tokens, and other tools' parsers refuse them)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def json_text(obj, indent: int | None = 2) -> str:
+    """Strict JSON text of ``obj`` (non-finite floats written as null)."""
+    return json.dumps(finite_json(obj), indent=indent, sort_keys=False, allow_nan=False)
+
+
+def atomic_write_text(path: Path, text: str | bytes) -> None:
+    """Writes ``text`` (str as UTF-8, or bytes) to ``path`` so that a reader, a crash or a full disk never leaves
+    a partial file: a hidden temporary file in the same folder, flushed to disk, then renamed over ``path``. On
+    failure the temporary file is removed and ``path`` keeps its previous content."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    data = text.encode() if isinstance(text, str) else text
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json_text(obj) + "\n")
 
 
 def is_complete_run(path: Path, marker: str = MANIFEST) -> bool:
     return (Path(path) / marker).is_file()
 
 
+def _holder_file(lock_path: Path) -> Path:
+    return lock_path.with_name(lock_path.name + ".holder")
+
+
+def acquire_folder_lock(folder: Path, what: str) -> FileLock:
+    """Takes the write lock of ``folder`` (a hidden ``.<name>.lock`` beside it; an OS lock, so a killed process
+    never leaves it held) or raises one line naming the process that holds it."""
+    folder = Path(folder)
+    lock_path = folder.with_name(f".{folder.name}.lock")
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(lock_path), timeout=0)
+        lock.acquire()
+    except Timeout:
+        try:
+            holder = json.loads(_holder_file(lock_path).read_text())
+            by = f"pid {holder['pid']}, `{holder['command']}`, since {holder['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            by = "another process"
+        raise MapPruneError(f"{folder} is being written by another mapprune {what} ({by}); wait for it to finish, "
+                            "or stop it and rerun") from None
+    except OSError as e:
+        raise MapPruneError(f"cannot lock {folder} for writing ({e}); check that its parent folder is writable") from None
+    try:
+        _holder_file(lock_path).write_text(json.dumps({"pid": os.getpid(), "command": " ".join(sys.argv),
+                                                        "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    except OSError:
+        pass  # the holder's name is a courtesy; the lock itself is held
+    return lock
+
+
 class RunWriter:
-    """Builds a folder under a ``.partial`` name and moves it into place on :meth:`finish`."""
+    """Builds a folder under a ``.partial`` name and moves it into place on :meth:`finish`. It holds the folder's
+    write lock from creation to :meth:`finish` (or :meth:`close`), so a second writer of the same run or defense
+    variant fails at once with one line naming the first, and two processes never mix one folder."""
 
     def __init__(self, out: Path, overwrite: bool = False, marker: str = MANIFEST):
         self.out = Path(out)
+        self.lock = acquire_folder_lock(self.out, "command")
+        try:
+            self._check(overwrite, marker)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Releases the folder's lock (idempotent)."""
+        if self.lock.is_locked:
+            self.lock.release()
+
+    def _check(self, overwrite: bool, marker: str) -> None:
         if self.out.exists() and not self.out.is_dir():
             raise MapPruneError(f"{self.out} exists and is not a folder; choose another --out")
         if self.out.is_dir() and any(self.out.iterdir()):
@@ -69,11 +151,13 @@ class RunWriter:
         return self.partial / name
 
     def discard_if_empty(self) -> None:
-        """Removes the ``.partial`` folder if nothing was written to it (a run that failed before training)."""
+        """Removes the ``.partial`` folder if nothing was written to it (a run that failed before training) and
+        releases the lock."""
         try:
             self.partial.rmdir()
         except OSError:
             pass  # not empty (it holds a checkpoint to resume from) or already gone
+        self.close()
 
     def finish(self) -> Path:
         old = None
@@ -83,6 +167,7 @@ class RunWriter:
         os.replace(self.partial, self.out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        self.close()
         return self.out
 
 

@@ -49,6 +49,34 @@ from ..metrics import rejected_classes
 THRESHOLD = 0.5
 PROBES = ("patch", "warp", "smooth")  # the recommended recipe's probes, tested in one shared pass
 EXIT_BACKDOORED = 3  # the command's exit status when the verdict is "backdoored" (0: none found; 1, 2: errors)
+EXIT_CANNOT_JUDGE = 4  # the model is broken (one class for nearly every clean image, or near-chance accuracy)
+# A model that puts this share of the clean images in one class, or whose clean accuracy is below this many
+# times chance, is not judged: its probes would measure the collapse, not a backdoor.
+DEGENERATE_SHARE = 0.8
+CHANCE_FACTOR = 1.5
+
+
+class CannotJudge(MapPruneError):
+    """The model is not fit to be judged; ``details`` says why (recorded in scan.json)."""
+
+    def __init__(self, message: str, details: dict):
+        super().__init__(message)
+        self.details = details
+
+
+def check_judgeable(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
+    """Raises :class:`CannotJudge` when the model's predictions on clean images are degenerate: one class takes
+    ``DEGENERATE_SHARE`` of them, or the accuracy is under ``CHANCE_FACTOR`` times chance."""
+    share = torch.bincount(predictions, minlength=num_classes).float() / len(predictions)
+    top = int(share.argmax())
+    acc = float((predictions == labels).float().mean())
+    details = {"majority_class": top, "majority_share": round(float(share[top]), 4), "clean_accuracy": round(acc, 4)}
+    if share[top] >= DEGENERATE_SHARE:
+        raise CannotJudge(f"cannot judge: the model predicts class {top} for {float(share[top]):.0%} of clean images "
+                          "(a broken or collapsed model; a backdoor scan needs a working classifier)", details)
+    if acc < CHANCE_FACTOR / num_classes:
+        raise CannotJudge(f"cannot judge: the model's clean accuracy is {acc:.1%}, near chance (1/{num_classes}); "
+                          "check that the checkpoint, its architecture and the dataset belong together", details)
 
 
 @dataclass
@@ -79,11 +107,12 @@ class ScanResult:
 
 def scan(model: nn.Module, images, labels, *, threshold: float = THRESHOLD, n_maps: int = 10, nc: bool = True,
          nc_options: dict | None = None, probes: tuple[str, ...] = PROBES, stimulate: float = 4.0,
-         stimulate_images: int = 30, seed: int = 0, device=None, progress: bool = False) -> ScanResult:
+         stimulate_images: int = 30, seed: int = 0, device=None, progress: bool = False,
+         num_classes: int | None = None) -> ScanResult:
     """Scans ``model`` (any nn.Module taking [0, 1] pixels) with the clean ``images`` and ``labels``. ``probes``:
     which of FMT's probes to run (one shared pass); the largest pull among them decides, and a rejected class or
     the stimulation test (``stimulate``: its level, 0 to skip it; see the module's docstring) makes the verdict
-    "backdoored" too."""
+    "backdoored" too. A degenerate model raises :class:`CannotJudge` before any probe runs."""
     from ..defenses import FMT, create_defense
     from ..defenses.scorers import class_pull, estimate_target
     from ..device import pick_device
@@ -98,6 +127,8 @@ def scan(model: nn.Module, images, labels, *, threshold: float = THRESHOLD, n_ma
     x = as_uint8(images, y, what="clean images")
     dev = pick_device(device)
     model = model.to(dev).eval()
+    predictions = predict(model, x, device=dev)
+    check_judgeable(predictions, y, int(y.max()) + 1 if num_classes is None else num_classes)
     fmt = FMT(seed=seed, device=device, progress=progress, stimulate=stimulate, stimulate_images=stimulate_images)
     nc_defense = create_defense("nc", seed=seed, device=device, progress=progress, **(nc_options or {})) if nc \
         else None  # built first: a bad NC option fails before the probe runs
@@ -125,7 +156,7 @@ def scan(model: nn.Module, images, labels, *, threshold: float = THRESHOLD, n_ma
         detection, _ = nc_defense.detect(model, nc_defense.split(x, y), dev)
         timings["neural_cleanse"] = time.perf_counter() - t0
     k = len(target["class_pull"])
-    class_acc = judged_class_accuracy(predict(model, x, device=dev), y, k)
+    class_acc = judged_class_accuracy(predictions, y, k)
     rejected = rejected_classes(class_acc)
     score = max(target["class_pull"])
     stimulated = stimulation is not None and stimulation["anomaly_index"] > ANOMALY_THRESHOLD
