@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     place.add_argument("--random-position", action="store_true", help="patch: a random place on every image")
     _add_common(a)
 
-    sc = sub.add_parser("scan", help="is this model backdoored? exit status 3 if the verdict is yes, 0 if not, 4 if the "
-                        "model cannot be judged (broken or collapsed)")
+    sc = sub.add_parser("scan", help="is this model backdoored? exit status 3 if the verdict is yes, 0 if not, 5 if "
+                        "uncertain (calibrated), 4 if the model cannot be judged (broken or collapsed)")
     sc.add_argument("model", type=Path, help="a run folder, or a safetensors checkpoint (with --arch, --num-classes)")
     sc.add_argument("--arch", help=f"checkpoint architecture: one of {', '.join(MODELS)}")
     sc.add_argument("--num-classes", type=int, help="checkpoint: number of classes")
@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--no-nc", action="store_true", help="skip Neural Cleanse's second opinion (saves ~10 minutes "
                     "on a CPU for a CIFAR model)")
     sc.add_argument("--nc-opt", action="append", default=[], metavar="KEY=VALUE", help="a Neural Cleanse option")
+    sc.add_argument("--calibration", type=Path, metavar="FILE",
+                    help="a calibration written by mapprune calibrate: its rule decides the verdict (backdoored, "
+                         "uncertain near the threshold: exit 5, no backdoor found) and its error rates are printed")
+    sc.add_argument("--no-mmbd", action="store_true", help="skip MM-BD's data-free second opinion")
     sc.add_argument("--probes", nargs="+", default=["patch", "warp", "smooth"], metavar="PROBE",
                     help="FMT's probes to run in one pass (default: patch warp smooth); the largest pull decides")
     sc.add_argument("--stimulate", type=_finite, default=4.0, metavar="LEVEL",
@@ -115,6 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--out", type=Path, help="report folder (default: RUN/scan, or CHECKPOINT's folder/scan-NAME)")
     sc.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_common(sc)
+
+    cal = sub.add_parser("calibrate", help="scan a population of models (run or bench folders) and calibrate the "
+                         "scan's rule on it, with held-out error rates")
+    cal.add_argument("paths", nargs="+", type=Path, help="run folders, or bench folders holding runs/")
+    cal.add_argument("--out", type=Path, required=True, help="the calibration JSON to write (and a .md beside it)")
+    cal.add_argument("--fpr", type=_finite, default=0.05, help="the false-positive rate the threshold is set at "
+                     "on the clean models (default 0.05)")
+    cal.add_argument("--no-nc", action="store_true", help="do not run Neural Cleanse (a baseline) in the scans")
+    cal.add_argument("--no-mmbd", action="store_true", help="do not run MM-BD (a baseline) in the scans")
+    cal.add_argument("--no-scan", action="store_true", help="use only the scans already made; scan nothing")
+    _add_common(cal)
 
     ib = sub.add_parser("import-backdoorbench", help="a BackdoorBench attack result as a mapprune run folder")
     ib.add_argument("path", type=Path, help="BackdoorBench's attack_result.pt, or the record folder holding it")
@@ -557,50 +572,83 @@ def _scan_target(args):
 
 
 def cmd_scan(args) -> int:
-    from .data import clean_subset
-    from .jobs.scan import EXIT_BACKDOORED, EXIT_CANNOT_JUDGE, THRESHOLD, CannotJudge, save_scan_figure, scan
-    from .runs import json_text, write_json
+    from .jobs.scan import THRESHOLD, exit_status, load_calibration, scan_and_save
+    from .runs import json_text
 
     nc_options = _attack_opts(args.nc_opt, "--nc-opt")
     if nc_options and args.no_nc:
         raise MapPruneError("--nc-opt with --no-nc: Neural Cleanse is not run")
+    calibration = load_calibration(args.calibration) if args.calibration else None
     model, ds, default_out = _scan_target(args)
-    idx = clean_subset(ds.y_train, args.clean_ratio, args.seed)
     out = args.out or default_out
-    try:
-        result = scan(model, ds.x_train[idx], ds.y_train[idx], threshold=args.threshold or THRESHOLD,
-                      nc=not args.no_nc, nc_options=nc_options, probes=tuple(args.probes), stimulate=args.stimulate,
-                      seed=args.seed, device=args.device, progress=not args.no_progress, num_classes=ds.num_classes)
-    except CannotJudge as e:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "scan.json", {"model": str(args.model), "dataset": ds.name, "clean_images": len(idx),
-                                       "verdict": "cannot judge", "backdoored": None, "reason": str(e), **e.details})
-        print(f"{args.model}: {e}")
-        return EXIT_CANNOT_JUDGE
-    out.mkdir(parents=True, exist_ok=True)
-    report = {"model": str(args.model), "dataset": ds.name, "clean_images": len(idx), **result.to_json()}
-    write_json(out / "scan.json", report)
-    save_scan_figure(out / "scan.png", result)
+    report = scan_and_save(model, ds, out, name=str(args.model), clean_ratio=args.clean_ratio, seed=args.seed,
+                           calibration=calibration, threshold=args.threshold or THRESHOLD, nc=not args.no_nc,
+                           nc_options=nc_options, probes=tuple(args.probes), stimulate=args.stimulate,
+                           device=args.device, progress=not args.no_progress, mmbd=not args.no_mmbd)
     if args.json:
         print(json_text(report, indent=1))
     else:
-        nc = result.nc
-        print(f"{args.model}: {report['verdict']} (FMT {result.probe} probe pull {result.score:.2f}, threshold "
-              f"{result.threshold:g}; suspected target class {result.target}, anomaly index {result.anomaly_index:.1f})")
-        for name, p in result.probes.items():
-            print(f"  {name} probe: pull {p['pull']:.2f} to class {p['suspected_target']}, anomaly "
-                  f"{p['anomaly_index']:.1f}")
-        for c in result.rejected:
-            print(f"  {_rejected_line(c, result.class_acc)}")
-        if result.stimulation:
-            print(f"  {_stimulation_line(result.stimulation)}")
-        if nc:
-            print(f"  Neural Cleanse: anomaly index {nc['anomaly_index']:.2f}, flagged {nc['flagged'] or 'none'}")
-        print(f"  report: {out / 'scan.json'}, {out / 'scan.png'}")
-    return EXIT_BACKDOORED if result.backdoored else 0
+        print("\n".join(_scan_lines(report, out)))
+    return exit_status(report)
+
+
+def _scan_lines(report: dict, out: Path) -> list[str]:
+    """What the scan prints: the verdict, what it rests on, the error rates it was calibrated to."""
+    if report["verdict"] == "cannot judge":
+        return [f"{report['model']}: {report['reason']}"]
+    cal = report.get("calibration")
+    if cal:
+        exp = cal.get("expected") or {}
+        lines = [f"{report['model']}: {report['verdict']} (calibrated score {cal['score']:.2f}; backdoored above "
+                 f"{cal['threshold']:.2f}, uncertain above {cal['uncertain_from']:.2f})"]
+        if exp:
+            lines.append(f"  calibrated to: {_rate_text(exp.get('fpr'))} false positives on clean models, "
+                         f"{_rate_text(exp.get('tpr'))} of backdoored models found (held out by trigger family; "
+                         f"{cal['file']})")
+    else:
+        lines = [f"{report['model']}: {report['verdict']} (FMT {report['probe']} probe pull {report['score']:.2f}, "
+                 f"threshold {report['threshold']:g}; suspected target class {report['suspected_target']}, anomaly "
+                 f"index {report['anomaly_index']:.1f}; fixed thresholds, not calibrated: give --calibration FILE)"]
+    for name, p in report["probes"].items():
+        lines.append(f"  {name} probe: pull {p['pull']:.2f} to class {p['suspected_target']}, anomaly "
+                     f"{p['anomaly_index']:.1f}")
+    for c in report["rejected_classes"]:
+        lines.append(f"  {_rejected_line(c, report['class_acc'])}")
+    if report.get("stimulation"):
+        lines.append(f"  {_stimulation_line(report['stimulation'])}")
+    nc = report.get("neural_cleanse")
+    if nc:
+        lines.append(f"  Neural Cleanse: anomaly index {nc['anomaly_index']:.2f}, flagged {nc['flagged'] or 'none'}")
+    m = report.get("mmbd")
+    if m:
+        lines.append(f"  MM-BD: class {m['target']}, p-value {m['p_value']:.3g} "
+                     f"({'flagged' if m['flagged'] else 'not flagged'} at {m['alpha']:g})")
+    lines.append(f"  report: {out / 'scan.json'}, {out / 'scan.png'}")
+    return lines
+
+
+def _rate_text(rate: dict | None) -> str:
+    if not rate or rate.get("rate") is None:
+        return "?"
+    lo, hi = rate["ci95"]
+    return f"{100 * rate['rate']:.0f}% ({rate['hits']}/{rate['n']}, 95% CI {100 * lo:.0f}-{100 * hi:.0f}%)"
 
 
 COMMANDS["scan"] = cmd_scan
+
+
+def cmd_calibrate(args) -> int:
+    from .jobs.calibrate import calibrate, markdown
+
+    cal = calibrate(args.paths, args.out, fpr=args.fpr, nc=not args.no_nc, mmbd=not args.no_mmbd,
+                    scan_missing=not args.no_scan, data_dir=args.data_dir, device=args.device,
+                    progress=not args.no_progress)
+    print(markdown(cal))
+    print(f"calibration: {args.out} (use it: mapprune scan MODEL --calibration {args.out})")
+    return 0
+
+
+COMMANDS["calibrate"] = cmd_calibrate
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):

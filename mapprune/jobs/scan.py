@@ -35,13 +35,16 @@ The verdict is "backdoored" when any sign fires; the suspected target is then th
 over the threshold, else the rejected class, else the stimulation test's class.
 """
 
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..defenses.stimulation import ANOMALY_THRESHOLD
+from ..detect.mmbd import mmbd as run_mmbd
 from ..errors import MapPruneError
 from ..images import as_uint8
 from ..metrics import rejected_classes
@@ -50,6 +53,7 @@ THRESHOLD = 0.5
 PROBES = ("patch", "warp", "smooth")  # the recommended recipe's probes, tested in one shared pass
 EXIT_BACKDOORED = 3  # the command's exit status when the verdict is "backdoored" (0: none found; 1, 2: errors)
 EXIT_CANNOT_JUDGE = 4  # the model is broken (one class for nearly every clean image, or near-chance accuracy)
+EXIT_UNCERTAIN = 5  # a calibrated score near the threshold: neither verdict holds at the stated error rates
 # A model that puts this share of the clean images in one class, or whose clean accuracy is below this many
 # times chance, is not judged: its probes would measure the collapse, not a backdoor.
 DEGENERATE_SHARE = 0.8
@@ -91,6 +95,7 @@ class ScanResult:
     probe: str = "patch"  # the probe whose pull decided (the largest)
     probes: dict = field(default_factory=dict)  # per probe: its suspected target, pull and anomaly index
     nc: dict | None = None  # Neural Cleanse's detection, when run
+    mmbd: dict | None = None  # MM-BD's detection (data-free), when run
     class_acc: list = field(default_factory=list)  # the model's accuracy on each class's clean images (None: too few)
     rejected: list[int] = field(default_factory=list)  # classes the model rejects (see metrics.REJECTED)
     stimulation: dict | None = None  # the stimulation test's suspected target, anomaly index and pull, when run
@@ -102,17 +107,18 @@ class ScanResult:
                 "anomaly_index": round(self.anomaly_index, 4), "probe": self.probe, "probes": self.probes,
                 "class_pull": self.class_pull, "class_acc": self.class_acc, "rejected_classes": self.rejected,
                 "suspicious_maps": self.suspicious_maps, "stimulation": self.stimulation, "neural_cleanse": self.nc,
-                "timings": self.timings}
+                "mmbd": self.mmbd, "timings": self.timings}
 
 
 def scan(model: nn.Module, images, labels, *, threshold: float = THRESHOLD, n_maps: int = 10, nc: bool = True,
          nc_options: dict | None = None, probes: tuple[str, ...] = PROBES, stimulate: float = 4.0,
          stimulate_images: int = 30, seed: int = 0, device=None, progress: bool = False,
-         num_classes: int | None = None) -> ScanResult:
+         num_classes: int | None = None, mmbd: bool = False) -> ScanResult:
     """Scans ``model`` (any nn.Module taking [0, 1] pixels) with the clean ``images`` and ``labels``. ``probes``:
     which of FMT's probes to run (one shared pass); the largest pull among them decides, and a rejected class or
     the stimulation test (``stimulate``: its level, 0 to skip it; see the module's docstring) makes the verdict
-    "backdoored" too. A degenerate model raises :class:`CannotJudge` before any probe runs."""
+    "backdoored" too. A degenerate model raises :class:`CannotJudge` before any probe runs. ``nc`` and ``mmbd``
+    add Neural Cleanse's and MM-BD's detections beside the verdict (they do not change it)."""
     from ..defenses import FMT, create_defense
     from ..defenses.scorers import class_pull, estimate_target
     from ..device import pick_device
@@ -156,6 +162,10 @@ def scan(model: nn.Module, images, labels, *, threshold: float = THRESHOLD, n_ma
         detection, _ = nc_defense.detect(model, nc_defense.split(x, y), dev)
         timings["neural_cleanse"] = time.perf_counter() - t0
     k = len(target["class_pull"])
+    found_mmbd = None
+    if mmbd:
+        found_mmbd = run_mmbd(model, k, tuple(x.shape[1:]), seed=seed, device=dev)
+        timings["mmbd"] = found_mmbd["seconds"]
     class_acc = judged_class_accuracy(predictions, y, k)
     rejected = rejected_classes(class_acc)
     score = max(target["class_pull"])
@@ -165,8 +175,8 @@ def scan(model: nn.Module, images, labels, *, threshold: float = THRESHOLD, n_ma
     else:
         suspected = min(rejected, key=lambda c: class_acc[c]) if rejected else stimulation["target"]
     return ScanResult(score > threshold or bool(rejected) or stimulated, score, threshold, target["anomaly_index"],
-                      suspected, target["class_pull"], maps, best, summary, detection, class_acc, rejected,
-                      stimulation, timings)
+                      suspected, target["class_pull"], maps, best, summary, detection, found_mmbd, class_acc,
+                      rejected, stimulation, timings)
 
 
 def save_scan_figure(path, result: ScanResult) -> None:
@@ -207,3 +217,71 @@ def save_scan_figure(path, result: ScanResult) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def load_calibration(path) -> dict:
+    """A calibration file written by ``mapprune calibrate`` (its rule checked here, before any work)."""
+    from ..detect.calibrate import Rule
+
+    path = Path(path)
+    try:
+        cal = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MapPruneError(f"calibration file {path} not found") from None
+    except (OSError, ValueError) as e:
+        raise MapPruneError(f"calibration file {path} is not readable JSON ({e}); regenerate it with mapprune "
+                            "calibrate") from None
+    if not isinstance(cal, dict) or cal.get("kind") != "scan-calibration":
+        raise MapPruneError(f"{path} is not a scan calibration (written by mapprune calibrate)")
+    cal["_rule"] = Rule.from_json(cal.get("rule") or {})
+    cal["_path"] = str(path)
+    return cal
+
+
+def calibrated_verdict(report: dict, calibration: dict) -> dict:
+    """The calibrated rule applied to a scan report's signals: {"verdict", "score", "threshold", "uncertain_from",
+    "expected" (the error rates measured when the calibration was made), "file"}."""
+    from ..detect.calibrate import signals
+
+    rule = calibration["_rule"]
+    values = signals(report)
+    score = rule.score(values)
+    return {"verdict": rule.verdict(values), "score": round(score, 4), "threshold": round(rule.threshold, 4),
+            "uncertain_from": round(rule.uncertain_from, 4), "signals": rule.signals,
+            "expected": calibration.get("expected"), "file": calibration["_path"]}
+
+
+def scan_and_save(model: nn.Module, ds, out: Path, *, name: str, clean_ratio: float = 0.1, seed: int = 0,
+                  calibration: dict | None = None, **scan_kw) -> dict:
+    """Scans ``model`` with the clean subset of ``ds``'s training set, writes ``out``/scan.json and scan.png, and
+    returns the report. A model that cannot be judged gets the verdict "cannot judge" (no exception); with a
+    ``calibration``, the calibrated rule's verdict ("backdoored", "uncertain", "no backdoor found") is the
+    report's verdict, its error rates beside it."""
+    from ..data import clean_subset
+    from ..runs import write_json
+
+    idx = clean_subset(ds.y_train, clean_ratio, seed)
+    head = {"model": name, "dataset": ds.name, "clean_images": len(idx), "clean_ratio": clean_ratio, "seed": seed}
+    try:
+        result = scan(model, ds.x_train[idx], ds.y_train[idx], seed=seed, num_classes=ds.num_classes, **scan_kw)
+    except CannotJudge as e:
+        report = {**head, "verdict": "cannot judge", "backdoored": None, "reason": str(e), **e.details}
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "scan.json", report)
+        return report
+    report = {**head, **result.to_json(), "calibration": None}
+    if calibration is not None:
+        cal = calibrated_verdict(report, calibration)
+        report.update({"calibration": cal, "verdict": cal["verdict"],
+                       "backdoored": {"backdoored": True, "uncertain": None}.get(cal["verdict"], False),
+                       "fixed_rule_verdict": result.to_json()["verdict"]})
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "scan.json", report)
+    save_scan_figure(out / "scan.png", result)
+    return report
+
+
+def exit_status(report: dict) -> int:
+    """The command's exit status for a report's verdict."""
+    return {"backdoored": EXIT_BACKDOORED, "uncertain": EXIT_UNCERTAIN, "cannot judge": EXIT_CANNOT_JUDGE}.get(
+        report["verdict"], 0)

@@ -1,0 +1,172 @@
+"""The calibrated scan: a rule whose threshold is set on clean models only, held-out error rates by trigger family
+and architecture, the verdict "uncertain" near the threshold, and MM-BD as a data-free baseline."""
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from mapprune.detect.calibrate import Model, Rule, auroc, choose_signals, clopper_pearson, evaluate, fit_rule
+from mapprune.detect.mmbd import mmbd
+from mapprune.errors import MapPruneError
+from mapprune.jobs.calibrate import calibrate, scan_settings
+from mapprune.jobs.scan import EXIT_BACKDOORED, EXIT_UNCERTAIN, calibrated_verdict, load_calibration, scan_and_save
+
+CLEAN = {"patch_pull": 0.3, "warp_pull": 0.2, "smooth_pull": 0.05, "stimulation_anomaly": 2.0, "rejection": 0.1}
+# Each family shows in one signal only, as a patch shows in the patch probe and a blend in the stimulation test.
+SHOWS_IN = {"patch": ("patch_pull", 0.4), "blend": ("stimulation_anomaly", 8.0), "warp": ("warp_pull", 0.3)}
+
+
+def population(seed: int = 0) -> list[Model]:
+    rng = random.Random(seed)
+
+    def noisy(values):
+        return {k: v * rng.uniform(0.85, 1.15) for k, v in values.items()}
+    models = [Model(f"clean{i}", False, "clean", "abc"[i % 3], noisy(CLEAN)) for i in range(20)]
+    for i in range(30):
+        family = list(SHOWS_IN)[i % 3]
+        signal, shift = SHOWS_IN[family]
+        values = noisy(CLEAN)
+        values[signal] += shift
+        models.append(Model(f"{family}{i}", True, family, "abc"[(i // 3) % 3], values))
+    return models
+
+
+def test_the_threshold_is_the_clean_models_quantile():
+    models = population()
+    rule = fit_rule(models, ["patch_pull"], 0.05)
+    clean_scores = sorted(rule.score(m.signals) for m in models if not m.backdoored)
+    assert sum(s > rule.threshold for s in clean_scores) == 1  # 5% of 20
+    assert rule.uncertain_from <= rule.threshold
+    # The backdoored models never move the threshold.
+    again = fit_rule([m for m in models if not m.backdoored], ["patch_pull"], 0.05)
+    assert again.threshold == rule.threshold
+
+
+def test_a_family_left_out_of_the_calibration_is_still_found_by_the_rule_over_every_signal():
+    report = evaluate(population(), 0.05)
+    groups = report["by_family"]["groups"]
+    for family in SHOWS_IN:
+        assert groups[family]["tpr"]["rate"] == 1.0, (family, groups[family])
+    assert report["by_family"]["fpr"]["rate"] <= 0.1
+    assert report["by_family"]["auroc"] == 1.0
+    assert set(report["by_architecture"]["groups"]) == {"a", "b", "c"}
+    # Signals chosen by the backdoored models fit the families seen and miss the one held out: why "all" is default.
+    greedy = evaluate(population(), 0.05, selection="greedy")["by_family"]["groups"]
+    assert min(greedy[f]["tpr"]["rate"] for f in SHOWS_IN) < 1.0
+    with pytest.raises(MapPruneError, match="selection is one of"):
+        choose_signals(population(), 0.05, "best")
+
+
+def test_rates_come_with_intervals():
+    assert clopper_pearson(19, 20)[0] < 0.95 < clopper_pearson(19, 20)[1]
+    assert clopper_pearson(0, 20) == [0.0, pytest.approx(0.1684, abs=1e-4)]
+    assert auroc([2, 3], [1, 2]) == 0.875
+
+
+def _fake_run(root, template, name, *, poisoned, asr, attack="random-patch", arch="preactresnet18", signals_=None,
+              verdict="no backdoor found"):
+    """A run folder holding a real run's manifest with the ground truth changed, and a scan.json of given signals."""
+    run = root / name
+    (run / "scan").mkdir(parents=True)
+    manifest = json.loads((template / "manifest.json").read_text())
+    manifest["attack"]["name"] = attack
+    manifest["poison"]["count"] = 100 if poisoned else 0
+    manifest["metrics"]["asr"] = asr
+    manifest["model"]["name"] = arch
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    s = signals_ or CLEAN
+    scan = {"verdict": verdict, "calibration_settings": scan_settings(False, False),
+            "probes": {p: {"pull": s[f"{p}_pull"], "anomaly_index": 2.0} for p in ("patch", "warp", "smooth")},
+            "suspicious_maps": [{"pull": s["patch_pull"]}], "class_acc": [0.9] * 9 + [0.9 * (1 - s["rejection"])],
+            "stimulation": {"anomaly_index": s["stimulation_anomaly"]}}
+    if verdict == "cannot judge":
+        scan = {"verdict": verdict, "reason": "cannot judge: collapsed", "calibration_settings": scan_settings(False, False)}
+    (run / "scan" / "scan.json").write_text(json.dumps(scan))
+
+
+def test_calibrate_reads_a_population_of_run_folders(digits_backdoor, tmp_path):
+    template, _ = digits_backdoor
+    for m in population():
+        family = {"clean": "badnets", "patch": "random-patch", "blend": "blended", "warp": "wanet"}[m.family]
+        _fake_run(tmp_path / "bench" / "runs", template, m.name, poisoned=m.backdoored, asr=0.95 if m.backdoored else 0.01,
+                  attack=family, arch=m.architecture, signals_=m.signals)
+    _fake_run(tmp_path / "bench" / "runs", template, "failed", poisoned=True, asr=0.2)
+    _fake_run(tmp_path / "bench" / "runs", template, "broken", poisoned=False, asr=0.0, verdict="cannot judge")
+    out = tmp_path / "cal" / "population.json"
+    cal = calibrate([tmp_path / "bench"], out, nc=False, mmbd=False, scan_missing=False)
+    assert cal["population"]["clean"] == 20 and cal["population"]["backdoored"] == 30
+    assert {f["run"] for f in cal["population"]["left_out"]} == {"failed", "broken"}
+    written = json.loads(out.read_text())
+    assert written["kind"] == "scan-calibration" and written["expected"]["tpr"]["rate"] == 1.0
+    table = out.with_suffix(".md").read_text()
+    assert "| warp | 100% (10/10" in table and "backdoor not implanted (ASR 20.0%)" in table
+    loaded = load_calibration(out)
+    assert isinstance(loaded["_rule"], Rule)
+
+
+def test_a_bad_calibration_file_is_one_line(tmp_path):
+    (tmp_path / "x.json").write_text("{not json")
+    with pytest.raises(MapPruneError, match="not readable JSON"):
+        load_calibration(tmp_path / "x.json")
+    (tmp_path / "y.json").write_text(json.dumps({"kind": "scan-calibration", "rule": {"signals": ["patch_pull"]}}))
+    with pytest.raises(MapPruneError, match="damaged"):
+        load_calibration(tmp_path / "y.json")
+    r = subprocess.run([sys.executable, "-m", "mapprune", "scan", str(tmp_path), "--calibration",
+                        str(tmp_path / "missing.json")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == f"mapprune: error: calibration file {tmp_path / 'missing.json'} " \
+                                                       "not found"
+    r = subprocess.run([sys.executable, "-m", "mapprune", "calibrate", str(tmp_path), "--out", str(tmp_path / "c.json"),
+                        "--fpr", "0.7"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--fpr is a false-positive rate" in r.stderr
+
+
+def _calibration_around(score: float, tmp_path, *, below: float, above: float):
+    """A calibration whose rule reads one signal with median 0 and spread 1, so the score is the signal itself."""
+    cal = {"kind": "scan-calibration", "expected": {"fpr": {"rate": 0.05, "hits": 1, "n": 20, "ci95": [0.001, 0.25]},
+                                                    "tpr": {"rate": 0.9, "hits": 36, "n": 40, "ci95": [0.76, 0.97]}},
+           "rule": {"signals": ["patch_pull"], "median": {"patch_pull": 0.0}, "mad": {"patch_pull": 1.0},
+                    "threshold": score + above, "uncertain_from": score - below, "fpr": 0.05}}
+    path = tmp_path / f"cal-{above}-{below}.json"
+    path.write_text(json.dumps(cal))
+    return path
+
+
+def test_the_calibrated_verdict_says_uncertain_near_the_threshold(digits_backdoor, tmp_path):
+    src, run = digits_backdoor
+    report = scan_and_save(run.model, run.dataset, tmp_path / "plain", name="m", nc=False, probes=("patch",),
+                           stimulate=0)
+    pull = report["probes"]["patch"]["pull"]
+    assert report["calibration"] is None
+    verdicts = {}
+    for key, (below, above) in {"backdoored": (0.2, -0.1), "uncertain": (0.05, 0.05),
+                                "no backdoor found": (-0.05, 0.2)}.items():
+        verdicts[key] = calibrated_verdict(report, load_calibration(_calibration_around(pull, tmp_path, below=below,
+                                                                                           above=above)))["verdict"]
+    assert verdicts == {k: k for k in verdicts}
+    copy = tmp_path / "run"
+    shutil.copytree(src, copy, ignore=shutil.ignore_patterns("defense", "scan"))
+    r = subprocess.run([sys.executable, "-m", "mapprune", "scan", str(copy), "--no-nc", "--no-mmbd", "--probes", "patch",
+                        "--stimulate", "0", "--no-progress", "--threads", "1", "--calibration",
+                        str(_calibration_around(pull, tmp_path, below=0.05, above=0.05))],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == EXIT_UNCERTAIN, r.stderr
+    assert r.stdout.startswith(f"{copy}: uncertain (calibrated score {pull:.2f}")
+    assert "calibrated to: 5% (1/20, 95% CI 0-25%) false positives on clean models, 90% (36/40" in r.stdout
+    saved = json.loads((copy / "scan" / "scan.json").read_text())
+    assert saved["verdict"] == "uncertain" and saved["backdoored"] is None
+    assert saved["fixed_rule_verdict"] == "backdoored"
+    assert EXIT_BACKDOORED != EXIT_UNCERTAIN
+
+
+def test_mmbd_finds_the_planted_target_without_data(digits_backdoor):
+    _, run = digits_backdoor
+    found = mmbd(run.model, 10, run.dataset.image_shape, images=10, steps=150)
+    assert found["target"] == run.attack.target == 0
+    assert found["flagged"] and found["p_value"] < 0.05
+    assert found["statistics"][0] == max(found["statistics"])
+    with pytest.raises(MapPruneError, match="needs >= 3 classes"):
+        mmbd(run.model, 2, run.dataset.image_shape)
