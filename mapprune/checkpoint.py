@@ -1,5 +1,6 @@
 """Weights on disk: safetensors only (never pickle), written atomically, loaded with clear errors."""
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -13,11 +14,38 @@ from .errors import MapPruneError
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict | None = None) -> None:
+    """Writes ``tensors`` to a temporary file beside ``path`` and renames it into place, so ``path`` is either the
+    old file or the complete new one. A failed write removes the temporary file; a full disk is a
+    :class:`MapPruneError` saying so (safetensors reports it as a SafetensorError, not an OSError), any other
+    failure an OSError naming ``path``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    save_file(tensors, str(tmp), metadata={"mapprune": json.dumps(meta or {})})
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata={"mapprune": json.dumps(meta or {})})
+        os.replace(tmp, path)
+    except (SafetensorError, OSError) as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if _disk_full(e):
+            raise MapPruneError(f"could not write {path}: no space left on device ({detail}); free space and rerun "
+                                "the same command: it resumes") from None
+        if isinstance(e, OSError):
+            raise
+        raise OSError(f"could not write {path}: {detail}") from None
+
+
+def _disk_full(e: Exception) -> bool:
+    """Whether a write failed for want of space: ENOSPC (or EDQUOT, a full quota) as an OSError, or in the text of
+    safetensors' error (its Rust I/O error: "No space left on device (os error 28)")."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return any(s in text for s in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT), "StorageFull",
+                                   "QuotaExceeded", f"os error {errno.ENOSPC}", f"code: {errno.ENOSPC},"))
 
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -31,6 +59,8 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
         with safe_open(str(path), "pt") as f:
             meta = json.loads((f.metadata() or {}).get("mapprune", "{}"))
+        if not isinstance(meta, dict):
+            raise ValueError(f"its mapprune metadata is a {type(meta).__name__}, not an object")
     except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
         raise MapPruneError(
             f"checkpoint {path} is corrupted or truncated ({e}); re-create it or restore it from a copy"

@@ -31,9 +31,16 @@ def as_unit(images, labels=None, *, what: str = "images") -> torch.Tensor:
     return x.float() / 255 if x.dtype == torch.uint8 else x
 
 
+# The most pixels a trigger image file may declare (8192 x 8192), checked from its header before it is decoded: a
+# small file can declare a huge image (a decompression bomb) whose decoding would take gigabytes.
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
 def read_image(path, channels: int, *, what: str = "image", size: tuple[int, int] | None = None) -> torch.Tensor:
     """An image file as float pixels (channels, H, W) in [0, 1]: converted to grey (1 channel) or RGB (3);
-    resized (bilinear) to ``size`` = (H, W) when given. A missing or unreadable file is one clear error."""
+    resized (bilinear) to ``size`` = (H, W) when given. A missing, unreadable or absurdly large file (more than
+    ``MAX_IMAGE_PIXELS``) is one clear error."""
+    import warnings
     from pathlib import Path
 
     import numpy as np
@@ -46,12 +53,21 @@ def read_image(path, channels: int, *, what: str = "image", size: tuple[int, int
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            if size is not None and im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), Image.BILINEAR)
-            a = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refused, not decoded
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise MapPruneError(f"{what} {path} declares {w}x{h} pixels, more than the {MAX_IMAGE_PIXELS:,} "
+                                        "an image file may have here (a damaged file or a decompression bomb); give "
+                                        "a smaller image")
+                im = im.convert("L" if channels == 1 else "RGB")
+                if size is not None and im.size != (size[1], size[0]):
+                    im = im.resize((size[1], size[0]), Image.BILINEAR)
+                a = np.asarray(im, dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise MapPruneError(f"{what} {path} is too large to decode ({e}); give a smaller image") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
         raise MapPruneError(f"cannot read {what} {path}: {e}") from None
     a = a[:, :, None] if a.ndim == 2 else a
     return torch.from_numpy(a.copy()).permute(2, 0, 1).float() / 255

@@ -123,10 +123,12 @@ def save_adversarial(path, model, xt, x0, worst: list, eps: float, objective: st
 
 
 def collect_rows(runs) -> list[dict]:
-    """One row per run folder (the undefended model) and per defense result inside it."""
-    import json
+    """One row per run folder (the undefended model) and per defense result inside it. A damaged result.json is
+    left out with a :class:`MapPruneWarning` naming it, so one bad file does not hide every other row."""
+    import warnings
 
-    from .runs import read_manifest
+    from .errors import MapPruneError, MapPruneWarning
+    from .runs import read_manifest, read_result
 
     rows = []
     for run in runs:
@@ -135,12 +137,17 @@ def collect_rows(runs) -> list[dict]:
         base = {"run": run.name, "attack": m["attack"]["name"], "dataset": m["dataset"]["name"]}
         t = m["timings"]
         # train_s is this process's training (with its evaluations); a resumed run's earlier pieces are only in
-        # train_epochs_s (epochs without evaluations), so the larger of the two is the run's training time.
+        # train_epochs_s (epochs without evaluations), so the larger of the two is the run's training time. An
+        # imported run trained elsewhere has only its import's total_s.
         rows.append({**base, "defense": "none", **m["metrics"], "der": None, "pruned": 0,
-                     "wall_s": max(t["train_s"], t.get("train_epochs_s", 0.0)), "seed": None, "recipe": None,
-                     "suspected_target": None, "stimulated_target": None})
+                     "wall_s": max(t.get("train_s", t.get("total_s", 0.0)), t.get("train_epochs_s", 0.0)),
+                     "seed": None, "recipe": None, "suspected_target": None, "stimulated_target": None})
         for res in sorted((run / "defense").glob("*/result.json")):
-            r = json.loads(res.read_text())
+            try:
+                r = read_result(res.parent)
+            except MapPruneError as e:
+                warnings.warn(f"left out of the report: {e}", MapPruneWarning, stacklevel=2)
+                continue
             # Fine-tuning results written before recipes existed were all made with the paper's; defenses that
             # do not fine-tune have no recipe.
             recipe = r.get("recipe", "paper" if "epochs" in r.get("params", {}) else None)
@@ -197,10 +204,13 @@ def markdown_table(rows: list[dict]) -> str:
     def target(t):
         return "" if not t else f"{t['target']} ({t['anomaly_index']:.1f})"
 
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}"
+
     for r in rows:
         der = "" if r["der"] is None else f"{100 * r['der']:.2f}"
-        lines.append(f"| {r['run']} | {r['attack']} | {r['defense']} | {r.get('recipe') or ''} | {100 * r['acc']:.2f} | "
-                     f"{100 * r['asr']:.2f} | {100 * r['ra']:.2f} | {der} | {r['pruned']} | "
+        lines.append(f"| {r['run']} | {r['attack']} | {r['defense']} | {r.get('recipe') or ''} | {pct(r['acc'])} | "
+                     f"{pct(r['asr'])} | {pct(r['ra'])} | {der} | {r['pruned']} | "
                      f"{target(r.get('suspected_target'))} | {target(r.get('stimulated_target'))} | "
                      f"{r['wall_s']:.0f} |")
     return "\n".join(lines)

@@ -94,7 +94,7 @@ def _cached_resource(kind, key, build, path):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save(tensors, path, {"kind": kind, "key": plain_key})
-    except OSError as e:  # the cache saves time only: a read-only cache folder must not stop the attack
+    except (OSError, MapPruneError) as e:  # the cache saves time only: a read-only or full cache must not stop the attack
         warnings.warn(f"cannot write the resource cache {path} ({e}); set MAPPRUNE_CACHE to a writable folder "
                       "to reuse it", MapPruneWarning, stacklevel=2)
     return {k: v.detach().cpu() for k, v in tensors.items()}, h

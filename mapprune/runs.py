@@ -171,16 +171,125 @@ class RunWriter:
         return self.out
 
 
+# What the code reads from a run's manifest.json and a defense's result.json, key by key: a type, a tuple of
+# types (any of them), a list holding one type (a list of those), or a dict (the keys inside it); a key ending in
+# "?" may be absent. ``float`` stands for any number (an int too, never a bool), ``int`` for a whole number; a
+# metric may be null (a NaN, written as strict JSON).
+METRIC = (float, None)
+MANIFEST_KEYS = {  # what every reader of a manifest uses (report, bench)
+    "attack": {"name": str},
+    "dataset": {"name": str},
+    "metrics": {"acc": METRIC, "asr": METRIC, "ra": METRIC},
+    "timings": {"train_s?": float, "train_epochs_s?": float, "total_s?": float},
+}
+RUN_KEYS = {  # what reloading the run's model, attack and data reads besides (load_run)
+    "model": {"name": str, "num_classes": int, "width?": (int, None), "in_channels": int, "mean": [float],
+              "std": [float]},
+    "dataset": {"registry?": str, "data_dir?": (str, None), "num_classes": int, "image_shape": [int],
+                "fingerprint": str},
+}
+MANIFEST_FIX = "restore it from a copy or re-create the run"
+TARGET_KEYS = {"target": int, "anomaly_index": float}
+RESULT_KEYS = {
+    "name": str,
+    "after": {"acc": METRIC, "asr": METRIC, "ra": METRIC},
+    "der": METRIC,
+    "num_pruned": int,
+    "wall_s": float,
+    "clean_subset": {"seed": (int, None)},
+    "recipe?": (str, None),
+    "params?": dict,
+    "suspected_target?": TARGET_KEYS,
+    "stimulated_target?": TARGET_KEYS,
+}
+_WORDS = {str: "a string", int: "a whole number", float: "a number", dict: "an object", list: "a list", None: "null"}
+
+
+def _fits(value, want) -> bool:
+    if isinstance(want, tuple):
+        return any(_fits(value, w) for w in want)
+    if isinstance(want, list):
+        return isinstance(value, list) and all(_fits(v, want[0]) for v in value)
+    if isinstance(want, dict):
+        return isinstance(value, dict)
+    if want is None:
+        return value is None
+    if want in (int, float) and isinstance(value, bool):
+        return False
+    return isinstance(value, int | float) if want is float else isinstance(value, want)
+
+
+def _describe(want) -> str:
+    if isinstance(want, tuple):
+        return " or ".join(_describe(w) for w in want)
+    if isinstance(want, list):
+        return f"a list of {_describe(want[0]).split(' ', 1)[1]}s"
+    return _WORDS[dict if isinstance(want, dict) else want]
+
+
+def _kind(value) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    for t in (None, str, int, float, dict, list):
+        if value is None if t is None else isinstance(value, t):
+            return _WORDS[t]
+    return f"a {type(value).__name__}"
+
+
+def check_keys(obj: dict, keys: dict, path, fix: str, prefix: str = "") -> None:
+    """Raises a :class:`MapPruneError` naming ``path`` and the first key of ``keys`` (see ``MANIFEST_KEYS``) that
+    ``obj`` lacks or holds with another type; ``fix`` says what to do about it."""
+    for key, want in keys.items():
+        optional = key.endswith("?")
+        key = key.rstrip("?")
+        where = f"{prefix}{key}"
+        if key not in obj:
+            if optional:
+                continue
+            raise MapPruneError(f"{path} is damaged: it has no {where!r}; {fix}")
+        value = obj[key]
+        if not _fits(value, want):
+            shown = json.dumps(value)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise MapPruneError(f"{path} is damaged: {where!r} is {_kind(value)} ({shown}), not "
+                                f"{_describe(want)}; {fix}")
+        if isinstance(want, dict):
+            check_keys(value, want, path, fix, f"{where}.")
+
+
+def _read_json(path: Path, what: str, fix: str) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MapPruneError(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise MapPruneError(f"{path} is damaged: it holds {_kind(obj)}, not the {what} object; {fix}")
+    return obj
+
+
 def read_manifest(run: Path) -> dict:
+    """A run's manifest.json, checked to hold the keys every reader uses (``MANIFEST_KEYS``) with their types."""
     run = Path(run)
     path = run / MANIFEST
     if not path.is_file():
         hint = " (an interrupted run: rerun the same command to resume it)" if run.with_name(run.name + ".partial").is_dir() else ""
         raise MapPruneError(f"{run} is not a mapprune run folder: {MANIFEST} is missing{hint}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise MapPruneError(f"{path} is not valid JSON ({e}); the run folder is damaged") from None
+    m = _read_json(path, "manifest", MANIFEST_FIX)
+    check_keys(m, MANIFEST_KEYS, path, MANIFEST_FIX)
+    return m
+
+
+def read_result(folder: Path) -> dict:
+    """A defense folder's result.json, checked to hold every key the code reads (``RESULT_KEYS``) with its type."""
+    folder = Path(folder)
+    path = folder / "result.json"
+    if not path.is_file():
+        raise MapPruneError(f"{folder} holds no finished defense result: result.json is missing")
+    run, name = folder.parent.parent, folder.name
+    fix = f"rerun the defense that wrote it with --overwrite (mapprune defend DEFENSE {run} --name {name} --overwrite)"
+    r = _read_json(path, "defense result", fix)
+    check_keys(r, RESULT_KEYS, path, fix)
+    return r
 
 
 def model_from_manifest(m: dict):
@@ -200,7 +309,11 @@ def attack_from_manifest(m: dict, run: Path) -> Attack:
     cfg = dict(m["attack"])
     name = cfg.pop("name")
     cfg.pop("clean_label", None)
-    attack = create_attack(name, m["dataset"]["image_shape"], m["dataset"]["num_classes"], **cfg)
+    try:
+        attack = create_attack(name, m["dataset"]["image_shape"], m["dataset"]["num_classes"], **cfg)
+    except (TypeError, ValueError) as e:  # a setting of another name or type than the attack takes
+        raise MapPruneError(f"{Path(run) / MANIFEST} is damaged: its attack settings do not fit the {name} attack "
+                            f"({e}); restore manifest.json from a copy or re-create the run") from None
     tensors, _ = load_tensors(run / "attack.safetensors")
     attack.load_state({k[6:]: v for k, v in tensors.items() if k.startswith("state.")})
     return attack
@@ -226,6 +339,7 @@ def load_run(run, data_dir=None) -> Run:
     """Reloads a run folder: model, attack and the dataset it was trained on (checked by fingerprint)."""
     run = Path(run)
     m = read_manifest(run)
+    check_keys(m, RUN_KEYS, run / MANIFEST, MANIFEST_FIX)
     model = load_model_file(m, run / "model.safetensors")
     attack = attack_from_manifest(m, run)
     tensors, _ = load_tensors(run / "attack.safetensors")

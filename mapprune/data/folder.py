@@ -46,7 +46,7 @@ def decode_images(files: list[Path], size: tuple[int, int] | None = None, mode: 
                 if size is not None and im.size != size:
                     im = im.resize(size, Image.BILINEAR)
                 a = np.asarray(im, dtype=np.uint8)
-        except (UnidentifiedImageError, OSError) as e:
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
             raise MapPruneError(f"cannot decode image {p}: {e}") from None
         return a if a.ndim == 3 else a[:, :, None]
 
@@ -77,23 +77,42 @@ def files_stamp(files: list[Path]) -> str:
 
 
 def _cached(key_parts: list[str], build):
+    """The arrays ``build()`` returns, kept in ``cache_dir()/decoded/<hash of key_parts>.npz``.
+
+    An entry that cannot be read back whole (truncated, not a zip file, an array missing or damaged) is rebuilt and
+    replaced. Entries are written to a temporary file and renamed into place, so a reader never sees half of one.
+    """
     key = hashlib.sha256("\n".join(key_parts).encode()).hexdigest()[:20]
     path = cache_dir() / "decoded" / f"{key}.npz"
-    if path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
-        except (OSError, ValueError):
-            pass  # a broken cache entry is rebuilt below
+    arrays = _read_npz(path) if path.is_file() else None
+    if arrays is not None:
+        return arrays
     arrays = build()
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
-    except OSError:
-        pass  # caching is an optimisation; a read-only home must not stop the run
+    except OSError:  # caching is an optimisation; a read-only or full disk must not stop the run
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
     return arrays
+
+
+def _read_npz(path: Path) -> dict | None:
+    """Every array of a cached npz file, or None where the file is damaged or lacks the decoded images (x_train and
+    x_test, which every cached entry holds)."""
+    import zipfile
+    import zlib
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error):
+        return None
+    return arrays if {"x_train", "x_test"} <= set(arrays) else None
 
 
 def load_image_folder(root: Path, name: str | None = None, mode: str = "RGB", **kw) -> ImageDataset:

@@ -1,6 +1,8 @@
 """GTSRB from the official folder layout (resized to 32x32, whole frame, as BackdoorBench does) or from an npz."""
 
 import csv
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +74,6 @@ def load_npz(path: Path, name: str, **kw) -> ImageDataset:
                 raise MapPruneError(f"{path} lacks arrays {sorted(missing)}; an npz dataset needs x_train, y_train, x_test, y_test")
             arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
             classes = [str(c) for c in z["classes"]] if "classes" in z.files else None
-    except (OSError, ValueError, EOFError) as e:
-        raise MapPruneError(f"{path} is not a readable npz file ({e})") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise MapPruneError(f"{path} is not a readable npz file ({e}); re-create it or restore it from a copy") from None
     return from_numpy(name, **arrays, classes=classes, source=str(path), **kw)

@@ -1,6 +1,7 @@
 """Defenses: one file each, one registry. ``create_defense(name, **kw).repair(model, images, labels)``."""
 
 from ..errors import MapPruneError, unknown_name
+from ..options import check_options
 from .anp import ANP
 from .base import RUNTIME, CleanData, Defense, DefenseResult, FineTuning
 from .clp import CLP
@@ -38,7 +39,7 @@ def create_defense(name: str, **kw) -> Defense:
     for k in kw:
         if k not in valid and k not in RUNTIME:
             raise MapPruneError(f"{name} has no option {k!r}; valid: {', '.join(sorted(valid))}")
-    return cls(**kw)
+    return cls(**check_options(cls, kw, f"the {name} defense"))
 
 
 __all__ = ["ANP", "CLP", "DEFENSES", "FMT", "FST", "IBAU", "NAD", "RNP", "SAU", "CleanData", "Defense", "DefenseResult",

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import torch
 
-from ..attacks import ATTACKS, create_attack, load_plugins
+from ..attacks import ATTACKS, attack_class, create_attack, load_plugins
 from ..checkpoint import atomic_save, save_model
 from ..data import DATASETS, load_dataset
 from ..device import peak_memory_mb, pick_device
 from ..errors import MapPruneWarning
 from ..metrics import evaluate
 from ..models import MODELS, create_model
+from ..options import check_options
 from ..presets import PRESETS
 from ..report import save_samples
 from ..runs import RunWriter, versions, write_json
@@ -113,6 +114,7 @@ def attack_run(
     for kind, name, registry in (("dataset", dataset, DATASETS), ("attack", attack, ATTACKS), ("model", model, MODELS)):
         if name not in registry:
             raise unknown_name(kind, name, registry)
+    attack_kw = check_options(attack_class(attack), attack_kw or {}, attack)  # each value of the type it takes
     writer = RunWriter(out, overwrite)  # refuses an existing run before any work is done
     try:
         dev = pick_device(device)
@@ -120,7 +122,7 @@ def attack_run(
         ds = load_dataset(dataset, data_dir)
         try:
             atk = create_attack(attack, ds.image_shape, ds.num_classes, target=target, all_to_all=all_to_all,
-                                poison_ratio=poison_ratio, **(attack_kw or {}))
+                                poison_ratio=poison_ratio, **attack_kw)
         except TypeError as e:  # an option the attack does not take
             raise MapPruneError(f"{attack}: {e}; see the attack's class in mapprune/attacks/ for its options") from None
         cfg = TrainConfig(seed=seed, hflip=ds.hflip, **p)
@@ -136,52 +138,54 @@ def attack_run(
                            std=ds.std)
         _check_resumable(writer, overwrite, {"attack": atk.config(), "dataset": ds.fingerprint(), "model": model,
                                              "width": width, "train": asdict(cfg), "seed": seed})
-    except BaseException:
-        writer.discard_if_empty()  # a run that failed before training leaves no ".partial" folder behind
-        raise
-    t0 = time.perf_counter()
-    history = train(net, x_train, y_train, cfg, device=dev, checkpoint=writer.path("train_checkpoint.safetensors"),
-                    loss_fn=atk.training_loss(net),
-                    eval_fn=lambda m: evaluate(m, test_sets), eval_every=eval_every, progress=progress, desc=f"{attack} {dataset}")
-    t_train = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    metrics = evaluate(net, test_sets)
-    t_test = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        history = train(net, x_train, y_train, cfg, device=dev, checkpoint=writer.path("train_checkpoint.safetensors"),
+                        loss_fn=atk.training_loss(net),
+                        eval_fn=lambda m: evaluate(m, test_sets), eval_every=eval_every, progress=progress, desc=f"{attack} {dataset}")
+        t_train = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        metrics = evaluate(net, test_sets)
+        t_test = time.perf_counter() - t0
 
-    spec = {"name": model, "num_classes": ds.num_classes, "width": width, "in_channels": ds.image_shape[0],
-            "mean": list(ds.mean), "std": list(ds.std)}
-    save_model(net.cpu(), writer.path("model.safetensors"), {"model": spec})
-    state = {f"state.{k}": v for k, v in atk.state().items()}
-    atomic_save({**state, "poison_indices": poison_idx}, writer.path("attack.safetensors"), {"attack": atk.config()})
-    # One test image per class (the first of each), so the figure is not eight images of one class.
-    show = torch.stack([torch.nonzero(ds.y_test == c)[0, 0] for c in ds.y_test.unique()[:8]])
-    save_samples(writer.path("samples.png"), ds.x_test[show], atk.apply(ds.x_test[show]))
-    summary = ds.summary()
-    # The loaders accept the dataset's own folder or file, so eval can find the data again without flags.
-    summary["data_dir"] = None if dataset == "digits" else str(Path(ds.source).resolve())
-    summary["registry"] = dataset  # the load_dataset name (an npz or ImageFolder dataset is named after its file)
-    manifest = {
-        "kind": "attack",
-        "model": spec,
-        "attack": atk.config(),
-        "dataset": summary,
-        "train": asdict(cfg),
-        "preset": preset,
-        "seed": seed,
-        "device": str(dev),
-        "versions": versions(),
-        "poison": {"count": len(poison_idx), "file": "attack.safetensors:poison_indices",
-                   **({"target_class_share": target_share} if target_share is not None else {})},
-        "timings": {"data_s": t_data, "train_s": t_train, "test_s": t_test,
-                    # train_s covers this process only; an interrupted and resumed run adds its epochs here:
-                    "train_epochs_s": sum(h["seconds"] for h in history),
-                    "total_s": time.perf_counter() - t_start},
-        "peak_memory_mb": peak_memory_mb(dev),
-        "metrics": metrics,
-        "history": history,
-    }
-    writer.path("train_checkpoint.safetensors").unlink(missing_ok=True)
-    writer.path(SETTINGS).unlink(missing_ok=True)
-    write_json(writer.path("manifest.json"), manifest)
-    writer.finish()
+        spec = {"name": model, "num_classes": ds.num_classes, "width": width, "in_channels": ds.image_shape[0],
+                "mean": list(ds.mean), "std": list(ds.std)}
+        save_model(net.cpu(), writer.path("model.safetensors"), {"model": spec})
+        state = {f"state.{k}": v for k, v in atk.state().items()}
+        atomic_save({**state, "poison_indices": poison_idx}, writer.path("attack.safetensors"), {"attack": atk.config()})
+        # One test image per class (the first of each), so the figure is not eight images of one class.
+        show = torch.stack([torch.nonzero(ds.y_test == c)[0, 0] for c in ds.y_test.unique()[:8]])
+        save_samples(writer.path("samples.png"), ds.x_test[show], atk.apply(ds.x_test[show]))
+        summary = ds.summary()
+        # The loaders accept the dataset's own folder or file, so eval can find the data again without flags.
+        summary["data_dir"] = None if dataset == "digits" else str(Path(ds.source).resolve())
+        summary["registry"] = dataset  # the load_dataset name (an npz or ImageFolder dataset is named after its file)
+        manifest = {
+            "kind": "attack",
+            "model": spec,
+            "attack": atk.config(),
+            "dataset": summary,
+            "train": asdict(cfg),
+            "preset": preset,
+            "seed": seed,
+            "device": str(dev),
+            "versions": versions(),
+            "poison": {"count": len(poison_idx), "file": "attack.safetensors:poison_indices",
+                       **({"target_class_share": target_share} if target_share is not None else {})},
+            "timings": {"data_s": t_data, "train_s": t_train, "test_s": t_test,
+                        # train_s covers this process only; an interrupted and resumed run adds its epochs here:
+                        "train_epochs_s": sum(h["seconds"] for h in history),
+                        "total_s": time.perf_counter() - t_start},
+            "peak_memory_mb": peak_memory_mb(dev),
+            "metrics": metrics,
+            "history": history,
+        }
+        writer.path("train_checkpoint.safetensors").unlink(missing_ok=True)
+        writer.path(SETTINGS).unlink(missing_ok=True)
+        write_json(writer.path("manifest.json"), manifest)
+        writer.finish()
+    except BaseException:
+        # A run that failed before training leaves no ".partial" folder behind; one that failed later keeps its
+        # training checkpoint there, so the same command resumes. Either way the folder's lock is released.
+        writer.discard_if_empty()
+        raise
     return manifest

@@ -6,6 +6,7 @@ a defense made tensors worth keeping (NC's reversed triggers), and figures, buil
 """
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -69,6 +70,37 @@ def adopt_result(found: Path, writer: RunWriter, run) -> dict:
     return report
 
 
+def check_variant_name(name: str) -> None:
+    """Refuses a defense folder name that is not one plain folder under RUN/defense/: empty, with a path separator,
+    starting with '.' (hidden, or '..' leaving the run) or ending in '.partial' (an unfinished folder's name)."""
+    seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    if not name or name.startswith(".") or name.endswith(".partial") or "\0" in name or any(c in name for c in seps):
+        raise MapPruneError(f"--name {name!r} is not a plain folder name: give one without '/' or '\\', not starting "
+                            "with '.' (it names the folder under RUN/defense/, e.g. --name ft-short)")
+
+
+def _check_defense_folder(out: Path, overwrite: bool) -> None:
+    """Refuses, before any work, a defense folder that is taken: a finished result without ``overwrite``, or a
+    file or folder that holds no result (``overwrite`` replaces results only)."""
+    if out.exists() and not out.is_dir():
+        raise MapPruneError(f"{out} exists and is not a folder; pass --name NAME to write the result under another "
+                            "name")
+    if (out / "result.json").is_file():
+        if not overwrite:
+            raise MapPruneError(f"{out} already holds a defense result; pass --overwrite to replace it or --name NAME "
+                                "to keep both")
+    elif out.is_dir() and any(out.iterdir()):
+        raise MapPruneError(f"{out} is not empty and holds no defense result; move it away or pass --name NAME to "
+                            "write the result under another name")
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # not empty, or already gone
+
+
 class NothingToAdopt(MapPruneError):
     """``adopt_only``: no finished result with exactly these settings; nothing was computed."""
 
@@ -81,53 +113,66 @@ def defend_run(run, defense: str, *, clean_ratio: float | None = None, name: str
     :func:`find_result`) is copied instead of recomputed; with ``adopt_only``, :class:`NothingToAdopt` is raised
     where there is none, before any work."""
     t_start = time.perf_counter()
+    if name is not None:
+        check_variant_name(name)
     r = load_run(run, data_dir)
     ds_name = r.dataset.name
-    ratio = clean_ratio if clean_ratio is not None else DEFAULT_CLEAN_RATIO.get(ds_name, 0.1)
+    default_ratio = DEFAULT_CLEAN_RATIO.get(ds_name, 0.1)
+    ratio = clean_ratio if clean_ratio is not None else default_ratio
     kw = {k: v for k, v in kw.items() if v is not None}
     cls = defense_class(defense)
-    name = name or cls.variant_name(kw)  # from what the user chose, before per-dataset defaults
+    if name is None:  # from what the user chose, before per-dataset defaults
+        name = cls.variant_name({k: v for k, v in kw.items() if k != "seed"})
+        if ratio != default_ratio:  # another clean share is another variant: ft-ratio0.05
+            name += f"-ratio{ratio:g}"
+        if kw.get("seed"):
+            name += f"-seed{kw['seed']}"
     for k, v in cls.dataset_defaults.get(ds_name, {}).items():
         kw.setdefault(k, v)
     out = Path(run) / "defense" / name
-    writer = RunWriter(out, overwrite, marker="result.json")
+    _check_defense_folder(out, overwrite)
     seed = kw.get("seed", 0)
     idx = clean_subset(r.dataset.y_train, ratio, seed)
     x, y = r.dataset.x_train[idx], r.dataset.y_train[idx]  # clean originals: the defender never sees poison
     kw.setdefault("hflip", r.dataset.hflip)
-    d = create_defense(defense, device=device, progress=progress, **kw)
-    found = adopt_from and find_result(adopt_from, defense, d.params(), ratio, seed)
-    if found:
-        return adopt_result(found, writer, run)
-    if adopt_only:
-        writer.discard_if_empty()
-        raise NothingToAdopt(f"no finished {defense} result with these settings under {adopt_from}")
-    dev = pick_device(device)
-    test_sets = r.test_sets()
-    before = evaluate(r.model.to(dev), test_sets)
-    result = d.repair(r.model, x, y)
-    detect_only = kw.get("detect_only", False)
-    after = before if detect_only else evaluate(result.model, test_sets)
-    report = {
-        "kind": "defense",
-        "run": str(run),
-        "name": name,
-        "clean_subset": {"ratio": ratio, "seed": seed, "count": len(idx), "indices": idx.tolist()},
-        "before": before,
-        "after": after,
-        "der": der(before, after),
-        "versions": versions(),
-        "wall_s": time.perf_counter() - t_start,
-        **result.to_json(),
-    }
-    if not detect_only:
-        save_model(result.model.cpu(), writer.path("model.safetensors"), {"defense": name})
-    if result.tensors:
-        atomic_save(result.tensors, writer.path("tensors.safetensors"), {"defense": name})
-    from ..report import save_defense_figures
+    d = create_defense(defense, device=device, progress=progress, **kw)  # refuses bad options before any folder
+    writer = RunWriter(out, overwrite, marker="result.json")
+    try:
+        found = adopt_from and find_result(adopt_from, defense, d.params(), ratio, seed)
+        if found:
+            return adopt_result(found, writer, run)
+        if adopt_only:
+            raise NothingToAdopt(f"no finished {defense} result with these settings under {adopt_from}")
+        dev = pick_device(device)
+        test_sets = r.test_sets()
+        before = evaluate(r.model.to(dev), test_sets)
+        result = d.repair(r.model, x, y)
+        detect_only = kw.get("detect_only", False)
+        after = before if detect_only else evaluate(result.model, test_sets)
+        report = {
+            "kind": "defense",
+            "run": str(run),
+            "name": name,
+            "clean_subset": {"ratio": ratio, "seed": seed, "count": len(idx), "indices": idx.tolist()},
+            "before": before,
+            "after": after,
+            "der": der(before, after),
+            "versions": versions(),
+            "wall_s": time.perf_counter() - t_start,
+            **result.to_json(),
+        }
+        if not detect_only:
+            save_model(result.model.cpu(), writer.path("model.safetensors"), {"defense": name})
+        if result.tensors:
+            atomic_save(result.tensors, writer.path("tensors.safetensors"), {"defense": name})
+        from ..report import save_defense_figures
 
-    save_defense_figures(writer.partial, r.manifest, report, result, d.split(x, y), d)
-    write_json(writer.path("result.json"), report)
-    writer.finish()
+        save_defense_figures(writer.partial, r.manifest, report, result, d.split(x, y), d)
+        write_json(writer.path("result.json"), report)
+        writer.finish()
+    except BaseException:
+        writer.discard_if_empty()  # a defense that failed before writing anything leaves no ".partial" folder
+        _remove_if_empty(out.parent)
+        raise
     return report
 

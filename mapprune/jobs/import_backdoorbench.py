@@ -63,6 +63,11 @@ WANET_DEFAULTS = {"s": 0.5, "k": 4, "grid_rescale": 1.0, "cross_ratio": 2.0}
 WANET_GRIDS = ("identity_grid", "noise_grid")
 
 
+# What the restricted unpickler says of a pickle it cannot parse (cut short, or not written by torch.save), as
+# opposed to one naming something it must not load.
+DAMAGED_PICKLE = ("Unsupported operand", "String is too long", "persistent id")
+
+
 def _allowed_globals() -> list:
     """What the restricted unpickler accepts besides tensors and containers: NumPy arrays of numbers and booleans
     (the poison indicators), never object arrays."""
@@ -89,21 +94,33 @@ def _result_file(path) -> Path:
 
 
 def _restricted_load(path: Path):
-    """A PyTorch file's content through the restricted unpickler: tensors, number arrays, plain containers."""
+    """A PyTorch file's content through the restricted unpickler: tensors, number arrays, plain containers.
+
+    A file naming a class or function to load is refused; a truncated, damaged or foreign file (the unpickler's
+    and the zip reader's errors: EOFError, KeyError, struct.error, an unsupported pickle operand, ...) is one error
+    saying so."""
     import pickle
+    import warnings
 
     try:
-        with torch.serialization.safe_globals(_allowed_globals()):
+        with torch.serialization.safe_globals(_allowed_globals()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a file it fails on is an error
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        what = str(e).strip().splitlines()
-        detail = next((line.strip() for line in what if "GLOBAL" in line or "Unsupported" in line), what[-1] if what
-                      else "")
-        raise MapPruneError(f"refused {path}: it holds objects other than tensors, number arrays and plain "
-                            f"containers ({detail}). mapprune never unpickles arbitrary objects; nothing in the "
-                            "file was run") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise MapPruneError(f"cannot read {path} as a PyTorch file: {e}") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = next((line for line in lines if any(w in line for w in ("GLOBAL", "Unsupported", "Can only"))),
+                      lines[-1] if lines else type(e).__name__).split(" Please use")[0]
+        if not any(w in detail for w in DAMAGED_PICKLE):
+            raise MapPruneError(f"refused {path}: it holds objects other than tensors, number arrays and plain "
+                                f"containers ({detail}). mapprune never unpickles arbitrary objects; nothing in the "
+                                "file was run") from None
+        raise MapPruneError(f"cannot read {path}: it is truncated, damaged or not a file saved with torch.save "
+                            f"({detail}); copy it again from BackdoorBench's record folder") from None
+    except Exception as e:  # every reader error of a damaged file: zip, pickle, struct, key, EOF, ...
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+        raise MapPruneError(f"cannot read {path}: it is truncated, damaged or not a file saved with torch.save "
+                            f"({detail}); copy it again from BackdoorBench's record folder") from None
 
 
 def read_backdoorbench(path) -> dict:
@@ -223,7 +240,10 @@ def backdoorbench_model(data: dict, dataset: str, path="attack_result.pt"):
                             f"{name}")
     mean, std = NORMALISATION[dataset]
     width, in_channels = (int(d) for d in state[stem].shape[:2])
-    num_classes = int(data["num_classes"])
+    num_classes = data["num_classes"]
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise MapPruneError(f"the attack result's num_classes is {num_classes!r}, not a number of classes: not "
+                            "BackdoorBench's attack result, or a damaged one")
     spec = {"name": arch, "num_classes": num_classes, "width": width, "in_channels": in_channels,
             "mean": list(mean), "std": list(std)}
     model = create_model(arch, num_classes, width=width, in_channels=in_channels, mean=mean, std=std)
@@ -236,11 +256,12 @@ def import_backdoorbench(path, out, *, attack: str, attack_kw: dict | None = Non
     """Writes a mapprune run folder at ``out`` from BackdoorBench's attack result at ``path``; returns the
     manifest. ``attack`` is BackdoorBench's attack (badnet, blended, sig, wanet), ``attack_kw`` its settings (for
     wanet also ``grids``: the file holding its grids, see ``wanet_grids``)."""
-    from ..attacks import create_attack
+    from ..attacks import attack_class, create_attack
     from ..checkpoint import atomic_save, save_model
     from ..data import load_dataset
     from ..device import pick_device
     from ..metrics import evaluate
+    from ..options import check_options
     from ..report import save_samples
     from ..runs import RunWriter, versions, write_json
 
@@ -258,6 +279,7 @@ def import_backdoorbench(path, out, *, attack: str, attack_kw: dict | None = Non
                                 "noise_grid")
         kw = {**WANET_DEFAULTS, **kw}
         grids, grids_file = wanet_grids(data, path, kw.pop("grids", None))
+    kw = check_options(attack_class(name), kw, name)  # each setting of the type the attack takes
     _architecture(str(data["model_name"]))  # an unknown model before an unknown dataset
     dataset = str(data["clean_data"])
     if dataset not in NORMALISATION:
