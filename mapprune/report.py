@@ -75,7 +75,49 @@ def save_defense_figures(folder: Path, manifest: dict, report: dict, result, dat
     if result.scores:
         save_channel_scores(folder / "scores.png", result.scores, result.pruned,
                             getattr(defense, "score_label", "per-channel score"))
-    defense.figures(folder, report, result, data, manifest)
+    draw = DEFENSE_FIGURES.get(defense.name)
+    if draw is not None:
+        draw(folder, result, data, defense)
+
+
+def save_nc_triggers(folder: Path, result, data, defense) -> None:
+    """triggers.png: every class's reversed mask and its stamp on a clean image, flagged classes in red."""
+    from .defenses.nc import ReversedTriggers
+
+    plt = _plt()
+    mask, pattern = result.tensors["mask"], result.tensors["pattern"]
+    det = result.extra["detection"]
+    k = len(mask)
+    fig, axes = plt.subplots(2, k, figsize=(1.3 * k, 3), squeeze=False)
+    x0 = data.x[0:1].float() / 255
+    for c in range(k):
+        stamped = ReversedTriggers(mask[c:c + 1], pattern[c:c + 1]).stamp(x0, torch.zeros(1, dtype=torch.long))
+        axes[0, c].imshow(mask[c, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+        img = stamped[0].permute(1, 2, 0).clamp(0, 1).numpy()
+        axes[1, c].imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None)
+        color = "red" if c in det["flagged"] else "black"
+        axes[0, c].set_title(f"{c}: |m|={det['norms'][c]:.1f}", fontsize=7, color=color)
+        for ax in axes[:, c]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(f"NC reversed triggers (mask, stamped); anomaly index {det['anomaly_index']:.2f}, "
+                 f"flagged {det['flagged'] or 'none'}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "triggers.png", dpi=100)
+    plt.close(fig)
+
+
+def save_fmt_adversarial(folder: Path, result, data, defense) -> None:
+    """adversarial.png: the inputs FMT made for the six lowest-scoring maps, on the model as it was tested."""
+    from .defenses.scoring import random_start
+
+    if result.original is None:
+        return
+    flat = sorted((float(s), name, c) for name, sc in result.scores.items() for c, s in enumerate(sc.tolist()))
+    xt, _ = defense.test_images(data.x, data.y)
+    xt = xt[:1].float() / 255
+    save_adversarial(Path(folder) / "adversarial.png", result.original, xt,
+                     random_start(xt, defense.alpha, defense.seed), flat[:6], defense.eps, defense.objective)
 
 
 def save_channel_scores(path: Path, scores: dict, pruned: dict, label: str) -> None:
@@ -120,6 +162,10 @@ def save_adversarial(path, model, xt, x0, worst: list, eps: float, objective: st
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# The figures a defense's own result calls for, beyond the before/after bars and the channel scores.
+DEFENSE_FIGURES = {"nc": save_nc_triggers, "fmt": save_fmt_adversarial}
 
 
 def collect_rows(runs) -> list[dict]:

@@ -73,7 +73,7 @@ def test_results_table_and_figures(tiny):
     # ordinary run folders: eval and report read them
     from mapprune.cli import main
 
-    model_dirs = sorted((out / "runs").iterdir())
+    model_dirs = sorted(p for p in (out / "runs").iterdir() if not p.name.startswith("."))  # not the lock files
     assert main(["report", *map(str, model_dirs), "--compare"]) == 0
     assert main(["eval", str(model_dirs[0]), "--json"]) == 0
 
@@ -91,11 +91,15 @@ def test_parallel_workers_give_the_same_table(tiny, tmp_path):
 
 
 def test_ray_backend_gives_the_same_table(tiny, tmp_path):
-    pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'mapprune[ray]')")
+    """The Ray engine (a local cluster started by the bench) gives the local engine's cells for one attack."""
+    pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'mapprune[ray]'); CI installs it")
     out, grid, _, _, _ = tiny
+    one_attack = tmp_path / "grid.toml"
+    one_attack.write_text(grid.read_text().replace('[[attack]]\nname = "blended"\n', ""))
     ray_out = tmp_path / "ray"
-    result = run_bench(grid, ray_out, jobs=2, threads=1, backend="ray", progress=False, log=_quiet)
-    assert not result["failed"] and _table(ray_out) == _table(out)
+    result = run_bench(one_attack, ray_out, jobs=2, threads=1, backend="ray", progress=False, log=_quiet)
+    assert result["done"] == 1 + 3 * 2 and not result["failed"]
+    assert _table(ray_out) == [r for r in _table(out) if r["attack"] == "badnets"]
 
 
 @pytest.mark.parametrize("edit, msg", [
@@ -376,7 +380,8 @@ def test_every_shipped_grid_and_reference_is_valid(shared_data, user_cache, monk
             # may be absent
             assert "not a finished run folder" in str(e) and ("runs/cifar10-" in str(e) or "zoo/" in str(e)), e
             continue
-        assert grid["attack"] and grid["defense"], path
+        # a population grid trains models only (the scan's calibration reads them); every other grid defends them
+        assert grid["attack"] and (grid["defense"] or "population" in path.name), path
     ref = load_reference(GRIDS.parent / "reference" / "backdoorbench-cifar10.toml")
     # baselines.md 1.1: eight attacks; BadNets has no CLP and no i-BAU cell in the leaderboard's CSV
     assert len(ref["cells"]) == 8 and ref["cells"]["badnets"]["nc"] == [89.05, 1.27, 89.16]

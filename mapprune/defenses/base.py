@@ -275,9 +275,6 @@ class Defense:
     def _repair(self, model: nn.Module, data: CleanData, device) -> DefenseResult:
         raise NotImplementedError
 
-    def figures(self, folder, report: dict, result: DefenseResult, data: CleanData, manifest: dict) -> None:
-        """Method-specific figures into ``folder`` (the before/after bars are drawn for every defense)."""
-
     def result(self, model, timings: dict, **kw) -> DefenseResult:
         return DefenseResult(model, self.name, self.params(), timings, **kw)
 

@@ -10,7 +10,6 @@ keyed by module name, eval mode while testing.
 
 import copy
 import time
-from pathlib import Path
 
 import torch
 
@@ -365,16 +364,3 @@ class FMT(FineTuning):
                                        incoming=teacher if teacher is not None else result.original)
         timings["finetune"] = time.perf_counter() - t0
         return result
-
-    def figures(self, folder, report, result, data: CleanData, manifest) -> None:
-        """The inputs made for the six lowest-scoring maps, on the model as it was tested."""
-        from ..report import save_adversarial
-        from .scoring import random_start
-
-        if result.original is None:
-            return
-        flat = sorted((float(s), name, c) for name, sc in result.scores.items() for c, s in enumerate(sc.tolist()))
-        xt, _ = self.test_images(data.x, data.y)
-        xt = xt[:1].float() / 255
-        save_adversarial(Path(folder) / "adversarial.png", result.original, xt,
-                         random_start(xt, self.alpha, self.seed), flat[:6], self.eps, self.objective)

@@ -230,29 +230,3 @@ class NeuralCleanse(FineTuning):
         timings["unlearn"] = time.perf_counter() - t0
         extra["mitigation"] = "unlearn"
         return self.result(model, timings, history=history, extra=extra, tensors=kept)
-
-    def figures(self, folder, report, result, data, manifest) -> None:
-        """triggers.png: every class's reversed mask and its stamp on a clean image, flagged classes in red."""
-        from ..report import _plt
-
-        plt = _plt()
-        mask, pattern = result.tensors["mask"], result.tensors["pattern"]
-        det = result.extra["detection"]
-        k = len(mask)
-        fig, axes = plt.subplots(2, k, figsize=(1.3 * k, 3), squeeze=False)
-        x0 = data.x[0:1].float() / 255
-        for c in range(k):
-            stamped = ReversedTriggers(mask[c:c + 1], pattern[c:c + 1]).stamp(x0, torch.zeros(1, dtype=torch.long))
-            axes[0, c].imshow(mask[c, 0].numpy(), cmap="gray", vmin=0, vmax=1)
-            img = stamped[0].permute(1, 2, 0).clamp(0, 1).numpy()
-            axes[1, c].imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None)
-            color = "red" if c in det["flagged"] else "black"
-            axes[0, c].set_title(f"{c}: |m|={det['norms'][c]:.1f}", fontsize=7, color=color)
-            for ax in axes[:, c]:
-                ax.set_xticks([])
-                ax.set_yticks([])
-        fig.suptitle(f"NC reversed triggers (mask, stamped); anomaly index {det['anomaly_index']:.2f}, "
-                     f"flagged {det['flagged'] or 'none'}", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(folder / "triggers.png", dpi=100)
-        plt.close(fig)

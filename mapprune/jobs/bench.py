@@ -34,23 +34,38 @@ full settings and written as an ordinary run folder: ``DIR/runs/<attack>-<hash>/
 ``defend``, ``report``) and its ``defense/<variant>-<hash>[-seedN]/``. A cell whose folder is complete is never
 recomputed; a changed setting is a new cell. Failures are recorded in ``DIR/failed/`` and do not stop the other
 cells. The results: ``DIR/results.csv``, ``DIR/table.md`` and ``DIR/figures/``.
+
+Faults: one bench at a time writes DIR (an OS lock beside it, ``.DIR.lock``: a second bench fails at once naming
+the first, and a killed one leaves nothing locked). SIGTERM and ^C stop the worker processes (exit status 143 and
+130); rerunning the same command finishes what is missing. Every file the bench writes is written atomically. A
+cell counts as complete only when its files verify; a damaged cell's folder is moved to ``DIR/damaged/`` and the
+cell is run again. A grid that would run one cell twice (a repeated seed, two identical attacks or defenses) is
+refused before any work.
 """
 
 import csv
 import hashlib
 import inspect
+import io
 import json
+import os
 import shutil
+import signal
 import statistics
 import sys
+import threading
 import time
 import tomllib
 import traceback
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..allocator import keep_freed_memory
-from ..errors import MapPruneError, unknown_name
+from ..errors import MapPruneError, MapPruneWarning, unknown_name
+from ..runs import acquire_folder_lock, atomic_write_text, read_manifest
 
 BACKENDS = ("local", "ray")
 GRID_KEYS = {"name", "dataset", "data_dir", "preset", "clean_ratio", "seeds", "model", "attack", "defense",
@@ -93,9 +108,32 @@ class Cell:
     defense: str = ""
     seed: int | None = None
 
+    def marker(self) -> Path:
+        """The file that says the cell is finished: manifest.json (model) or result.json (defense)."""
+        return Path(self.path) / ("manifest.json" if self.kind == "model" else "result.json")
+
+    def verify(self) -> tuple[dict | None, str | None]:
+        """(the marker's content, None) when the cell's files verify: the marker parses as a JSON object and a
+        model cell's model.safetensors exists. Otherwise (None, what is wrong), or (None, None) when the cell's
+        folder does not exist (not run yet)."""
+        folder, marker = Path(self.path), self.marker()
+        if not folder.exists():
+            return None, None
+        try:
+            obj = json.loads(marker.read_text())
+        except FileNotFoundError:
+            return None, f"{marker} is missing"
+        except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+            return None, f"{marker} is not valid JSON ({e})"
+        if not isinstance(obj, dict):
+            return None, f"{marker} is not a JSON object"
+        if self.kind == "model" and not (folder / "model.safetensors").is_file():
+            return None, f"{folder / 'model.safetensors'} is missing"
+        return obj, None
+
     def done(self) -> bool:
-        marker = "manifest.json" if self.kind == "model" else "result.json"
-        return (Path(self.path) / marker).is_file()
+        """True when the cell's files verify (:meth:`verify`): a damaged cell is not done, and is rerun."""
+        return self.verify()[0] is not None
 
 
 # -- the grid ------------------------------------------------------------------------------------------------
@@ -112,11 +150,15 @@ def load_grid(path) -> dict:
     seeds = grid.setdefault("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise MapPruneError(f"{path}: seeds must be a non-empty list of non-negative integers, got {seeds!r}")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise MapPruneError(f"{path}: seeds = {seeds!r} repeats {', '.join(map(str, repeated))}; give each seed once")
     if not grid.get("attack"):
         raise MapPruneError(f"{path}: a grid needs at least one [[attack]]")
     grid.setdefault("defense", [])  # a grid of models only (a population) trains its models and stops
     _expand_sweeps(grid, path)
     _check_names(grid, path)
+    _check_duplicates(grid, path)
     grid.pop("_shape", None)
     if "reference" in grid:
         if not isinstance(grid["reference"], str) or not grid["reference"]:
@@ -255,7 +297,7 @@ def _check_names(grid: dict, path) -> None:
                     raise MapPruneError(f"{where}: attack {a['name']} has no option {k!r} (target, poison_ratio and "
                                         f"all_to_all are keys of [[attack]] itself); valid: {', '.join(valid)}")
             _try_attack(grid, a, where)
-        label = a.get("label") or a.get("name") or Path(a["run"]).name
+        label = _attack_label(a)
         if label in labels:
             raise MapPruneError(f"{where}: two attacks are labelled {label!r}; give one a distinct label = \"...\"")
         labels.add(label)
@@ -275,6 +317,26 @@ def _check_names(grid: dict, path) -> None:
         if label in labels:
             raise MapPruneError(f"{where}: two defenses are labelled {label!r}; give one a distinct label")
         labels.add(label)
+
+
+def _check_duplicates(grid: dict, path) -> None:
+    """Two attacks, or two defenses, whose settings are identical (whatever their labels) would be one cell twice:
+    refused, naming both."""
+    seen: dict = {}
+    for a in grid["attack"]:
+        key = _hash(_model_settings(grid, a)[0])
+        if key in seen:
+            raise MapPruneError(f"{path}: attacks {seen[key]!r} and {_attack_label(a)!r} have identical settings "
+                                "(one model twice); drop one")
+        seen[key] = _attack_label(a)
+    seen = {}
+    for d in grid["defense"]:
+        key = _hash({"defense": d["name"], "opts": d.get("opts", {}),
+                     "clean_ratio": d.get("clean_ratio", grid.get("clean_ratio"))})
+        if key in seen:
+            raise MapPruneError(f"{path}: defenses {seen[key]!r} and {_defense_label(d)!r} have identical settings "
+                                "(one defense twice); drop one")
+        seen[key] = _defense_label(d)
 
 
 def _try_attack(grid: dict, a: dict, where: str) -> None:
@@ -314,23 +376,31 @@ def _defense_label(d: dict) -> str:
     return defense_class(d["name"]).variant_name(dict(d.get("opts", {}))) + ratio
 
 
+def _attack_label(a: dict) -> str:
+    return a.get("label") or a.get("name") or Path(a["run"]).name
+
+
+def _model_settings(grid: dict, a: dict) -> tuple[dict, str]:
+    """(the settings that key an attack's model cell, the dataset it was trained on)."""
+    if "run" in a:
+        m = read_manifest(Path(a["run"]))
+        settings = {"adopt": {k: m.get(k) for k in ("attack", "model", "train", "seed")},
+                    "dataset": m["dataset"]["fingerprint"]}
+        return settings, m["dataset"]["name"]
+    model_kw = {**grid.get("model", {}), **a.get("model", {})}  # an attack's own [model] keys win
+    settings = {"dataset": grid["dataset"], "preset": grid.get("preset"), "model": model_kw,
+                "attack": a["name"], "opts": a.get("opts", {}), "poison_ratio": a.get("poison_ratio", 0.1),
+                "target": a.get("target", 0), "all_to_all": a.get("all_to_all", False),
+                "train_seed": a.get("train_seed", 0)}
+    return settings, grid["dataset"]
+
+
 def plan(grid: dict, out: Path) -> list[Cell]:
     """Every cell of the grid, models first, each defense cell depending on its model."""
     cells = []
     for a in grid["attack"]:
-        model_kw = {**grid.get("model", {}), **a.get("model", {})}  # an attack's own [model] keys win
-        label = a.get("label") or a.get("name") or Path(a["run"]).name
-        if "run" in a:
-            m = json.loads((Path(a["run"]) / "manifest.json").read_text())
-            settings = {"adopt": {k: m.get(k) for k in ("attack", "model", "train", "seed")},
-                        "dataset": m["dataset"]["fingerprint"]}
-            dataset = m["dataset"]["name"]
-        else:
-            settings = {"dataset": grid["dataset"], "preset": grid.get("preset"), "model": model_kw,
-                        "attack": a["name"], "opts": a.get("opts", {}), "poison_ratio": a.get("poison_ratio", 0.1),
-                        "target": a.get("target", 0), "all_to_all": a.get("all_to_all", False),
-                        "train_seed": a.get("train_seed", 0)}
-            dataset = grid["dataset"]
+        label = _attack_label(a)
+        settings, dataset = _model_settings(grid, a)
         key = _hash(settings)
         run = out / "runs" / f"{label}-{key}"
         model_cell = Cell("model", label, key, {**settings, "source": a.get("run")}, str(run), attack=label)
@@ -415,13 +485,29 @@ def _run_defense(c: Cell, grid: dict, progress: bool, adopt_only: bool = False) 
 
 # -- scheduling -----------------------------------------------------------------------------------------------
 
+def _worker_init(parent: int) -> None:
+    """Runs first in each local worker process: ^C is left to the bench process (which stops its workers), and a
+    worker whose bench process died (SIGKILL, out of memory) exits instead of running on unowned."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="bench-parent-watch", daemon=True).start()
+
+
 class _Local:
+    """--jobs N on the local backend: N spawned worker processes."""
+
     def __init__(self, jobs: int, threads: int | None):
         import concurrent.futures as cf
         import multiprocessing as mp
 
         self.cf = cf
-        self.pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"))
+        self.pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                                           initializer=_worker_init, initargs=(os.getpid(),))
 
     def submit(self, *args):
         return self.pool.submit(run_cell, *args)
@@ -430,11 +516,24 @@ class _Local:
         done, _ = self.cf.wait(list(running), return_when=self.cf.FIRST_COMPLETED)
         return [(f, f.result()) for f in done]
 
-    def close(self):
-        self.pool.shutdown(cancel_futures=True)
+    def close(self, abort: bool = False) -> None:
+        """Shuts the pool down; with ``abort`` (an interrupt or an error) it first terminates the worker
+        processes, so no cell runs on after the bench stopped."""
+        if abort:
+            workers = list((self.pool._processes or {}).values())
+            for p in workers:
+                p.terminate()
+            for p in workers:
+                p.join(10)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Ray:
+    """--backend ray: one Ray task per cell."""
+
     def __init__(self, jobs: int, threads: int | None, address: str | None):
         try:
             import ray
@@ -442,18 +541,32 @@ class _Ray:
             raise MapPruneError("--backend ray needs Ray: pip install 'mapprune[ray]'") from None
         self.ray = ray
         if not ray.is_initialized():
+            bench_handler = signal.getsignal(signal.SIGTERM)
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            if callable(bench_handler) and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, bench_handler)  # ray.init installs SIGTERM handlers of its own
         self.remote = ray.remote(num_cpus=threads or 1)(run_cell)
+        self.pending: set = set()
 
     def submit(self, *args):
-        return self.remote.remote(*args)
+        ref = self.remote.remote(*args)
+        self.pending.add(ref)
+        return ref
 
     def wait(self, running: dict) -> list:
         done, _ = self.ray.wait(list(running), num_returns=1)
+        self.pending.difference_update(done)
         return [(f, self.ray.get(f)) for f in done]
 
-    def close(self):
-        pass
+    def close(self, abort: bool = False) -> None:
+        """With ``abort``, cancels the tasks still running (force: their worker processes are killed)."""
+        if abort:
+            for ref in self.pending:
+                try:
+                    self.ray.cancel(ref, force=True)
+                except Exception:  # already finished, or the cluster is gone
+                    pass
+        self.pending.clear()
 
 
 class _Inline:
@@ -462,8 +575,51 @@ class _Inline:
     def submit(self, *args):
         return run_cell(*args)
 
-    def close(self):
+    def close(self, abort: bool = False) -> None:
         pass
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received while a bench runs: it stops the bench as ^C does (the CLI exits with status 143)."""
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While the bench runs, SIGTERM raises :class:`Terminated` in the main thread, so the bench stops its workers
+    on the way out; left alone where the process has a SIGTERM handler of its own or this is not the main thread.
+    A second SIGTERM during the cleanup is ignored."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+
+    received = []
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        received.append(signum)
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        if received and not isinstance(e, Terminated):  # a library (Ray) turned it into a plain KeyboardInterrupt
+            raise Terminated() from e
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Holds the write lock of ``out`` (an OS lock beside it, which the kernel drops when the process dies, even by
+    SIGKILL): a second bench on the same folder fails at once with one line naming this one."""
+    lock = acquire_folder_lock(out.resolve(), "bench")  # one lock for every spelling of the folder
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def run_bench(grid_path, out, *, jobs: int = 1, threads: int | None = None, backend: str = "local",
@@ -471,7 +627,11 @@ def run_bench(grid_path, out, *, jobs: int = 1, threads: int | None = None, back
               adopt_only: bool = False, progress: bool = True, log=print) -> dict:
     """Runs every missing cell of the grid into ``out``; returns {"cells", "done", "failed", "ran"}.
     ``adopt_only``: computes nothing; adopts the runs and the finished defense results that match cells exactly
-    (``adopt_defenses``) and writes the table of what is done (the other cells stay missing)."""
+    (``adopt_defenses``) and writes the table of what is done (the other cells stay missing).
+
+    One bench at a time writes ``out`` (a second fails at once, naming the first). SIGTERM (raised as
+    :class:`Terminated`) and ^C (KeyboardInterrupt) stop the worker processes before they propagate; rerunning the
+    same command finishes the missing cells."""
     if backend not in BACKENDS:
         raise unknown_name("backend", backend, BACKENDS)
     if jobs < 1 or (threads is not None and threads < 1):
@@ -479,14 +639,26 @@ def run_bench(grid_path, out, *, jobs: int = 1, threads: int | None = None, back
     grid = load_grid(grid_path)
     out = Path(out)
     cells = plan(grid, out)
-    _claim(out, grid, Path(grid_path), update)
+    with _sigterm_raises(), _locked(out):
+        _claim(out, grid, Path(grid_path), update)
+        return _run_cells(cells, grid, out, jobs=jobs, threads=threads, backend=backend, address=address,
+                          retry_failed=retry_failed, adopt_only=adopt_only, progress=progress, log=log)
+
+
+def _run_cells(cells: list[Cell], grid: dict, out: Path, *, jobs: int, threads: int | None, backend: str,
+               address: str | None, retry_failed: bool, adopt_only: bool, progress: bool, log) -> dict:
+    """The scheduler of :func:`run_bench`, run under the folder's lock."""
     failed_dir = out / "failed"
     by_key = {c.key: c for c in cells}
     state = {}
-    for c in cells:
-        if c.done():
+    for c in cells:  # models first: a damaged model's folder, set aside, takes its defense cells with it
+        obj, problem = c.verify()
+        if obj is not None:
             state[c.key] = "done"
-        elif (failed_dir / f"{c.key}.json").is_file() and not retry_failed:
+            continue
+        if problem:
+            _set_aside(c, out, problem)
+        if (failed_dir / f"{c.key}.json").is_file() and not retry_failed:
             state[c.key] = "failed"
         else:
             state[c.key] = "pending"
@@ -513,7 +685,7 @@ def run_bench(grid_path, out, *, jobs: int = 1, threads: int | None = None, back
         else:
             state[c.key] = "failed"
             failed_dir.mkdir(parents=True, exist_ok=True)
-            (failed_dir / f"{c.key}.json").write_text(json.dumps({"cell": asdict(c), **res}, indent=1))
+            atomic_write_text(failed_dir / f"{c.key}.json", json.dumps({"cell": asdict(c), **res}, indent=1))
             show(f"FAILED {c.label}: {res['error']}")
 
     def ready() -> list[Cell]:
@@ -558,12 +730,31 @@ def run_bench(grid_path, out, *, jobs: int = 1, threads: int | None = None, back
                     break
                 for f, res in engine.wait(running):
                     finish(running.pop(f), res)
-    finally:
-        engine.close()
+    except BaseException:  # SIGTERM, ^C or an error: no worker runs on
+        engine.close(abort=True)
+        raise
+    engine.close()
     write_results(cells, grid, out)
     show("results written to " + str(out))
     failed = [by_key[k].label for k, v in state.items() if v in ("failed", "blocked")]
     return {"cells": len(cells), "done": sum(v == "done" for v in state.values()), "failed": failed, "ran": ran}
+
+
+def _set_aside(c: Cell, out: Path, problem: str) -> None:
+    """Moves a damaged cell's folder under ``out/damaged/`` (kept to look at, out of the results), so the cell is
+    run again, and says so."""
+    folder = Path(c.path)
+    try:
+        dest = out / "damaged" / folder.relative_to(out)
+    except ValueError:
+        dest = out / "damaged" / folder.name
+    base, n = dest, 1
+    while dest.exists():
+        dest, n = base.with_name(f"{base.name}.{n}"), n + 1
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(folder, dest)
+    warnings.warn(f"{problem}: {c.label} is run again (its folder was moved to {dest})", MapPruneWarning,
+                  stacklevel=3)
 
 
 def _clock(s: float) -> str:
@@ -571,19 +762,28 @@ def _clock(s: float) -> str:
 
 
 def _claim(out: Path, grid: dict, grid_path: Path, update: bool) -> None:
-    """DIR/bench.json names the grid that made DIR; another grid is refused unless ``update``."""
+    """DIR/bench.json names the grid that made DIR; another grid is refused unless ``update``, and so is a damaged
+    bench.json (``update`` rewrites it)."""
     out.mkdir(parents=True, exist_ok=True)
     meta = out / "bench.json"
     digest = _hash({k: v for k, v in grid.items() if k not in PRESENTATION_KEYS})
     if meta.is_file():
-        old = json.loads(meta.read_text())
-        if old.get("grid_hash") != digest and not update:
+        try:
+            old = json.loads(meta.read_text())
+            if not isinstance(old, dict) or not isinstance(old.get("grid_hash"), str):
+                raise ValueError("not an object with a grid_hash string")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if not update:
+                raise MapPruneError(f"{meta} is damaged ({e}); pass --update to rewrite it from this grid (the "
+                                    "finished cells are kept)") from None
+            old = {"grid_hash": digest}
+        if old["grid_hash"] != digest and not update:
             raise MapPruneError(f"{out} was made by grid {old.get('name')!r} with other settings; pass --update to "
                                 "add this grid's cells to it (unchanged cells are kept), or choose another --out")
     elif any(p for p in out.iterdir()):
         raise MapPruneError(f"{out} is not empty and was not made by mapprune bench; choose another --out")
-    meta.write_text(json.dumps({"name": grid["name"], "grid_hash": digest, "grid": grid}, indent=1))
-    shutil.copyfile(grid_path, out / "grid.toml")
+    atomic_write_text(meta, json.dumps({"name": grid["name"], "grid_hash": digest, "grid": grid}, indent=1))
+    atomic_write_text(out / "grid.toml", grid_path.read_bytes())
 
 
 # -- results ----------------------------------------------------------------------------------------------------
@@ -595,31 +795,44 @@ def _triggers(metrics: dict) -> str:
 
 def collect(cells: list[Cell]) -> list[dict]:
     """One row per finished cell: settings, metrics before and after (and per trigger where a model has several),
-    DER, wall time per phase, peak memory."""
+    DER, wall time per phase, peak memory. A damaged cell (files that do not verify, or lack a field) is left out
+    with a warning naming its file."""
     rows = []
     for c in cells:
-        if not c.done():
+        obj, problem = c.verify()
+        if obj is None:
+            if problem:
+                warnings.warn(f"{problem}: {c.label} is left out of the results (rerun the bench to redo it)",
+                              MapPruneWarning, stacklevel=2)
             continue
-        if c.kind == "model":
-            m = json.loads((Path(c.path) / "manifest.json").read_text())
-            rows.append({"attack": c.attack, "defense": "none", "seed": None, "key": c.key, "path": c.path,
-                         "acc": m["metrics"]["acc"], "asr": m["metrics"]["asr"], "ra": m["metrics"]["ra"],
-                         "triggers": _triggers(m["metrics"]),
-                         "acc_before": None, "asr_before": None, "ra_before": None, "der": None,
-                         "wall_s": m["timings"].get("train_s"), "timings": json.dumps(m["timings"]),
-                         "peak_memory_mb": m.get("peak_memory_mb"), "settings": json.dumps(c.settings),
-                         "adopted_from": c.settings.get("source"), "diverged": None})
-            continue
-        r = json.loads((Path(c.path) / "result.json").read_text())
-        rows.append({"attack": c.attack, "defense": c.defense, "seed": c.seed, "key": c.key, "path": c.path,
-                     "acc": r["after"]["acc"], "asr": r["after"]["asr"], "ra": r["after"]["ra"],
-                     "triggers": _triggers(r["after"]),
-                     "acc_before": r["before"]["acc"], "asr_before": r["before"]["asr"],
-                     "ra_before": r["before"]["ra"], "der": r["der"], "wall_s": r["wall_s"],
-                     "timings": json.dumps(r["timings"]), "peak_memory_mb": r.get("peak_memory_mb"),
-                     "settings": json.dumps({**c.settings, "params": r["params"]}),
-                     "adopted_from": r.get("adopted_from"), "diverged": _diverged(r)})
+        try:
+            rows.append(_row(c, obj))
+        except (KeyError, TypeError, ValueError) as e:
+            warnings.warn(f"{c.marker()} lacks an expected field or value ({type(e).__name__}: {e}): {c.label} is "
+                          "left out of the results", MapPruneWarning, stacklevel=2)
     return rows
+
+
+def _row(c: Cell, obj: dict) -> dict:
+    """The results row of a finished cell, from its manifest.json (model) or result.json (defense)."""
+    if c.kind == "model":
+        m = obj
+        return {"attack": c.attack, "defense": "none", "seed": None, "key": c.key, "path": c.path,
+                "acc": m["metrics"]["acc"], "asr": m["metrics"]["asr"], "ra": m["metrics"]["ra"],
+                "triggers": _triggers(m["metrics"]),
+                "acc_before": None, "asr_before": None, "ra_before": None, "der": None,
+                "wall_s": m["timings"].get("train_s"), "timings": json.dumps(m["timings"]),
+                "peak_memory_mb": m.get("peak_memory_mb"), "settings": json.dumps(c.settings),
+                "adopted_from": c.settings.get("source"), "diverged": None}
+    r = obj
+    return {"attack": c.attack, "defense": c.defense, "seed": c.seed, "key": c.key, "path": c.path,
+            "acc": r["after"]["acc"], "asr": r["after"]["asr"], "ra": r["after"]["ra"],
+            "triggers": _triggers(r["after"]),
+            "acc_before": r["before"]["acc"], "asr_before": r["before"]["asr"],
+            "ra_before": r["before"]["ra"], "der": r["der"], "wall_s": r["wall_s"],
+            "timings": json.dumps(r["timings"]), "peak_memory_mb": r.get("peak_memory_mb"),
+            "settings": json.dumps({**c.settings, "params": r["params"]}),
+            "adopted_from": r.get("adopted_from"), "diverged": _diverged(r)}
 
 
 def _diverged(result: dict) -> int | None:
@@ -729,17 +942,20 @@ def _tables(summary: dict, attacks: list[str], defenses: list[str], caption: str
 
 
 def write_results(cells: list[Cell], grid: dict, out: Path) -> None:
+    """results.csv, table.md and figures/ of the finished cells, each file written atomically (a crash or a full
+    disk leaves the previous complete file)."""
     rows = collect(cells)
     if not rows:
         return
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out / "results.csv", buf.getvalue())
     text = markdown(rows, f"{grid['name']}: {grid['dataset']}", grid.get("_reference"))
     if grid.get("_sweeps"):
         text += "\n" + sweep_markdown(rows, grid["_sweeps"])
-    (out / "table.md").write_text(text)
+    atomic_write_text(out / "table.md", text)
     _figures(rows, out / "figures")
     for sw in grid.get("_sweeps", []):
         _sweep_figure(rows, sw, out / "figures")
@@ -801,8 +1017,15 @@ def _sweep_figure(rows: list[dict], sweep: dict, folder: Path) -> None:
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{sweep['defense']}: {sweep['param']} (dotted: its own setting)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(folder / f"sweep-{sweep['defense']}-{sweep['param']}.png", dpi=110)
+    _save_figure(fig, folder / f"sweep-{sweep['defense']}-{sweep['param']}.png")
     plt.close(fig)
+
+
+def _save_figure(fig, path: Path) -> None:
+    """Saves a figure as PNG atomically."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_text(path, buf.getvalue())
 
 
 def _figures(rows: list[dict], folder: Path) -> None:
@@ -823,7 +1046,7 @@ def _figures(rows: list[dict], folder: Path) -> None:
     ax.legend(fontsize=7, loc="best")
     ax.set_title("each point: one attack x seed", fontsize=9)
     fig.tight_layout()
-    fig.savefig(folder / "asr_vs_acc.png", dpi=110)
+    _save_figure(fig, folder / "asr_vs_acc.png")
     plt.close(fig)
     grid = [[100 * summary[(a, d)]["asr"][0] if (a, d) in summary else float("nan") for d in defenses]
             for a in attacks]
@@ -837,5 +1060,5 @@ def _figures(rows: list[dict], folder: Path) -> None:
                 ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=ax, label="mean ASR %")
     fig.tight_layout()
-    fig.savefig(folder / "asr_heatmap.png", dpi=110)
+    _save_figure(fig, folder / "asr_heatmap.png")
     plt.close(fig)
