@@ -194,11 +194,8 @@ def collect_rows(runs) -> list[dict]:
             except MapPruneError as e:
                 warnings.warn(f"left out of the report: {e}", MapPruneWarning, stacklevel=2)
                 continue
-            # Fine-tuning results written before recipes existed were all made with the paper's; defenses that
-            # do not fine-tune have no recipe.
-            recipe = r.get("recipe", "paper" if "epochs" in r.get("params", {}) else None)
             rows.append({**base, "defense": r["name"], **r["after"], "der": r["der"], "pruned": r["num_pruned"],
-                         "wall_s": r["wall_s"], "seed": r["clean_subset"]["seed"], "recipe": recipe,
+                         "wall_s": r["wall_s"], "seed": r["clean_subset"]["seed"], "recipe": r.get("recipe"),
                          "suspected_target": r.get("suspected_target"),
                          "stimulated_target": r.get("stimulated_target")})
     return rows

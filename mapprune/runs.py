@@ -23,6 +23,7 @@ from .attacks import Attack, create_attack
 from .checkpoint import load_state_into, load_tensors
 from .data import ImageDataset, load_dataset
 from .errors import MapPruneError, MapPruneWarning
+from .migrate import upgrade_manifest, upgrade_result
 from .models import create_model
 
 MANIFEST = "manifest.json"
@@ -171,10 +172,10 @@ class RunWriter:
         return self.out
 
 
-# What the code reads from a run's manifest.json and a defense's result.json, key by key: a type, a tuple of
-# types (any of them), a list holding one type (a list of those), or a dict (the keys inside it); a key ending in
-# "?" may be absent. ``float`` stands for any number (an int too, never a bool), ``int`` for a whole number; a
-# metric may be null (a NaN, written as strict JSON).
+# What the code reads from a run's manifest.json and a defense's result.json (once mapprune.migrate has brought
+# them to the current format), key by key: a type, a tuple of types (any of them), a list holding one type (a list
+# of those), or a dict (the keys inside it); a key ending in "?" may be absent. ``float`` stands for any number (an
+# int too, never a bool), ``int`` for a whole number; a metric may be null (a NaN, written as strict JSON).
 METRIC = (float, None)
 MANIFEST_KEYS = {  # what every reader of a manifest uses (report, bench)
     "attack": {"name": str},
@@ -185,7 +186,7 @@ MANIFEST_KEYS = {  # what every reader of a manifest uses (report, bench)
 RUN_KEYS = {  # what reloading the run's model, attack and data reads besides (load_run)
     "model": {"name": str, "num_classes": int, "width?": (int, None), "in_channels": int, "mean": [float],
               "std": [float]},
-    "dataset": {"registry?": str, "data_dir?": (str, None), "num_classes": int, "image_shape": [int],
+    "dataset": {"registry": str, "data_dir": (str, None), "num_classes": int, "image_shape": [int],
                 "fingerprint": str},
 }
 MANIFEST_FIX = "restore it from a copy or re-create the run"
@@ -268,27 +269,30 @@ def _read_json(path: Path, what: str, fix: str) -> dict:
 
 
 def read_manifest(run: Path) -> dict:
-    """A run's manifest.json, checked to hold the keys every reader uses (``MANIFEST_KEYS``) with their types."""
+    """A run's manifest.json in the current format (:func:`mapprune.migrate.upgrade_manifest`), checked to hold the
+    keys every reader uses (``MANIFEST_KEYS``) with their types."""
     run = Path(run)
     path = run / MANIFEST
     if not path.is_file():
         hint = " (an interrupted run: rerun the same command to resume it)" if run.with_name(run.name + ".partial").is_dir() else ""
         raise MapPruneError(f"{run} is not a mapprune run folder: {MANIFEST} is missing{hint}")
-    m = _read_json(path, "manifest", MANIFEST_FIX)
+    m = upgrade_manifest(_read_json(path, "manifest", MANIFEST_FIX), path)
     check_keys(m, MANIFEST_KEYS, path, MANIFEST_FIX)
     return m
 
 
-def read_result(folder: Path) -> dict:
-    """A defense folder's result.json, checked to hold every key the code reads (``RESULT_KEYS``) with its type."""
+def read_result(folder: Path, keys: dict = RESULT_KEYS) -> dict:
+    """A defense folder's result.json in the current format (:func:`mapprune.migrate.upgrade_result`), checked to
+    hold ``keys`` with their types: by default every key the code reads (``RESULT_KEYS``); a reader that needs
+    fewer names its own, so a file it can use is not refused for a key it never reads."""
     folder = Path(folder)
     path = folder / "result.json"
     if not path.is_file():
         raise MapPruneError(f"{folder} holds no finished defense result: result.json is missing")
     run, name = folder.parent.parent, folder.name
     fix = f"rerun the defense that wrote it with --overwrite (mapprune defend DEFENSE {run} --name {name} --overwrite)"
-    r = _read_json(path, "defense result", fix)
-    check_keys(r, RESULT_KEYS, path, fix)
+    r = upgrade_result(_read_json(path, "defense result", fix), path)
+    check_keys(r, keys, path, fix)
     return r
 
 
@@ -344,8 +348,7 @@ def load_run(run, data_dir=None) -> Run:
     attack = attack_from_manifest(m, run)
     tensors, _ = load_tensors(run / "attack.safetensors")
     ds_info = m["dataset"]
-    dataset = load_dataset(ds_info.get("registry", ds_info["name"]),
-                           data_dir if data_dir is not None else ds_info.get("data_dir"))
+    dataset = load_dataset(ds_info["registry"], data_dir if data_dir is not None else ds_info["data_dir"])
     if dataset.fingerprint() != ds_info["fingerprint"]:
         warnings.warn(f"the {ds_info['name']} data found now differs from the data the run was trained on "
                       f"(fingerprint {dataset.fingerprint()} vs {ds_info['fingerprint']})", MapPruneWarning, stacklevel=2)

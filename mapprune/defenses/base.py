@@ -179,9 +179,6 @@ class Defense:
 
     name = "defense"
     dataset_defaults: dict[str, dict] = {}
-    # Options added after results were first saved, with the value that reproduces what the defense did before
-    # they existed: a saved result without such an option counts as having that value (jobs.defend.find_result).
-    legacy: dict = {}
     # Options that change only what the result reports, never the repaired model: a saved result stands for any
     # value of them (jobs.defend.find_result).
     report_only: tuple[str, ...] = ()
@@ -302,8 +299,6 @@ RECIPES = tuple(FINETUNES)
 class FineTuning(Defense):
     """A defense that ends with the shared fine-tune on the whole clean subset. ``recipe`` picks the defaults of
     every fine-tune hyperparameter left as None (``recommended`` or ``paper``); an explicit value always wins."""
-
-    legacy = {"relearn_lr": 0.0}  # results saved before the option existed never changed the lr
 
     def __init__(self, *, recipe: str = "recommended", epochs: int | None = None, lr: float | None = None,
                  batch_size: int | None = None, weight_decay: float | None = None, min_lr: float | None = None,

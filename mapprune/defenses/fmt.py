@@ -113,9 +113,6 @@ class FMT(FineTuning):
     """
 
     name = "fmt"
-    # Before each option existed: every candidate field was judged on all n_images.
-    legacy = {**FineTuning.legacy, "unlearn_each": False, "unlearn_append": False, "field_images": 0,
-              "field_null": "sign"}
     report_only = ("stimulate", "stimulate_images")  # the stimulation test is reported; the repair never reads it
     dataset_defaults = {"cifar100": {"alpha": 0.03}, "gtsrb": {"alpha": 0.03}}  # the paper's configurations
     score_label = "accuracy under per-map attack"

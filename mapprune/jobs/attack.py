@@ -14,6 +14,7 @@ from ..data import DATASETS, load_dataset
 from ..device import peak_memory_mb, pick_device
 from ..errors import MapPruneWarning
 from ..metrics import evaluate
+from ..migrate import MANIFEST_VERSION
 from ..models import MODELS, create_model
 from ..options import check_options
 from ..presets import PRESETS
@@ -160,6 +161,7 @@ def attack_run(
         summary["data_dir"] = None if dataset == "digits" else str(Path(ds.source).resolve())
         summary["registry"] = dataset  # the load_dataset name (an npz or ImageFolder dataset is named after its file)
         manifest = {
+            "schema_version": MANIFEST_VERSION,
             "kind": "attack",
             "model": spec,
             "attack": atk.config(),

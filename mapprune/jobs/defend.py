@@ -17,7 +17,8 @@ from ..defenses import create_defense, defense_class
 from ..device import pick_device
 from ..errors import MapPruneError
 from ..metrics import der, evaluate
-from ..runs import RunWriter, load_run, versions, write_json
+from ..migrate import RESULT_VERSION, NewerFormat
+from ..runs import RunWriter, load_run, read_result, versions, write_json
 
 # The protocol's clean share: 10% of the training set (FMT's), 5% for GTSRB.
 DEFAULT_CLEAN_RATIO = {"gtsrb": 0.05}
@@ -34,36 +35,42 @@ def _json_equal(a, b) -> bool:
     return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
 
 
+# What find_result and adopt_result read of a result.json.
+ADOPT_KEYS = {"defense": str, "params?": dict, "clean_subset": {"ratio?": float, "seed?": (int, None)}}
+
+
 def find_result(source, defense: str, params: dict, ratio: float, seed: int) -> Path | None:
     """A finished defense folder under ``source/defense/`` made with exactly these settings (same defense, every
-    hyperparameter equal, the same clean subset), or None. Equality is over the full parameter set: a result
-    written before a parameter existed matches only where the defense declares the value that reproduces it
-    (``Defense.legacy``) and the cell has that value; options that only change what is reported
-    (``Defense.report_only``) are not compared."""
+    hyperparameter equal, the same clean subset), or None. Equality is over the full parameter set, as the result
+    reads in the current format (:func:`mapprune.migrate.upgrade_result` gives an older result the options added
+    since with the values it was made with); options that only change what is reported (``Defense.report_only``)
+    are not compared. A damaged result.json is passed over; one written by a newer mapprune is an error."""
     from ..defenses import defense_class
 
-    cls = defense_class(defense)
-    params = {k: v for k, v in params.items() if k not in cls.report_only}
+    report_only = defense_class(defense).report_only
+    params = {k: v for k, v in params.items() if k not in report_only}
     for res in sorted(Path(source, "defense").glob("*/result.json")):
         try:
-            r = json.loads(res.read_text())
-        except (OSError, ValueError):
+            r = read_result(res.parent, ADOPT_KEYS)
+        except NewerFormat:
+            raise
+        except (MapPruneError, OSError):
             continue
-        subset = r.get("clean_subset", {})
+        subset = r["clean_subset"]
         stored = r.get("params")
         if isinstance(stored, dict):
-            stored = {**{k: v for k, v in cls.legacy.items() if k in params and k not in stored}, **stored}
-            stored = {k: v for k, v in stored.items() if k not in cls.report_only}
-        if r.get("defense") == defense and _json_equal(stored, params) \
+            stored = {k: v for k, v in stored.items() if k not in report_only}
+        if r["defense"] == defense and _json_equal(stored, params) \
                 and subset.get("ratio") == ratio and subset.get("seed") == seed:
             return res.parent
     return None
 
 
 def adopt_result(found: Path, writer: RunWriter, run) -> dict:
-    """Copies a finished defense folder through ``writer``, noting where it came from."""
+    """Copies a finished defense folder through ``writer``, noting where it came from; its result.json is written
+    in the current format."""
     shutil.copytree(found, writer.partial, dirs_exist_ok=True)
-    report = json.loads(writer.path("result.json").read_text())
+    report = read_result(writer.partial, ADOPT_KEYS)
     report.update({"run": str(run), "name": writer.out.name, "adopted_from": str(found)})
     write_json(writer.path("result.json"), report)
     writer.finish()
@@ -150,6 +157,7 @@ def defend_run(run, defense: str, *, clean_ratio: float | None = None, name: str
         detect_only = kw.get("detect_only", False)
         after = before if detect_only else evaluate(result.model, test_sets)
         report = {
+            "schema_version": RESULT_VERSION,
             "kind": "defense",
             "run": str(run),
             "name": name,

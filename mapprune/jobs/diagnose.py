@@ -17,9 +17,9 @@ in ``RUN/diagnose/ground_truth.safetensors`` so new scorers are cheap to add.
 """
 
 import copy
-import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,9 +32,9 @@ from ..defenses.pruning import PruneMask, conv_layers, following_batchnorms, pru
 from ..defenses.scorers import estimate_target, layer_z, suspicion
 from ..defenses.scoring import probe_feature_maps
 from ..defenses.selection import select_rank
-from ..errors import MapPruneError
+from ..errors import MapPruneError, MapPruneWarning
 from ..metrics import evaluate, predict
-from ..runs import load_run, write_json
+from ..runs import load_run, read_result, write_json
 
 # Testing settings a diagnosis compares by default: the paper's probe and the recommended recipe's patch probe.
 DEFAULT_SETTINGS = {"paper": {"n_images": 32, "eps": 0.06, "objective": "mse"},
@@ -394,7 +394,8 @@ def diagnose_run(run, *, defense: str | None = None, data_dir=None, device=None,
 
 
 def _add_saved_fmt_scores(run: Path, model, r, report: dict, flat: dict, n_eval: int, budget: int, seed: int) -> None:
-    """Adds every saved FMT result's scores (accuracy per map) as an ordering named ``saved:<variant>``."""
+    """Adds every saved FMT result's scores (accuracy per map) as an ordering named ``saved:<variant>``; a result
+    that cannot be read is left out with a :class:`MapPruneWarning` naming it."""
     layers = {name: m.out_channels for name, m in conv_layers(model).items()}
     index = flat_index(layers)
     effect, response = flat["effect"], flat["response"]
@@ -403,7 +404,11 @@ def _add_saved_fmt_scores(run: Path, model, r, report: dict, flat: dict, n_eval:
     xc, yc, _, xt, yt = _evaluation_images(r, n_eval, seed)
     ks = [c["k"] for c in next(iter(report["orderings"].values()))["curve"]]
     for res in sorted((run / "defense").glob("*/result.json")):
-        saved = json.loads(res.read_text())
+        try:
+            saved = read_result(res.parent, {"scores?": dict})
+        except MapPruneError as e:
+            warnings.warn(f"left out of the diagnosis: {e}", MapPruneWarning, stacklevel=2)
+            continue
         scores = saved.get("scores") or {}
         if list(scores) != list(layers) or any(len(scores[n]) != layers[n] for n in layers):
             continue

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MapPruneError
+from ..migrate import MANIFEST_VERSION
 
 # BackdoorBench's input normalisation per dataset (its models take normalised tensors; mapprune's take pixels and
 # normalise inside, so the imported model gets these in its wrapper).
@@ -325,6 +326,7 @@ def import_backdoorbench(path, out, *, attack: str, attack_kw: dict | None = Non
     summary["data_dir"] = str(Path(ds.source).resolve())
     summary["registry"] = dataset
     manifest = {
+        "schema_version": MANIFEST_VERSION,
         "kind": "attack",
         "model": spec,
         "attack": atk.config(),
