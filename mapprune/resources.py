@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 from .checkpoint import atomic_save, load_tensors
 from .errors import MapPruneError, MapPruneWarning
@@ -63,19 +64,19 @@ def cached_resource(kind: str, key: dict, build: Callable[[], dict[str, torch.Te
 
 @contextmanager
 def _build_lock(path: Path):
+    """Waits for any other process building the same resource (filelock's OS lock: released if that process
+    dies). An unwritable cache builds without the lock."""
     try:
-        import fcntl
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path.with_name(path.name + ".lock"), "w")
-    except (ImportError, OSError):  # no POSIX locks, or an unwritable cache: build without the lock
+        lock = FileLock(str(path.with_name(path.name + ".lock")))
+        lock.acquire()
+    except OSError:
         yield
         return
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _cached_resource(kind, key, build, path):
