@@ -215,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--adopt-only", action="store_true",
                     help="compute nothing: adopt the grid's runs and their matching finished defense results "
                          "(adopt_defenses = true) and write the table of what is done")
+    bn.add_argument("--only", nargs="+", metavar="LABEL",
+                    help="run only the cells of these attacks (their labels in the grid) and their defenses; the "
+                         "results cover every cell of the grid that is done")
     _add_common(bn)
 
     dg = sub.add_parser("diagnose", help="evaluation only: how well feature-map scorers find the maps that carry "
@@ -499,7 +502,7 @@ def cmd_prepare(args) -> int:
 
 def cmd_bench(args) -> int:
     """Runs the grid; SIGTERM exits with status 143 and ^C with 130 (workers stopped), each with one line."""
-    from .jobs.bench import Terminated, run_bench
+    from .bench import Terminated, run_bench
 
     if args.data_dir:
         import os
@@ -508,7 +511,7 @@ def cmd_bench(args) -> int:
     try:
         r = run_bench(args.grid, args.out, jobs=args.jobs, threads=args.threads, backend=args.backend,
                       address=args.address, retry_failed=args.retry_failed, update=args.update,
-                      adopt_only=args.adopt_only, progress=not args.no_progress)
+                      adopt_only=args.adopt_only, only=args.only, progress=not args.no_progress)
     except KeyboardInterrupt as e:
         how = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
         print(f"mapprune: bench {how}; rerun the same command to finish the missing cells", file=sys.stderr)

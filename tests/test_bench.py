@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from mapprune.bench import load_grid, markdown, plan, run_bench, sweep_markdown
 from mapprune.errors import MapPruneError
-from mapprune.jobs.bench import load_grid, markdown, plan, run_bench, sweep_markdown
 
 GRIDS = Path(__file__).resolve().parents[1] / "benchmarks" / "grids"
 
@@ -102,6 +102,37 @@ def test_ray_backend_gives_the_same_table(tiny, tmp_path):
     assert _table(ray_out) == [r for r in _table(out) if r["attack"] == "badnets"]
 
 
+
+def test_only_runs_the_named_attacks_with_the_whole_grids_keys(tmp_path, capsys):
+    """--only badnets: one model and its defense cells, keyed and placed as in the whole grid; the folder stays
+    the whole grid's (bench.json), so the rest of the grid runs into it later without --update."""
+    grid = GRIDS / "digits-tiny.toml"
+    out = tmp_path / "only"
+    whole = [c for c in plan(load_grid(grid), out) if c.attack == "badnets"]
+    r = run_bench(grid, out, only=["badnets"], progress=False, log=_quiet)
+    assert r["cells"] == len(whole) == 1 + 3 * 2 and r["done"] == len(whole) and not r["failed"]
+    assert sorted(r["ran"]) == sorted(c.key for c in whole) and all(c.done() for c in whole)
+    assert {row["attack"] for row in _table(out)} == {"badnets"} and len(_table(out)) == len(whole)
+    assert "| badnets |" in (out / "table.md").read_text()
+    # the whole grid, computing nothing: the badnets cells count as done, the blended model is not adopted
+    rest = run_bench(grid, out, adopt_only=True, progress=False, log=_quiet)
+    assert rest["ran"] == [] and rest["done"] == len(whole) and rest["cells"] == 2 + 2 * 3 * 2
+    from mapprune.cli import main
+
+    capsys.readouterr()
+    assert main(["bench", str(grid), "--out", str(tmp_path / "none"), "--only", "badnets", "badnet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "'badnet'" in err and "valid labels: badnets, blended" in err, err
+    assert not (tmp_path / "none").exists()
+
+
+def test_the_jobs_module_names_the_bench_package():
+    import mapprune.bench
+    import mapprune.jobs.bench
+
+    for name in mapprune.bench.__all__:
+        assert getattr(mapprune.jobs.bench, name) is getattr(mapprune.bench, name), name
+
 @pytest.mark.parametrize("edit, msg", [
     (('name = "badnets"', 'name = "badnet"'), "unknown attack 'badnet'"),
     (('name = "clp"', 'name = "clpp"'), "unknown defense 'clpp'"),
@@ -143,25 +174,25 @@ def test_a_folder_of_another_grid_is_refused(tiny, tmp_path):
 
 
 def test_a_failing_cell_is_recorded_and_retried(tmp_path, monkeypatch):
-    import mapprune.jobs.bench as bench
+    import mapprune.bench.cells as cells
 
     grid = tmp_path / "g.toml"
     grid.write_text((GRIDS / "digits-tiny.toml").read_text().replace('[[attack]]\nname = "blended"\n', "")
                     .replace("seeds = [0, 1]", "seeds = [0]"))
-    real = bench._run_defense
+    real = cells._run_defense
 
     def broken(c, g, progress, *rest):
         if c.defense == "clp":
             raise RuntimeError("disk on fire")
         return real(c, g, progress, *rest)
-    monkeypatch.setattr(bench, "_run_defense", broken)
+    monkeypatch.setattr(cells, "_run_defense", broken)
     out = tmp_path / "out"
     r = run_bench(grid, out, progress=False, log=_quiet)
     assert r["failed"] == ["badnets / clp / seed 0"] and r["done"] == 3
     record = json.loads(next((out / "failed").glob("*.json")).read_text())
     assert "disk on fire" in record["error"]
     assert run_bench(grid, out, progress=False, log=_quiet)["ran"] == []  # not retried unless asked
-    monkeypatch.setattr(bench, "_run_defense", real)
+    monkeypatch.setattr(cells, "_run_defense", real)
     r = run_bench(grid, out, retry_failed=True, progress=False, log=_quiet)
     assert r["failed"] == [] and r["done"] == 4 and len(r["ran"]) == 1
 
@@ -272,13 +303,13 @@ def test_a_several_trigger_model_is_judged_on_each_trigger():
 def test_a_fine_tune_that_diverged_is_marked_in_the_table():
     """A fine-tune whose loss blew up relearns the model (the ViT's FT on Blended): table.md marks the cell, and
     results.csv's ``diverged`` is judged from the saved history, so results saved before the check count too."""
-    from mapprune.jobs.bench import _diverged
+    from mapprune.bench.results import diverged_epoch
 
     climbing = [{"loss": v} for v in (0.63, 2.35, 7.14, 4.59)]
-    assert _diverged({"defense": "ft", "history": climbing}) == 3
-    assert _diverged({"defense": "fmt", "history": climbing[:1] + climbing[-1:]}) == 2
-    assert _diverged({"defense": "ft", "history": [{"loss": v} for v in (0.7, 0.8, 0.6)]}) is None
-    assert _diverged({"defense": "anp", "history": climbing}) is None  # not a fine-tune: its loss means else
+    assert diverged_epoch({"defense": "ft", "history": climbing}) == 3
+    assert diverged_epoch({"defense": "fmt", "history": climbing[:1] + climbing[-1:]}) == 2
+    assert diverged_epoch({"defense": "ft", "history": [{"loss": v} for v in (0.7, 0.8, 0.6)]}) is None
+    assert diverged_epoch({"defense": "anp", "history": climbing}) is None  # not a fine-tune: its loss means else
 
     def row(defense, asr, diverged=None):
         return {"attack": "blended", "defense": defense, "acc": 0.9, "asr": asr, "ra": 0.5, "diverged": diverged}
@@ -297,11 +328,11 @@ def test_a_sweep_over_an_option_the_defense_decides_prints_its_default_by_name(t
     grid.write_text(SWEEP.replace("sweep = {fraction = [0.0625, 0.125, 0.25], clean_ratio = [0.05]}",
                                   "sweep = {budget = [0, 12]}"))
     g = load_grid(grid)
-    (sw,) = g["_sweeps"]
-    assert [v for v, _ in sw["points"]] == [None, 0, 12]
+    (sw,) = g.sweeps
+    assert [v for v, _ in sw.points] == [None, 0, 12]
     rows = [{"attack": "badnets", "defense": label, "acc": 0.9, "asr": asr, "ra": 0.5}
-            for (_, label), asr in zip(sw["points"], (0.01, 0.2, 0.05))]
-    text = sweep_markdown(rows, g["_sweeps"])
+            for (_, label), asr in zip(sw.points, (0.01, 0.2, 0.05))]
+    text = sweep_markdown(rows, g.sweeps)
     assert "| default* | 1.00 / 90.00 |" in text and "| 0 | 20.00 / 90.00 |" in text and "None" not in text
 
 
@@ -368,7 +399,7 @@ def test_a_bad_reference_fails_before_any_work(tmp_path, ref, msg):
 
 def test_every_shipped_grid_and_reference_is_valid(shared_data, user_cache, monkeypatch):
     """The grids docs/results.md and the README point at load as shipped (names, options, references)."""
-    from mapprune.jobs.bench import load_reference
+    from mapprune.bench import load_reference
 
     monkeypatch.setenv("MAPPRUNE_DATA", str(shared_data))
     monkeypatch.chdir(GRIDS.parents[1])  # grids name run folders from the project root, as their comments say
@@ -381,7 +412,7 @@ def test_every_shipped_grid_and_reference_is_valid(shared_data, user_cache, monk
             assert "not a finished run folder" in str(e) and ("runs/cifar10-" in str(e) or "zoo/" in str(e)), e
             continue
         # a population grid trains models only (the scan's calibration reads them); every other grid defends them
-        assert grid["attack"] and (grid["defense"] or "population" in path.name), path
+        assert grid.attacks and (grid.defenses or "population" in path.name), path
     ref = load_reference(GRIDS.parent / "reference" / "backdoorbench-cifar10.toml")
     # baselines.md 1.1: eight attacks; BadNets has no CLP and no i-BAU cell in the leaderboard's CSV
     assert len(ref["cells"]) == 8 and ref["cells"]["badnets"]["nc"] == [89.05, 1.27, 89.16]

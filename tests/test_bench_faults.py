@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from mapprune.bench import collect, load_grid, plan, run_bench, write_results
 from mapprune.errors import MapPruneError, MapPruneWarning
-from mapprune.jobs.bench import collect, load_grid, plan, run_bench, write_results
 
 # Two attacks (two model cells start at once with --jobs 2) and the data-free CLP defense: about 5 s of work.
 SMALL = '''name = "faults"
@@ -233,7 +233,7 @@ def test_a_full_disk_leaves_the_previous_results_intact(reference, tmp_path, mon
     out = tmp_path / "copy"
     shutil.copytree(ref, out)
     grid = load_grid(grid_path)
-    grid["name"] = "renamed"  # a new table.md would differ
+    grid.name = "renamed"  # a new table.md would differ
     cells = plan(grid, out)[:-1]  # and so would a new results.csv
     before = (out / victim).read_bytes()
     real = os.replace

@@ -1,5 +1,5 @@
 """Layers point one way: the algorithms (attacks, defenses, detectors, data, models and the shared modules they use)
-never import the layers that present or orchestrate them (report, jobs, cli). Every import counts, including the
+never import the layers that present or orchestrate them (report, jobs, bench, cli). Every import counts, including the
 ones inside functions."""
 
 import ast
@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "mapprune"
 LOWER = ("attacks", "defenses", "detect", "data", "models", "train", "metrics", "checkpoint", "images", "options",
          "errors", "device", "presets", "resources", "allocator", "clean_model")
-UPPER = ("report", "jobs", "cli")
+UPPER = ("report", "jobs", "cli", "bench")
 
 
 def _module(path: Path) -> str:

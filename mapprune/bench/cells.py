@@ -1,0 +1,71 @@
+"""Running one cell, in the bench process, a worker process or a Ray task: a model cell trains a backdoored model
+(``mapprune attack``) or copies an adopted run; a defense cell runs ``mapprune defend`` on its model."""
+
+import shutil
+import time
+import traceback
+from pathlib import Path
+
+from ..allocator import keep_freed_memory
+from ..errors import MapPruneError
+from .grid import Grid
+from .plan import Cell
+
+
+def run_cell(cell: dict, grid: Grid, threads: int | None, progress: bool, adopt_only: bool = False) -> dict:
+    """Does one cell's work; returns {"key", "ok", "seconds", "error"} ("skipped": True where ``adopt_only`` found
+    nothing to adopt and did nothing). Never raises."""
+    from ..jobs.defend import NothingToAdopt
+
+    t0 = time.perf_counter()
+    try:
+        keep_freed_memory()  # a spawned worker does not inherit the command line's setting
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        c = Cell(**cell)
+        if c.kind == "model":
+            if adopt_only and not c.settings.get("source"):
+                raise NothingToAdopt(f"{c.label} is trained, not adopted")
+            _run_model(c, grid, progress)
+        else:
+            _run_defense(c, grid, progress, adopt_only)
+        return {"key": c.key, "ok": True, "seconds": time.perf_counter() - t0, "error": None}
+    except NothingToAdopt as e:
+        return {"key": cell["key"], "ok": False, "skipped": True, "seconds": time.perf_counter() - t0,
+                "error": str(e)}
+    except BaseException as e:  # recorded, so one failed cell never stops the others
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        detail = str(e) if isinstance(e, MapPruneError) else traceback.format_exc()
+        return {"key": cell["key"], "ok": False, "seconds": time.perf_counter() - t0,
+                "error": f"{type(e).__name__}: {e}", "detail": detail}
+
+
+def _run_model(c: Cell, grid: Grid, progress: bool) -> None:
+    from ..jobs.attack import attack_run
+
+    if c.settings.get("source"):
+        run = Path(c.path)
+        partial = run.with_name(run.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(c.settings["source"], partial, ignore=shutil.ignore_patterns("defense", "diagnose"))
+        partial.rename(run)
+        return
+    s = c.settings
+    model_kw = dict(s["model"])
+    eval_every = model_kw.pop("eval_every", 1)
+    attack_run(s["attack"], Path(c.path), dataset=s["dataset"], data_dir=grid.data_dir, preset=s["preset"],
+               target=s["target"], all_to_all=s["all_to_all"], poison_ratio=s["poison_ratio"], seed=s["train_seed"],
+               progress=progress, eval_every=eval_every, attack_kw=s["opts"], **model_kw)
+
+
+def _run_defense(c: Cell, grid: Grid, progress: bool, adopt_only: bool = False) -> None:
+    from ..jobs.defend import defend_run
+
+    s = c.settings
+    path = Path(c.path)
+    defend_run(path.parent.parent, s["defense"], clean_ratio=s["clean_ratio"], name=path.name,
+               data_dir=grid.data_dir, progress=progress, seed=s["seed"], adopt_from=s.get("adopt_from"),
+               adopt_only=adopt_only, **s["opts"])
