@@ -1,4 +1,4 @@
-"""Issue 14 on the embedded digits (seconds per model): the adaptive attacks and a two-trigger model against FMT
+"""Adaptive attacks on the embedded digits (seconds per model): the adaptive attacks and a two-trigger model against FMT
 (recommended recipe, the demo's digits settings) and FT, with what each regulariser changes (the largest per-map
 trigger response, FMT's largest target pull and its suspected target). The CIFAR-10 grid is
 benchmarks/grids/cifar10-adaptive.toml.

@@ -1,5 +1,5 @@
 """Fine-tune variants on one run, measured on its full test sets (how the recommended recipe's fine-tune was
-chosen; docs/results.md, issue 9).
+chosen; docs/fmt.md, "What the recommended recipe adds").
 
     python benchmarks/finetune_variants.py RUN [--prune] SPEC [SPEC ...]
 

@@ -6,7 +6,7 @@ judged on every test image (the recipe before field_images), and, with ``--apart
 The recommended recipe also runs the stimulation test (``defenses/stimulation.py``: every map set to a high
 value, 30 class-balanced images, level 4; detection only), timed on the same layers and added to the shared pass.
 
-Issue 9 asks the recommended testing phase to cost at most 2x the paper's. Times are wall-clock on this machine;
+The recommended testing phase is meant to cost at most 2x the paper's. Times are wall-clock on this machine;
 ratios are what to read (the three are measured back to back on the same images and layers). The allocator is set
 as the command line sets it (``allocator.keep_freed_memory``); ``--system-allocator`` leaves glibc's default, to
 see what that costs.

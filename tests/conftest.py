@@ -15,7 +15,7 @@ torch.set_num_threads(int(os.environ.get("MAPPRUNE_TEST_THREADS", "1")))
 keep_freed_memory()  # as the command line does: big tensors are not page-faulted in afresh at every allocation
 
 REPO = Path(__file__).resolve().parents[1]
-# The user's own cache setting, before the session fixture below points MAPPRUNE_CACHE at a temporary folder.
+# The user's own cache setting, before the whole-run fixture below points MAPPRUNE_CACHE at a temporary folder.
 USER_CACHE = os.environ.get("MAPPRUNE_CACHE")
 
 

@@ -227,6 +227,39 @@ def test_sigterm_stops_the_ray_tasks(reference, tmp_path):
     assert _metrics(out) == _metrics(ref)
 
 
+def _ray_task_workers(pid: int) -> list[int]:
+    """The Ray worker processes under ``pid`` that are running a bench cell (Ray names them ray::run_cell)."""
+    out = []
+    for kid in _children(pid, deep=True):
+        try:
+            if b"run_cell" in Path(f"/proc/{kid}/cmdline").read_bytes():
+                out.append(kid)
+        except OSError:
+            pass
+    return out
+
+
+@needs_proc
+def test_a_killed_ray_worker_is_retried_and_the_table_matches(reference, tmp_path):
+    """--backend ray: a worker killed in the middle of a cell is retried by Ray; the cell resumes from what its
+    .partial folder holds and the grid ends with the table of an uninterrupted local run."""
+    pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'mapprune[ray]')")
+    grid, ref = reference
+    out = tmp_path / "out"
+    proc, _, stderr = _start(tmp_path, grid, "--out", out, "--jobs", "2", "--backend", "ray")
+    try:
+        _wait_for(lambda: _ray_task_workers(proc.pid) and any((out / "runs").rglob("*.partial")), proc, 150)
+        victim = _ray_task_workers(proc.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        assert proc.wait(timeout=170) == 0, stderr.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert _metrics(out) == _metrics(ref)
+    assert not list((out / "failed").glob("*.json")) if (out / "failed").is_dir() else True
+
+
 @pytest.mark.parametrize("victim", ["results.csv", "table.md"])
 def test_a_full_disk_leaves_the_previous_results_intact(reference, tmp_path, monkeypatch, victim):
     grid_path, ref = reference

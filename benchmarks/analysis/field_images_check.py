@@ -1,4 +1,4 @@
-"""Issue 9: does judging the field probes on fewer images (FMT's ``field_images``) change what the recommended recipe
+"""Does judging the field probes on fewer images (FMT's ``field_images``) change what the recommended recipe
 does? Compares, per run and seed, a finished repair whose fields were judged on every test image
 (``defense/fmt[-seedS]/result.json``, field_images 0, as before the option existed) with a detection-only run of the
 current recipe (``mapprune defend fmt RUN --seed S --detect-only --opt stimulate=0``: the same probes, seed and clean

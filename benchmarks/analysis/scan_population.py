@@ -1,4 +1,4 @@
-"""Issue 13: the scan's false positives over a population of clean models, and its detection over backdoored ones,
+"""The scan's false positives over a population of clean models, and its detection over backdoored ones,
 with Neural Cleanse's detection beside it.
 
 Reads every ``runs/cifar10-*/scan/scan.json`` written by ``mapprune scan RUN``, prints one row per model, then the
@@ -6,8 +6,8 @@ true and false positive rates at the scan's default verdict and the AUROC of eac
 pull, the rejected-class sign (1 - weakest class / median class accuracy) and the stimulation test's anomaly index.
 The verdict is recomputed from the three signs with the scan's own thresholds (``jobs.scan.THRESHOLD``,
 ``metrics.REJECTED``, ``stimulation.ANOMALY_THRESHOLD``), so rows given as arguments are judged by the same rule. A
-run counts as clean when its manifest's poison ratio is 0. Rows measured without a scan.json (for example the
-probes of an earlier session and the stimulation table of this one) can be given as
+run counts as clean when its manifest's poison ratio is 0. Rows measured without a scan.json (for example
+probe pulls read from FMT's result.json files, or a stimulation table) can be given as
 ``NAME=PULL:WEAKEST_OVER_MEDIAN:STIMULATION_ANOMALY[:clean | :SUSPECTED]`` (the anomaly "-" where the stimulation
 test was not run; SUSPECTED the scan's suspected class); they are marked as such, and their real target is read from
 ``runs/cifar10-NAME/manifest.json`` when it exists.

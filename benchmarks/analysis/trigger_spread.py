@@ -1,4 +1,4 @@
-"""What an adaptive attack changed inside a model (issue 14): per trigger, the largest per-map trigger response (a
+"""What an adaptive attack changed inside a model: per trigger, the largest per-map trigger response (a
 z-score of the shift between triggered and clean test images, `mapprune diagnose`'s measure), how many maps
 respond above z = 2 and 3. The real trigger is used here to describe the model, never inside a defense. (What
 FMT's probe saw, its suspected target and per-class pull, is in each FMT result.json: `suspected_target`.)

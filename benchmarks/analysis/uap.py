@@ -1,4 +1,4 @@
-"""One-off (issue 9): a universal perturbation towards SIG's target class, optimised on the clean subset only,
+"""One-off: a universal perturbation towards SIG's target class, optimised on the clean subset only,
 on the SIG model; its success rate and its cosine similarity with SIG's real pattern (evaluation only).
 
     python benchmarks/analysis/uap.py [TARGET]

@@ -62,6 +62,10 @@ def attack_class(name: str) -> type[Attack]:
 
 
 def create_attack(name: str, image_shape, num_classes: int, **kw) -> Attack:
+    """The attack ``name`` (built-in, registered with :func:`register_attack`, or from an installed package's
+    ``mapprune.attacks`` entry point) for images of ``image_shape`` (C, H, W) and ``num_classes`` classes; ``kw``
+    are its options: ``target``, ``poison_ratio``, ``all_to_all`` and the attack's own. An unknown name is refused,
+    naming the valid ones."""
     return attack_class(name)(image_shape, num_classes, **kw)
 
 

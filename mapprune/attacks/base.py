@@ -125,7 +125,7 @@ class Attack:
     def backdoor_test(self, x: torch.Tensor, y: torch.Tensor):
         """The backdoor test set: triggered test images, their attack targets and their true labels.
 
-        All-to-one leaves out images of the target class (protocol.md).
+        All-to-one leaves out images of the target class (docs/protocol.md).
         """
         keep = torch.arange(len(y)) if self.all_to_all else torch.nonzero(y != self.target).flatten()
         return self.apply(x[keep]), self.target_labels(y[keep]), y[keep]

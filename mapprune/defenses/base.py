@@ -283,10 +283,9 @@ RUNTIME = ("device", "progress")  # how a defense runs, not what it computes: no
 # ``paper``: FMT's published fine-tune (SGD lr 0.01, cosine to 1e-4, 10 epochs, batch 256, no weight decay).
 # ``recommended``: a fine-tune matched to a short one-cycle training recipe (the CPU preset trains at peak lr
 # 0.1): one-cycle to 0.01, nesterov, weight decay 5e-4, batch 128, 15 epochs, distilling from the incoming model;
-# to 0.02 when the incoming model rejects a class (``relearn_lr``). Chosen on measurements in docs/results.md
-# ("A stronger FMT"; "Issue 9, sixth session": with FMT's unlearning, 0.01 keeps 0.3-1.2 points more clean
-# accuracy than 0.02 and removes the backdoors as well, except SIG's, whose consumed target class only 0.02
-# teaches again).
+# to 0.02 when the incoming model rejects a class (``relearn_lr``). Chosen on the measurements in docs/fmt.md
+# ("What the recommended recipe adds": with FMT's unlearning, 0.01 keeps 0.3-1.2 points more clean accuracy than
+# 0.02 and removes the backdoors as well, except SIG's, whose consumed target class only 0.02 teaches again).
 FINETUNES: dict[str, dict] = {
     "paper": {"epochs": 10, "lr": 0.01, "batch_size": 256, "weight_decay": 0.0, "min_lr": 1e-4,
               "schedule": "cosine", "nesterov": False, "distill": 0.0, "relearn_lr": 0.0},

@@ -85,7 +85,7 @@ def random_candidates(found, image_hw: tuple[int, int], seed: int):
 
 
 # FMT's own hyperparameters per recipe (the fine-tune's are in base.FINETUNES). ``paper`` is the published
-# algorithm; ``recommended`` is what the measurements in docs/results.md select.
+# algorithm; ``recommended`` is what the measurements in docs/fmt.md ("What the recommended recipe adds") select.
 FMT_RECIPES: dict[str, dict] = {
     "paper": {"n_images": 32, "balanced": False, "eps": 0.06, "objective": "mse", "scorer": "accuracy",
               "selection": "rank", "mask": False, "unlearn": 0.0, "unlearn_warp": 0.0,

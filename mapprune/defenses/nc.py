@@ -26,7 +26,7 @@ defaults here search on ``n_images`` (1,000) class-balanced fitting images with 
 are 1,240 Adam steps, more than BackdoorBench's 800 (``--opt reverse_epochs=80 reverse_batch_size=256
 n_images=None`` for BB's). How long is long enough matters to the verdict: on a synthetic problem a 15-epoch search
 flags a clean model and a 60-epoch one does not; the CIFAR-10 clean model is flagged (class 9) at 40 epochs and
-sits just under the threshold at 20 (docs/results.md, "NC's detection").
+sits just under the threshold at 20 (docs/defenses.md, "NC: Neural Cleanse").
 """
 
 import copy

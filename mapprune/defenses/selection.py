@@ -65,7 +65,8 @@ def _low_outliers_elliptic(s: np.ndarray, contamination: float, seed: int) -> np
 
 def select_outlier(scores: dict[str, torch.Tensor], *, method: str = "elliptic", contamination: float = 0.1,
                    threshold: float = 3.5, seed: int = 0, **_) -> dict[str, list[int]]:
-    """The v1 rule: per-layer outlier detection on the score distribution; only low-side outliers are pruned.
+    """The rule of the paper's first arXiv version: per-layer outlier detection on the score distribution; only
+    low-side outliers are pruned.
 
     ``method="elliptic"``: scikit-learn's Elliptic Envelope with ``contamination`` (paper: 0.1).
     ``method="mad"``: robust z-score 0.6745 (s - median) / MAD below ``-threshold`` (default 3.5).

@@ -30,8 +30,8 @@ from .scoring import consumer_signs, forward_to
 
 # The anomaly index above which the stimulation test calls a model backdoored (``mapprune scan``). Set without
 # the backdoored models' targets: the clean CIFAR-10 models measured reach 1.5-2.2, and a class that is not the
-# target reached 3.7 on one backdoored model (a spurious high, so the line sits above it). docs/results.md,
-# "the stimulation test".
+# target reached 3.7 on one backdoored model (a spurious high, so the line sits above it). docs/fmt.md,
+# "The stimulation test"; docs/results.md, "The scan".
 ANOMALY_THRESHOLD = 4.0
 
 

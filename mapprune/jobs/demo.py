@@ -20,7 +20,7 @@ def demo(out: Path | None = None, device=None, progress: bool = True) -> list[di
         # The recommended recipe, adapted to 8x8 digits and a 4-conv CNN: the CNN has 32-64 maps per layer, so
         # the budget is 1/8 of each layer's maps instead of 1/64; 126 clean images fine-tune in batches of 32;
         # and no distillation: from this small a model it carries the backdoor back (ASR 9.3% instead of 0.8%,
-        # docs/results.md); and the candidate families share one fifth of each batch (unlearn_each off): on
+        # measured on the demo's model); and the candidate families share one fifth of each batch (unlearn_each off): on
         # this model ASR is 0-0.6% either way, and a fifth per family costs 1.1 points more ACC (five seeds).
         r = defend_run(run, "fmt", fraction=1 / 8, batch_size=32, distill=0.0, unlearn_each=False, device=device,
                        overwrite=True, progress=progress)

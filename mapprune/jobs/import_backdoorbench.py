@@ -19,7 +19,7 @@ sampling point lies inside the image and the weights sum to 1. That is mapprune'
 given (``WaNet.from_grids``); s, k, grid_rescale and cross_ratio are not in the files and come from
 ``--attack-opt`` (BackdoorBench's defaults otherwise). BackdoorBench keeps the grids out of attack_result.pt: they
 are in the ``state_dict.pt`` its wanet.py writes beside it every ``frequency_save`` epochs (0, never, in its default
-configuration), or in its v1 checkpoint (``<dataset>_<mode>_morph.pth.tar``).
+configuration), or in the checkpoint of BackdoorBench's first release (``<dataset>_<mode>_morph.pth.tar``).
 """
 
 import time
@@ -169,7 +169,7 @@ def wanet_grids(data: dict, path, grids=None) -> tuple[dict, Path]:
         raise MapPruneError(f"WaNet's warping grids ({' and '.join(WANET_GRIDS)}) are neither in {result} nor in a "
                             f"state_dict.pt beside it: BackdoorBench's wanet.py saves them only in state_dict.pt, "
                             "written every frequency_save epochs (0, never, by default). Give the file holding them "
-                            "with --attack-opt grids=FILE (a state_dict.pt, or v1's <dataset>_<mode>_morph.pth.tar)")
+                            "with --attack-opt grids=FILE (a state_dict.pt, or BackdoorBench 1.x's <dataset>_<mode>_morph.pth.tar)")
     missing = [k for k in WANET_GRIDS if not isinstance(content, dict) or k not in content]
     if missing:
         found = sorted(map(str, content)) if isinstance(content, dict) else type(content).__name__

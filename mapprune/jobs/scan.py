@@ -12,8 +12,9 @@ anomaly index) is reported too; with ten classes it is noisy (an 8x8 digits mode
 its pull is 0.10), so it does not decide.
 
 The default threshold (0.5) is set from clean models only, never from the backdoored ones it is judged on: the
-clean models measured so far pull 0.31 (CIFAR-10 CPU preset) and 0.07-0.10 (digits); it is provisional until the
-clean-model population of the scan measurement is complete (docs/results.md, "scan"). Neural Cleanse's anomaly
+clean models measured pull 0.13-0.31 (six CIFAR-10 CPU-preset models) and 0.07-0.10 (digits); docs/results.md,
+"The scan: detection over 15 models". ``mapprune calibrate`` sets the rule on a population of models instead
+(:mod:`mapprune.detect.calibrate`). Neural Cleanse's anomaly
 index (MAD over reversed-trigger norms, flagged above 2) is reported beside it when ``nc`` is on; it does not
 change the verdict.
 
@@ -29,7 +30,7 @@ per-image pattern): the **stimulation test** (:mod:`mapprune.defenses.stimulatio
 clean mean plus ``stimulate`` standard deviations and records where the other classes' images go; its anomaly
 index (the robust z-score of the hardest-pulling 2% of maps' pull among the classes) above
 ``stimulation.ANOMALY_THRESHOLD`` makes the verdict "backdoored". That threshold is set from clean models and
-from a backdoored model's non-target class, never from a real target (docs/results.md, "the stimulation test").
+from a backdoored model's non-target class, never from a real target (docs/scan.md, "What the scan looks at").
 
 The verdict is "backdoored" when any sign fires; the suspected target is then the probes' class if their pull is
 over the threshold, else the rejected class, else the stimulation test's class.
@@ -85,6 +86,9 @@ def check_judgeable(predictions: torch.Tensor, labels: torch.Tensor, num_classes
 
 @dataclass
 class ScanResult:
+    """What :func:`scan` found: the verdict (``backdoored``), the probes' score and suspected target, and each
+    sign's details; :meth:`to_json` is what scan.json holds."""
+
     backdoored: bool
     score: float  # the suspected target's pull (FMT's probe)
     threshold: float

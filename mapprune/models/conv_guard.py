@@ -1,7 +1,7 @@
 """A guard against a PyTorch CPU bug in strided 1x1 convolutions with few input channels.
 
-On an AMD EPYC with AVX2 only (PyTorch 2.13.0, CPU build; the AVX-512 machines of earlier sessions never showed
-it), oneDNN's weight gradient of a 1x1 convolution with stride 2 and 2 to 7 input channels, when its input or
+On an AMD EPYC with AVX2 only (PyTorch 2.13.0, CPU build; the AVX-512 machines the project was also measured on never
+showed it), oneDNN's weight gradient of a 1x1 convolution with stride 2 and 2 to 7 input channels, when its input or
 weight is channels_last (the layout mapprune trains in), writes outside its buffers: the process dies with "double
 free or corruption", a segmentation fault or a bus error, or goes on with a corrupted heap. The same convolution in
 the standard layout is correct. A ResNet of width 4 (the tests' models, or a user's `--width 4`) has such a

@@ -1,0 +1,229 @@
+"""The documentation holds: the site builds under ``mkdocs build --strict`` (every page, link, anchor and API page),
+every relative link and file reference in README.md and docs/*.md points into the repository, every quoted
+``mapprune ...`` command parses, and no file of the project speaks of the history of its development."""
+
+import glob
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+SHELL_LANGS = {"", "bash", "sh", "shell", "console", "text"}  # fenced blocks whose commands are checked
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(REPO))
+
+
+def test_the_site_builds_strict(tmp_path):
+    """mkdocs.yml with strict mode and link validation on: a broken link, a missing anchor, a page left out of the
+    nav or an API page whose docstring does not render is a warning, and a warning fails the build."""
+    pytest.importorskip("mkdocs", reason="mkdocs is not installed (pip install -e '.[docs]')")
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "WARNING" not in out, out
+    assert (tmp_path / "site" / "index.html").is_file()
+    assert (tmp_path / "site" / "api" / "index.html").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------- markdown
+
+
+def _blocks(text: str):
+    """(first line number, language, lines) of every code block: fenced (``` or ~~~) and indented (four spaces or a
+    tab after a blank line, outside a fence)."""
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        fence = re.match(r"^\s*(```+|~~~+)\s*([\w+-]*)", lines[i])
+        if fence:
+            mark, lang, start, body = fence.group(1), fence.group(2).lower(), i + 2, []
+            i += 1
+            while i < len(lines) and not lines[i].strip().startswith(mark):
+                body.append(lines[i])
+                i += 1
+            yield start, lang, body
+            i += 1
+            continue
+        if re.match(r"^( {4}|\t)\S", lines[i]) and (i == 0 or not lines[i - 1].strip()):
+            start, body = i + 1, []
+            while i < len(lines) and (re.match(r"^( {4}|\t)", lines[i]) or not lines[i].strip()):
+                body.append(lines[i])
+                i += 1
+            yield start, "", body
+            continue
+        i += 1
+
+
+def _outside_code(text: str) -> str:
+    """The text with its code blocks, fences included, blanked (line numbers kept)."""
+    lines = text.splitlines()
+    for start, _, body in _blocks(text):
+        fenced = start >= 2 and re.match(r"^\s*(```|~~~)", lines[start - 2])
+        first, last = (start - 2, start + len(body)) if fenced else (start - 1, start - 1 + len(body))
+        for k in range(first, min(last, len(lines))):
+            lines[k] = ""
+    return "\n".join(lines)
+
+
+def _prose(text: str) -> str:
+    """The text without its code blocks and inline code spans (line numbers kept)."""
+    return re.sub(r"`[^`]+`", lambda m: "\n" * m.group(0).count("\n"), _outside_code(text))
+
+
+def _code_spans(text: str):
+    """(line number, content) of every inline code span outside code blocks (a span may run over lines)."""
+    outside = _outside_code(text)
+    for m in re.finditer(r"`([^`]+)`", outside):
+        yield outside.count("\n", 0, m.start()) + 1, " ".join(m.group(1).split())
+
+
+LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)|^\s*\[[^\]]+\]:\s*(\S+)", re.M)
+# A reference to a file of the repository written as inline code: `mapprune/defenses/fmt.py`, `docs/fmt.md`.
+REPO_PATH = re.compile(r"^(README\.md|mkdocs\.yml|pyproject\.toml|requirements\.txt|(docs|mapprune|benchmarks|tests)/"
+                       r"[\w./*-]*)$")
+
+
+def test_relative_links_point_into_the_repository():
+    """Every relative link and every file path quoted as code in README.md and docs/*.md exists in the repository,
+    and nothing points at ../shared (the project's neighbours, which a reader does not have) but the data folder."""
+    bad = []
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        for m in LINK.finditer(_prose(text)):
+            target = m.group(1) or m.group(2)
+            line = _prose(text).count("\n", 0, m.start()) + 1
+            if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I) or target.startswith("#"):
+                continue  # a URL, a mail address or an anchor on the same page
+            path = target.split("#")[0]
+            resolved = (page.parent / path).resolve()
+            if "shared" in Path(path).parts or not resolved.is_relative_to(REPO) or not resolved.exists():
+                bad.append(f"{_rel(page)}:{line}: link {target!r} does not point to a file of the repository")
+        for line, code in _code_spans(text):
+            if REPO_PATH.match(code) and not glob.glob(str(REPO / code)):
+                bad.append(f"{_rel(page)}:{line}: `{code}` names a file the repository does not have")
+        for i, row in enumerate(text.splitlines(), 1):
+            for m in re.finditer(r"\.\./shared/([\w.-]*)", row):
+                if m.group(1) != "data":
+                    bad.append(f"{_rel(page)}:{i}: {m.group(0)!r} is outside the repository (only ../shared/data, "
+                               "the datasets folder, may be named)")
+    assert not bad, "\n".join(bad)
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+
+OPERATORS = set("();<>|&")
+# The command word: `mapprune`, `.venv/bin/mapprune` or `python -m mapprune`, at the start or after a shell operator.
+COMMAND = re.compile(r"(?:^|(?<=[\s;&|(]))(?:[\w.~-]*/)*mapprune(?=\s|$)")
+
+
+def _commands(page: Path):
+    """(line, argv) of every ``mapprune ...`` command in the page's shell code blocks: continuation lines joined,
+    comments dropped, cut at the first shell operator; ``...`` (more options) is left out."""
+    for start, lang, body in _blocks(page.read_text(encoding="utf-8")):
+        if lang not in SHELL_LANGS:
+            continue
+        k = 0
+        while k < len(body):
+            first, line = start + k, body[k]
+            while line.rstrip().endswith("\\") and k + 1 < len(body):
+                k += 1
+                line = line.rstrip()[:-1] + " " + body[k]
+            k += 1
+            code = re.split(r"(?:^|\s)#", line, maxsplit=1)[0]  # a shell comment runs to the end of the line
+            for command in COMMAND.finditer(code):
+                lex = shlex.shlex(code[command.end():], posix=True, punctuation_chars=True)
+                lex.whitespace_split = True
+                try:
+                    tokens = list(lex)
+                except ValueError as e:
+                    yield first, line, e
+                    continue
+                argv = []
+                for t in tokens:
+                    if set(t) <= OPERATORS:
+                        break
+                    if t != "...":
+                        argv.append(t)
+                yield first, line, argv
+
+
+def test_every_quoted_command_parses(capsys):
+    """Each `mapprune ...` command of README.md and docs/*.md is accepted by the command line's own parser
+    (placeholders such as RUN or DIR are positional strings; commands that need files are parsed, not run)."""
+    from mapprune.cli import build_parser
+
+    parser, bad, seen = build_parser(), [], 0
+    for page in PAGES:
+        for line, text, argv in _commands(page):
+            seen += 1
+            if isinstance(argv, Exception):
+                bad.append(f"{_rel(page)}:{line}: cannot split {text.strip()!r}: {argv}")
+                continue
+            try:
+                parser.parse_args(argv)
+            except SystemExit as e:
+                err = capsys.readouterr().err.strip().splitlines()
+                if e.code:
+                    bad.append(f"{_rel(page)}:{line}: mapprune {shlex.join(argv)}\n    {err[-1] if err else e}")
+    assert seen > 20, f"only {seen} commands found: the code-block reader is broken"
+    assert not bad, "\n".join(bad)
+
+
+# ---------------------------------------------------------------------------------------------------- history
+
+ORDINALS = ("first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|eleventh|twelfth|thirteenth|"
+            "fourteenth|fifteenth|sixteenth|seventeenth|eighteenth|nineteenth|twentieth")
+# Phrases that name moments of the project's development rather than what the code does or what was measured.
+HISTORY = [
+    re.compile(r"\bsessions?\b", re.I),
+    re.compile(r"\bissues? #?\d+", re.I),
+    re.compile(rf"\b({ORDINALS}) session", re.I),
+    re.compile(r"(?<![\w./@-])v\d\b"),  # research-iteration tags (v5, v6); not paths such as tests/fixtures/run-v0
+    re.compile(r"\bacceptance status\b", re.I),
+    re.compile(r"\bqueued for the next\b", re.I),
+]
+# pytest's own spelling of a fixture scope is code, not prose.
+ALLOWED = re.compile(r"""scope\s*=\s*["']session["']""")
+
+
+def _project_files() -> list[Path]:
+    try:
+        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                                capture_output=True, text=True, check=True).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout: git ls-files cannot list the project's files")
+    return [REPO / f for f in sorted(set(listed)) if (REPO / f).is_file()]
+
+
+def test_no_file_speaks_of_the_development_history():
+    """Product text speaks of the product: no "session", no "issue N", no research-iteration tags like "v5" in any
+    text file of the project (git keeps the history). Fails listing file:line for every hit."""
+    me = Path(__file__).resolve()
+    hits = []
+    for path in _project_files():
+        if path.resolve() == me:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue  # a binary file
+        if "\0" in text:
+            continue
+        for i, line in enumerate(text.splitlines(), 1):
+            prose = ALLOWED.sub("", line)
+            for pattern in HISTORY:
+                m = pattern.search(prose)
+                if m:
+                    hits.append(f"{_rel(path)}:{i}: {m.group(0)!r} in: {line.strip()[:140]}")
+                    break
+    assert not hits, f"{len(hits)} lines name the development history:\n" + "\n".join(hits)
