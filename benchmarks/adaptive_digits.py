@@ -15,10 +15,10 @@ import torch
 from mapprune.data import clean_subset
 from mapprune.defenses import create_defense
 from mapprune.defenses.fmt import FMT
-from mapprune.defenses.scorers import class_pull, estimate_target
 from mapprune.jobs.attack import attack_run
 from mapprune.jobs.diagnose import trigger_response
 from mapprune.metrics import evaluate
+from mapprune.probes import class_pull, estimate_target
 from mapprune.runs import load_run
 
 PATCH2 = {"base_opts": {"patch_size": 2}}  # BadNets' default on 8x8 digits is a single pixel

@@ -40,8 +40,7 @@ if work == "train":
             loss.backward()
             opt.step()
 else:
-    from mapprune.defenses.pruning import map_layers
-    from mapprune.defenses.scoring import probe_maps
+    from mapprune.probes import map_layers, probe_maps
     x = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
     y = torch.arange(32) % 10
     layers = list(map_layers(model))[::4]

@@ -15,8 +15,8 @@ import torch
 from mapprune.data import clean_subset
 from mapprune.defenses import FMT
 from mapprune.defenses.pruning import prune
-from mapprune.defenses.scorers import estimate_target, suspicion
 from mapprune.metrics import evaluate
+from mapprune.probes import estimate_target, suspicion
 from mapprune.runs import load_run
 
 

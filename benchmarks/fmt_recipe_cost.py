@@ -3,7 +3,7 @@ recommended recipe's probes (patch, plus the warp and smooth fields that give un
 pass, as FMT runs them (the fields judged on ``field_images`` of the test images), the same pass with the fields
 judged on every test image (the recipe before field_images), and, with ``--apart``, one probe after another.
 
-The recommended recipe also runs the stimulation test (``defenses/stimulation.py``: every map set to a high
+The recommended recipe also runs the stimulation test (``probes/stimulation.py``: every map set to a high
 value, 30 class-balanced images, level 4; detection only), timed on the same layers and added to the shared pass.
 
 The recommended testing phase is meant to cost at most 2x the paper's. Times are wall-clock on this machine;
@@ -24,10 +24,8 @@ import torch
 from mapprune.allocator import keep_freed_memory
 from mapprune.defenses.base import pick_images
 from mapprune.defenses.fmt import FMT_RECIPES
-from mapprune.defenses.pruning import map_layers
-from mapprune.defenses.scoring import probe_maps
-from mapprune.defenses.stimulation import stimulate_maps
 from mapprune.models import create_model
+from mapprune.probes import map_layers, probe_maps, stimulate_maps
 
 RECOMMENDED = {"patch": 0.06, "warp": 1.0, "smooth": 0.06}
 FIELD_IMAGES = FMT_RECIPES["recommended"]["field_images"]

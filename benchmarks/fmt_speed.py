@@ -16,11 +16,9 @@ import time
 
 import torch
 
-from mapprune.defenses import score_feature_maps
-from mapprune.defenses.pruning import conv_layers
-from mapprune.defenses.scoring import forward_to
 from mapprune.device import peak_memory_mb, pick_device
 from mapprune.models import create_model
+from mapprune.probes import conv_layers, layer_output, score_feature_maps
 
 
 def sync(device):
@@ -35,7 +33,7 @@ def floor(model, layer, x, maps, batch_images):
     for c0 in range(0, maps, chunk):
         k = min(chunk, maps - c0)
         xb = x.repeat(k, 1, 1, 1).requires_grad_(True)
-        (g,) = torch.autograd.grad(forward_to(model, layer, xb).square().mean(), xb)
+        (g,) = torch.autograd.grad(layer_output(model, layer, xb).square().mean(), xb)
         with torch.inference_mode():
             model((xb.detach() + g.sign() * 0.01).clamp_(0, 1)).argmax(1)
 

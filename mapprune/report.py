@@ -109,7 +109,7 @@ def save_nc_triggers(folder: Path, result, data, defense) -> None:
 
 def save_fmt_adversarial(folder: Path, result, data, defense) -> None:
     """adversarial.png: the inputs FMT made for the six lowest-scoring maps, on the model as it was tested."""
-    from .defenses.scoring import random_start
+    from .probes import random_start
 
     if result.original is None:
         return
@@ -146,7 +146,7 @@ def save_channel_scores(path: Path, scores: dict, pruned: dict, label: str) -> N
 def save_adversarial(path, model, xt, x0, worst: list, eps: float, objective: str) -> None:
     """The inputs FMT made for the lowest-scoring maps ``worst`` [(score, name, channel)] on the first test
     image, next to the clean image. ``model`` is the model as it was tested."""
-    from .defenses.scoring import adversarial_for_map
+    from .probes import adversarial_for_map
 
     plt = _plt()
     modules = dict(model.named_modules())

@@ -34,7 +34,7 @@ def _largest_shift(r) -> float:
 
 def _target_pull(r) -> tuple[float, int]:
     from mapprune.defenses.fmt import FMT
-    from mapprune.defenses.scorers import class_pull, estimate_target
+    from mapprune.probes import class_pull, estimate_target
 
     test = FMT(fraction=0.125).probe(r.model, r.dataset.x_train[:500], r.dataset.y_train[:500])
     return float(class_pull(test)[:, r.attack.target].max()), estimate_target(test)["target"]

@@ -247,9 +247,9 @@ def test_backdoorbench_weights_give_backdoorbenchs_function(name):
     torchvision's forward on BackdoorBench's normalised input; the defenses find ordinary convs, BatchNorms and
     the classifier as the last nn.Linear."""
     from mapprune.defenses.fp import classifier_head
-    from mapprune.defenses.pruning import following_batchnorms, map_layers
     from mapprune.jobs.import_backdoorbench import MODELS as BB
     from mapprune.jobs.import_backdoorbench import NORMALISATION, backdoorbench_model
+    from mapprune.probes import following_batchnorms, map_layers
 
     layout = _layout(name, 4)
     state = _random_state(layout)

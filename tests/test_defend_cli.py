@@ -122,23 +122,23 @@ def test_defend_recipe_paper_is_named_and_recorded(run, capsys):
 
 
 def test_defend_states_each_detection_sign_by_the_scans_lines():
-    from mapprune.cli import _detection_lines
+    from mapprune.commands.defend import detection_lines
 
     pull = [0.0, 0.1, 0.62, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     r = {"params": {"objective": "patch"}, "suspected_target": {"target": 2, "anomaly_index": 9.3, "class_pull": pull},
          "fine_tune": {"lr": 0.02, "rejected_classes": [0], "class_acc": [0.0] + [0.9] * 9},
          "stimulated_target": {"target": 0, "anomaly_index": 6.2, "class_pull": pull}}
-    probes, rejected, stimulation = _detection_lines(r)
+    probes, rejected, stimulation = detection_lines(r)
     assert probes.startswith("suspected target class 2") and "62%" in probes and "over the scan's 50%" in probes
     assert rejected.startswith("class 0 rejected") and "0%" in rejected and "90%" in rejected
     assert "class 0" in stimulation and "over the scan's 4" in stimulation
     # The paper's mse probe pulls on another scale: no verdict line for it, and no rejected class, no lines.
     paper = {"params": {"objective": "mse"}, "fine_tune": {"lr": 0.01, "rejected_classes": [], "class_acc": [0.9] * 10},
              "suspected_target": {"target": 2, "anomaly_index": 9.3, "class_pull": pull}}
-    (line,) = _detection_lines(paper)
+    (line,) = detection_lines(paper)
     assert "scan" not in line
     # A fine-tune that diverged is named, with what to do about it.
     paper["fine_tune"]["diverged"] = {"first_loss": 0.63, "peak_loss": 7.14, "peak_epoch": 3, "last_loss": 4.59, "lr": 0.01}
-    warning = _detection_lines(paper)[-1]
+    warning = detection_lines(paper)[-1]
     assert warning.startswith("warning: the fine-tune diverged") and "0.63" in warning and "7.14 in epoch 3" in warning
     assert "--lr" in warning

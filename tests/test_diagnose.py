@@ -6,9 +6,6 @@ import json
 import pytest
 import torch
 
-from mapprune.defenses.pruning import conv_layers
-from mapprune.defenses.scorers import estimate_target, robust_z, suspicion
-from mapprune.defenses.scoring import probe_feature_maps
 from mapprune.errors import MapPruneError
 from mapprune.jobs.diagnose import (
     SingleMapPruner,
@@ -20,6 +17,7 @@ from mapprune.jobs.diagnose import (
     spearman,
 )
 from mapprune.models import create_model
+from mapprune.probes import conv_layers, estimate_target, probe_feature_maps, robust_z, suspicion
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +83,7 @@ def test_ground_truth_finds_the_backdoor(digits_run):
 
 def _synthetic_test(n_maps=60, n=40, k=5, target=2, backdoor_maps=(7, 33)):
     """A MapTest where every map pulls a little towards a sink class (4) and two maps pull hard to ``target``."""
-    from mapprune.defenses.scoring import MapTest
+    from mapprune.probes import MapTest
 
     y = torch.arange(n) % k
     base = torch.full((n, k), 0.1)

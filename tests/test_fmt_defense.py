@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from mapprune.defenses import FMT, FineTune, create_defense
-from mapprune.defenses.pruning import conv_layers, following_batchnorms, prune
+from mapprune.defenses.pruning import prune
 from mapprune.defenses.selection import select, select_outlier, select_rank
 from mapprune.errors import MapPruneError
 from mapprune.models import create_model
+from mapprune.probes import conv_layers, following_batchnorms
 
 
 def test_following_batchnorms_preactresnet():
@@ -259,9 +260,8 @@ def test_unlearning_stamps_candidates_found_where_the_trigger_is(digits_run):
     a 1-pixel candidate beside it excites the same 3x3 convolutions), the fine-tune stamps them on about ``unlearn``
     of each batch, and the backdoor is removed."""
     from mapprune.data import clean_subset
-    from mapprune.defenses.fmt import Union
-    from mapprune.defenses.scoring import Patches, Warps
     from mapprune.metrics import evaluate
+    from mapprune.probes import CandidateSet, Patches, Warps
 
     r = digits_run
     idx = clean_subset(r.dataset.y_train, 0.1, 0)
@@ -284,7 +284,7 @@ def test_unlearning_stamps_candidates_found_where_the_trigger_is(digits_run):
     stamped = out[:, 0, 7, 7] == 1
     assert torch.equal(labels, yb) and 150 < int(stamped.sum()) < 250  # true labels kept, about half stamped
     assert out[:, :, :7].abs().sum() == 0 and out[:, :, :, :7].abs().sum() == 0  # only the patch changed
-    both = Union([patches, Warps(torch.ones(1, 2, 4, 4), 1.0)])
+    both = CandidateSet([patches, Warps(torch.ones(1, 2, 4, 4), 1.0)])
     mixed = both.stamp(torch.rand(6, 1, 8, 8), torch.tensor([0, 1, 0, 1, 0, 1]))
     assert (mixed[0::2, 0, 7, 7] == 1).all() and len(both) == 2
     with pytest.raises(MapPruneError, match="unlearn"):
@@ -341,10 +341,10 @@ def test_bf16_and_fp32_testing_select_nearly_the_same_maps(digits_run):
 
 
 def test_random_candidates_control_keeps_counts_and_sizes():
-    from mapprune.defenses.fmt import Union, random_candidates
-    from mapprune.defenses.scoring import Patches, Warps
+    from mapprune.defenses.fmt import random_candidates
+    from mapprune.probes import CandidateSet, Patches, Warps
 
-    found = Union([Patches(torch.tensor([[0, 0], [3, 3]]), torch.ones(2, 3, 5, 5)), Warps(torch.zeros(3, 2, 4, 4), 1.0)])
+    found = CandidateSet([Patches(torch.tensor([[0, 0], [3, 3]]), torch.ones(2, 3, 5, 5)), Warps(torch.zeros(3, 2, 4, 4), 1.0)])
     rand = random_candidates(found, (32, 32), seed=0)
     patches, warps = rand.parts
     assert len(rand) == 5 and patches.window.shape == (2, 3, 5, 5) and warps.phi.shape == (3, 2, 4, 4)
@@ -358,13 +358,12 @@ def test_random_candidates_control_keeps_counts_and_sizes():
 def test_unlearn_each_gives_every_candidate_family_its_own_share():
     """``unlearn_each`` (the recommended recipe's): every family is stamped on its own share. Split: one share of
     the batch, divided among the families, so a third family thins out the other two."""
-    from mapprune.defenses.fmt import Union
-    from mapprune.defenses.scoring import Patches
+    from mapprune.probes import CandidateSet, Patches
 
     def family(value, row):  # a family of 2 patches of one colour, in its own rows of the image
         return Patches(torch.tensor([[row, 0], [row, 4]]), torch.full((2, 3, 2, 2), value))
 
-    three = Union([family(1.0, 0), family(0.5, 4), family(0.25, 8)])
+    three = CandidateSet([family(1.0, 0), family(0.5, 4), family(0.25, 8)])
     x, y = torch.zeros(4000, 3, 12, 12), torch.zeros(4000, dtype=torch.long)
 
     def shares(fmt):
@@ -435,13 +434,12 @@ def test_unlearn_append_adds_stamped_copies_and_keeps_every_clean_image():
     """``unlearn_append``: each family's stamped images are copies added after the batch (the same draws as
     replacing), so the batch's clean images all stay; the teacher of the distillation sees each copy's source."""
     from mapprune.defenses.base import FineTuning
-    from mapprune.defenses.fmt import Union
-    from mapprune.defenses.scoring import Patches
+    from mapprune.probes import CandidateSet, Patches
 
     def family(value, row):
         return Patches(torch.tensor([[row, 0], [row, 4]]), torch.full((2, 3, 2, 2), value))
 
-    two = Union([family(1.0, 0), family(0.5, 4)])
+    two = CandidateSet([family(1.0, 0), family(0.5, 4)])
     x, y = torch.rand(2000, 3, 12, 12) * 0.1, torch.randint(0, 10, (2000,))
     out, labels, src = FMT(unlearn=0.3, unlearn_append=True).unlearning(two)(x, y, torch.Generator().manual_seed(0))
     assert torch.equal(out[:2000], x) and torch.equal(labels, y[src]) and torch.equal(src[:2000], torch.arange(2000))

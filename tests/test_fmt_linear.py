@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from mapprune.defenses import FMT
-from mapprune.defenses.pruning import PruneMask, channel_dim, conv_layers, map_layers, num_maps, prune
-from mapprune.defenses.scoring import adversarial_for_map, probe_feature_maps
+from mapprune.defenses.pruning import PruneMask, prune
 from mapprune.errors import MapPruneError
 from mapprune.models import MODELS, create_model
+from mapprune.probes import adversarial_for_map, channel_dim, conv_layers, map_layers, num_maps, probe_feature_maps
 
 
 def _vit(width=4, in_channels=3, seed=0):
@@ -113,8 +113,8 @@ def test_fast_equals_reference_on_vit(objective):
         # by 2 eps. It moves the probabilities by ~5e-5, hence atol 1e-4 rather than the CNN tests' 1e-5.
         torch.testing.assert_close(fast.probs[name], ref.probs[name], rtol=1e-4, atol=1e-4, msg=f"layer {name}")
         if objective == "patch":
-            assert torch.equal(fast.patches[name].pos, ref.patches[name].pos)
-            assert torch.equal(fast.patches[name].window, ref.patches[name].window)
+            assert torch.equal(fast.candidates[name].pos, ref.candidates[name].pos)
+            assert torch.equal(fast.candidates[name].window, ref.candidates[name].window)
     if objective == "mse":
         scores = torch.cat(list(ref.acc.values()))
         assert scores.std() > 0, "scores must vary between maps for this comparison to mean anything"

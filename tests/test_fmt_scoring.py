@@ -4,11 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from mapprune.defenses import score_feature_maps
-from mapprune.defenses.pruning import conv_layers
-from mapprune.defenses.scoring import probe_feature_maps
 from mapprune.errors import MapPruneError
 from mapprune.models import create_model
+from mapprune.probes import conv_layers, probe_feature_maps, score_feature_maps
 
 
 def _calibrated(model: nn.Module, shape, seed=0) -> nn.Module:
@@ -169,7 +167,7 @@ def test_excite_objective_fast_equals_reference():
 
 
 def test_patch_objective_fast_equals_reference_and_changes_a_patch_only():
-    from mapprune.defenses.scoring import patch_step
+    from mapprune.probes import patch_step
 
     torch.manual_seed(0)
     model = _small_resnet()
@@ -179,9 +177,9 @@ def test_patch_objective_fast_equals_reference_and_changes_a_patch_only():
     ref = probe_feature_maps(model, x, y, implementation="reference", **kw)
     for layer in ref.acc:
         torch.testing.assert_close(fast.probs[layer], ref.probs[layer], rtol=1e-4, atol=1e-5)
-        assert torch.equal(fast.patches[layer].pos, ref.patches[layer].pos)
-        assert torch.equal(fast.patches[layer].window, ref.patches[layer].window)
-        assert len(fast.patches[layer]) == len(fast.acc[layer])
+        assert torch.equal(fast.candidates[layer].pos, ref.candidates[layer].pos)
+        assert torch.equal(fast.candidates[layer].window, ref.candidates[layer].window)
+        assert len(fast.candidates[layer]) == len(fast.acc[layer])
     x = torch.rand(3, 3, 32, 32)
     grad = torch.zeros(2, 3, 3, 32, 32)
     grad[0, :, 0, 10:15, 20:25] = 1.0  # map 0 wants red up in one 5x5 window
@@ -194,7 +192,7 @@ def test_patch_objective_fast_equals_reference_and_changes_a_patch_only():
 
 
 def test_found_patches_stamp_where_they_were_found():
-    from mapprune.defenses.scoring import find_patches
+    from mapprune.probes import find_patches
 
     grad = torch.zeros(2, 4, 3, 16, 16)
     grad[0, :, 0, 2:5, 9:12] = 1.0
@@ -212,12 +210,12 @@ def test_found_patches_stamp_where_they_were_found():
 
 
 def test_warp_objective_fast_equals_reference_and_identity_at_zero():
-    from mapprune.defenses.scoring import Warps, warp
+    from mapprune.probes import Warps, flow_warp
 
     torch.manual_seed(0)
     x = torch.rand(4, 3, 32, 32)
-    torch.testing.assert_close(warp(x, torch.zeros(1, 2, 4, 4), 2.0), x, atol=1e-5, rtol=0)
-    shifted = warp(x, torch.ones(1, 2, 4, 4), 1.0)  # every control point 1: a one-pixel shift right and down
+    torch.testing.assert_close(flow_warp(x, torch.zeros(1, 2, 4, 4), 2.0), x, atol=1e-5, rtol=0)
+    shifted = flow_warp(x, torch.ones(1, 2, 4, 4), 1.0)  # every control point 1: a one-pixel shift right and down
     torch.testing.assert_close(shifted[..., 1:30, 1:30], x[..., 2:31, 2:31], atol=1e-4, rtol=0)
     model = _small_resnet()
     xs, y = _images_and_own_labels(model, 5, SMALL)
@@ -226,13 +224,13 @@ def test_warp_objective_fast_equals_reference_and_identity_at_zero():
     ref = probe_feature_maps(model, xs, y, implementation="reference", **kw)
     for layer in ref.acc:
         torch.testing.assert_close(fast.probs[layer], ref.probs[layer], rtol=1e-4, atol=1e-5)
-        assert isinstance(fast.patches[layer], Warps) and torch.equal(fast.patches[layer].phi, ref.patches[layer].phi)
-    one = fast.patches["net.conv1"].select(torch.tensor([0]))
-    torch.testing.assert_close(one.stamp(xs[:2], torch.tensor([0, 0])), warp(xs[:2], one.phi, 1.0))
+        assert isinstance(fast.candidates[layer], Warps) and torch.equal(fast.candidates[layer].phi, ref.candidates[layer].phi)
+    one = fast.candidates["net.conv1"].select(torch.tensor([0]))
+    torch.testing.assert_close(one.stamp(xs[:2], torch.tensor([0, 0])), flow_warp(xs[:2], one.phi, 1.0))
 
 
 def test_smooth_objective_fast_equals_reference_and_stays_smooth_and_bounded():
-    from mapprune.defenses.scoring import Shifts, smooth_shift
+    from mapprune.probes import Shifts, smooth_shift
 
     torch.manual_seed(0)
     x = torch.full((2, 3, 32, 32), 0.5)
@@ -250,9 +248,9 @@ def test_smooth_objective_fast_equals_reference_and_stays_smooth_and_bounded():
     ref = probe_feature_maps(model, xs, y, implementation="reference", **kw)
     for layer in ref.acc:
         torch.testing.assert_close(fast.probs[layer], ref.probs[layer], rtol=1e-4, atol=1e-5)
-        assert isinstance(fast.patches[layer], Shifts) and torch.equal(fast.patches[layer].phi, ref.patches[layer].phi)
-        assert fast.patches[layer].phi.shape[1:] == (3, 4, 4)  # SMOOTH_GRID points per 32 pixels: 4 on 16
-    one = fast.patches["net.conv1"].select(torch.tensor([0]))
+        assert isinstance(fast.candidates[layer], Shifts) and torch.equal(fast.candidates[layer].phi, ref.candidates[layer].phi)
+        assert fast.candidates[layer].phi.shape[1:] == (3, 4, 4)  # SMOOTH_GRID points per 32 pixels: 4 on 16
+    one = fast.candidates["net.conv1"].select(torch.tensor([0]))
     torch.testing.assert_close(one.stamp(xs[:2], torch.tensor([0, 0])), smooth_shift(xs[:2], one.phi, 0.1))
 
 
@@ -260,7 +258,7 @@ def test_probes_sharing_one_pass_equal_each_probe_alone():
     """FMT's recommended recipe probes patches, warps and smooth fields in one forward and batched backward per
     layer; each result is what that probe gives alone (field gradients up to rounding: the shared input is x0 plus
     each field's exactly-zero change, while a field alone resamples x0)."""
-    from mapprune.defenses.scoring import probe_maps
+    from mapprune.probes import probe_maps
 
     torch.manual_seed(0)
     model = _small_resnet()
@@ -271,7 +269,7 @@ def test_probes_sharing_one_pass_equal_each_probe_alone():
     for objective, eps in probes.items():
         alone = probe_feature_maps(model, xs, y, objective=objective, eps=eps, **kw)
         for layer in alone.acc:
-            a, b = joint[objective].patches[layer], alone.patches[layer]
+            a, b = joint[objective].candidates[layer], alone.candidates[layer]
             if objective == "patch":  # the pixel gradient is exactly the patch probe's
                 assert torch.equal(a.pos, b.pos) and torch.equal(a.window, b.window)
                 assert torch.equal(joint[objective].acc[layer], alone.acc[layer])
@@ -289,7 +287,7 @@ def test_probes_sharing_one_pass_equal_each_probe_alone():
 def test_judged_images_judge_a_probe_on_the_first_images_only():
     """``judged_images`` keeps each map's step (it follows every image's gradient) and evaluates it on the first m
     images: the probabilities, labels and null are exactly the full probe's first m, in both implementations."""
-    from mapprune.defenses.scoring import probe_maps
+    from mapprune.probes import probe_maps
 
     torch.manual_seed(0)
     model = _small_resnet()
@@ -310,7 +308,7 @@ def test_judged_images_judge_a_probe_on_the_first_images_only():
                 expected = (b.probs[layer][:, :m].argmax(-1) == y[:m]).float().mean(1)
                 torch.testing.assert_close(a.acc[layer], expected)
                 if objective != "patch":
-                    assert torch.equal(a.patches[layer].phi, b.patches[layer].phi)  # the same fields found
+                    assert torch.equal(a.candidates[layer].phi, b.candidates[layer].phi)  # the same fields found
     with pytest.raises(MapPruneError, match="not probed"):
         probe_maps(model, xs, y, {"patch": 0.06}, judged_images={"warp": 2})
     with pytest.raises(MapPruneError, match="number of images"):
@@ -323,7 +321,7 @@ def test_a_field_probes_null_is_a_random_field_of_its_own_kind_and_size():
     "field" null is a random field of the probe's kind: a 1-pixel warp moves pixels without changing their range,
     a smooth field stays within eps and is low-pass."""
     from mapprune.defenses.fmt import FMT
-    from mapprune.defenses.scoring import null_images
+    from mapprune.probes import null_images
 
     g = torch.Generator().manual_seed(0)
     # A smooth image (a ramp plus a little noise), so a 1-pixel move changes each pixel by ~1/32.

@@ -1,14 +1,16 @@
-"""Layers point one way: the algorithms (attacks, defenses, detectors, data, models and the shared modules they use)
-never import the layers that present or orchestrate them (report, jobs, bench, cli). Every import counts, including the
-ones inside functions."""
+"""Layers point one way: the algorithms (attacks, defenses, FMT's probes, detectors, data, models and the shared modules
+they use) never import the layers that present or orchestrate them (report, jobs, bench, cli and its commands), and the
+probes import none of the algorithms built on them. Every import counts, including the ones inside functions."""
 
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mapprune"
-LOWER = ("attacks", "defenses", "detect", "data", "models", "train", "metrics", "checkpoint", "images", "options",
-         "errors", "device", "presets", "resources", "allocator", "clean_model")
-UPPER = ("report", "jobs", "cli", "bench")
+LOWER = ("attacks", "defenses", "probes", "detect", "data", "models", "train", "metrics", "checkpoint", "images",
+         "options", "errors", "device", "presets", "resources", "allocator", "clean_model")
+UPPER = ("report", "jobs", "cli", "commands", "bench")
+# FMT's per-map tests sit below everything that uses them (defenses, the scan, diagnose, the adaptive attacks).
+ABOVE_PROBES = ("defenses", "attacks", "detect", *UPPER)
 
 
 def _module(path: Path) -> str:
@@ -50,6 +52,15 @@ def test_lower_layers_never_import_upper_ones():
             continue
         for line, target in _imports(path):
             if _layer(target) in UPPER:
+                wrong.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {target}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_probes_import_nothing_that_uses_them():
+    wrong = []
+    for path in sorted((PACKAGE / "probes").rglob("*.py")):
+        for line, target in _imports(path):
+            if _layer(target) in ABOVE_PROBES:
                 wrong.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {target}")
     assert not wrong, "\n".join(wrong)
 

@@ -7,9 +7,8 @@ import torch
 from torch import nn
 
 from mapprune.defenses import FMT
-from mapprune.defenses.scorers import target_from_pull
-from mapprune.defenses.stimulation import stimulate_maps
 from mapprune.errors import MapPruneError
+from mapprune.probes import stimulate_maps, target_from_pull
 
 
 class Wired(nn.Module):
@@ -130,9 +129,9 @@ def test_replaying_the_upstream_part_changes_nothing(arch):
     """The stimulated batch skips the part of the network before the stimulated layer (its recorded outputs are
     replayed): the logits equal a full forward of the repeated images, on every layer of every architecture
     (resnet18-bb calls one ReLU module before and after a conv: only its earlier calls are replayed)."""
-    from mapprune.defenses.pruning import channel_dim, map_layers
-    from mapprune.defenses.stimulation import _replaying, _stimulator, _upstream
     from mapprune.models import create_model
+    from mapprune.probes import channel_dim, map_layers
+    from mapprune.probes.stimulation import _replaying, _stimulator, _upstream
 
     torch.manual_seed(0)
     model = create_model(arch, 10, width=4).eval()

@@ -14,9 +14,8 @@ import torch
 
 from mapprune.data import clean_subset
 from mapprune.defenses.fmt import FMT
-from mapprune.defenses.scorers import estimate_target
-from mapprune.defenses.scoring import null_images, random_start
 from mapprune.images import as_unit
+from mapprune.probes import estimate_target, null_images, random_start
 from mapprune.runs import load_run
 
 

@@ -25,9 +25,9 @@ import glob
 import json
 from pathlib import Path
 
-from mapprune.defenses.stimulation import ANOMALY_THRESHOLD
 from mapprune.jobs.scan import THRESHOLD
 from mapprune.metrics import REJECTED
+from mapprune.probes import ANOMALY_THRESHOLD
 
 
 def auroc(pos: list[float], neg: list[float]) -> float:

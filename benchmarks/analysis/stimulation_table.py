@@ -1,4 +1,4 @@
-"""The stimulation test (``mapprune/defenses/stimulation.py``) over run folders: one markdown row per run and level.
+"""The stimulation test (``mapprune/probes/stimulation.py``) over run folders: one markdown row per run and level.
 
     python benchmarks/analysis/stimulation_table.py RUN [RUN ...] [--levels 4] [--seed 0] [--threads 1]
 
@@ -14,7 +14,7 @@ import torch
 
 from mapprune.data import clean_subset
 from mapprune.defenses import FMT
-from mapprune.defenses.stimulation import ANOMALY_THRESHOLD
+from mapprune.probes import ANOMALY_THRESHOLD
 from mapprune.runs import load_run, read_manifest
 
 

@@ -5,7 +5,7 @@ to the cross-entropy through the training loop's ``loss_fn``.
   each conv map, as a z-score over the clean images, the measure ``mapprune diagnose`` calls the trigger
   response), so no small set of maps carries the backdoor and pruning a few maps cannot remove it.
 - ``fmt-evasive``: penalises what FMT's recommended recipe reads: for a few random maps per step, FMT's own patch
-  probe (the universal 5x5 patch that excites that map most, :func:`~mapprune.defenses.scoring.find_patches`)
+  probe (the universal 5x5 patch that excites that map most, :func:`~mapprune.probes.find_patches`)
   is stamped on clean images and the model's probability of the target class on them is penalised, so no map's
   probe pulls towards the target and FMT neither finds the target nor good candidate triggers to unlearn.
 
@@ -141,7 +141,7 @@ class FMTEvasiveAttack(RegularisedAttack):
     def probe_images(self, model: nn.Module, xc: torch.Tensor) -> torch.Tensor:
         """FMT's patch probe for ``maps`` random maps of one random conv layer, stamped on ``xc``: (maps * n, ...),
         detached. Made in eval mode, as FMT tests a model."""
-        from ..defenses.scoring import default_patch, find_patches, forward_to
+        from ..probes import default_patch, find_patches, layer_output
 
         convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
         name, layer = convs[int(torch.randint(len(convs), (1,), generator=self._g))]
@@ -152,7 +152,7 @@ class FMTEvasiveAttack(RegularisedAttack):
         try:
             with torch.enable_grad():
                 x0 = xc.detach().requires_grad_(True)
-                out = forward_to(model, layer, x0)
+                out = layer_output(model, layer, x0)
                 grads = [torch.autograd.grad(out[:, c].mean(), x0, retain_graph=i < k - 1)[0]
                          for i, c in enumerate(channels)]
         finally:

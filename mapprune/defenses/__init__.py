@@ -14,7 +14,6 @@ from .nad import NAD
 from .nc import NeuralCleanse
 from .rnp import RNP
 from .sau import SAU
-from .scoring import score_feature_maps
 
 # One line per defense: adding one is a file in this folder and its class here.
 DEFENSES: dict[str, type[Defense]] = {cls.name: cls for cls in (FMT, FineTune, FinePruning, CLP, ANP, RNP, NAD,
@@ -44,4 +43,4 @@ def create_defense(name: str, **kw) -> Defense:
 
 __all__ = ["ANP", "CLP", "DEFENSES", "FMT", "FST", "IBAU", "NAD", "RNP", "SAU", "CleanData", "Defense", "DefenseResult",
            "FinePruning", "FineTune", "FineTuning", "NeuralCleanse", "create_defense", "defense_class",
-           "defense_options", "score_feature_maps"]
+           "defense_options"]

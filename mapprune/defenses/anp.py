@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..errors import MapPruneError
 from ..train import TrainConfig, train
-from .base import CleanData, Defense, accuracy, most_aggressive
+from .base import CleanData, Defense, held_out_accuracy, most_aggressive
 from .bn_masks import attach_masks, below, clip_masks, mask_values, zero_gamma
 
 THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(19))  # 0, 0.05, ..., 0.9
@@ -44,10 +44,10 @@ def prune_by_threshold(model, masks, data: CleanData, threshold, max_drop):
     if threshold == "auto":
         if len(xs) == 0:
             raise MapPruneError("threshold 'auto' chooses on held-out images: use held_out > 0, or give a threshold")
-        acc0 = accuracy(model, xs, ys)
+        acc0 = held_out_accuracy(model, xs, ys)
 
         def acc_at(t):
-            return accuracy(zero_gamma(copy.deepcopy(model), below(masks, t)), xs, ys)
+            return held_out_accuracy(zero_gamma(copy.deepcopy(model), below(masks, t)), xs, ys)
         threshold, tried = most_aggressive(THRESHOLDS, acc_at, acc0, max_drop)
         sweep = [[t, round(a, 6)] for t, a in [(None, acc0)] + tried]
         if threshold is None:  # even pruning the zero masks costs too much: prune nothing

@@ -16,6 +16,7 @@ from torch import nn
 from ..device import peak_memory_mb, pick_device
 from ..errors import MapPruneError
 from ..images import as_uint8
+from ..metrics import predict
 from ..train import TrainConfig, train
 
 
@@ -110,21 +111,9 @@ def split_clean(x: torch.Tensor, y: torch.Tensor, held_out: float, seed: int) ->
     return CleanData(x, y, fit, sel)
 
 
-@torch.no_grad()
-def predictions(model: nn.Module, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
-    """The model's predicted classes (eval mode, no augmentation) for uint8 images, on the CPU."""
-    device = next(model.parameters()).device
-    was = model.training
-    model.eval()
-    out = [model(x[i:i + batch].to(device).float().div_(255).contiguous(memory_format=torch.channels_last))
-           .argmax(1).cpu() for i in range(0, len(x), batch)]
-    model.train(was)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
-
-
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> float:
-    """Clean accuracy of ``model`` on uint8 images: the held-out selection signal."""
-    return int((predictions(model, x, batch) == y.cpu()).sum()) / max(1, len(x))
+def held_out_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Clean accuracy of ``model`` on uint8 images, in full precision (no autocast): the held-out selection signal."""
+    return int((predict(model, x, batch_size=512, amp=False) == y.cpu()).sum()) / max(1, len(x))
 
 
 def most_aggressive(candidates, acc_of, acc0: float, max_drop: float):
@@ -139,31 +128,6 @@ def most_aggressive(candidates, acc_of, acc0: float, max_drop: float):
             break
         chosen = c
     return chosen, tried
-
-
-def stamping(triggers, share: float, append: bool = False):
-    """A fine-tune batch transform (for :func:`mapprune.train.train`) that stamps one of ``triggers`` (anything
-    with ``len()`` and ``stamp(images, which)``) on a random ``share`` of each batch and keeps the true labels:
-    unlearning candidate triggers (FMT's own, NC's reversed ones) while the model fine-tunes.
-
-    ``append``: the stamped images are copies added after the batch instead of replacing its images, so every
-    clean image is still seen; the transform then also returns, for each image it gives back, the index of the
-    image of the batch it was made from (the distillation's teacher sees that one)."""
-
-    def transform(xb, yb, g):
-        hit = torch.nonzero(torch.rand(len(xb), generator=g) < share).flatten()
-        if len(hit) == 0:
-            return (xb, yb, torch.arange(len(xb), device=xb.device)) if append else (xb, yb)
-        which = torch.randint(0, len(triggers), (len(hit),), generator=g)
-        hit_dev = hit.to(xb.device)
-        if append:
-            stamped = triggers.stamp(xb[hit_dev], which.to(xb.device))
-            return (torch.cat([xb, stamped]), torch.cat([yb, yb[hit_dev]]),
-                    torch.cat([torch.arange(len(xb), device=xb.device), hit_dev]))
-        xb = xb.clone()
-        xb[hit_dev] = triggers.stamp(xb[hit_dev], which.to(xb.device))
-        return xb, yb
-    return transform
 
 
 class Defense:
@@ -338,7 +302,7 @@ class FineTuning(Defense):
         ``lr`` otherwise. Trigger-free: only the defender's clean images are used. Recorded in result.json."""
         if not self.relearn_lr:
             return self.lr
-        from ..metrics import judged_class_accuracy, predict, rejected_classes
+        from ..metrics import judged_class_accuracy, rejected_classes
 
         class_acc = judged_class_accuracy(predict(incoming, x), y.cpu(), int(y.max()) + 1)
         rejected = rejected_classes(class_acc)

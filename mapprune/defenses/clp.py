@@ -19,8 +19,8 @@ import time
 import torch
 
 from ..errors import MapPruneError
+from ..probes.layers import conv_layers, following_batchnorms
 from .base import CleanData, Defense
-from .pruning import conv_layers, following_batchnorms
 
 
 def channel_lipschitz(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Feature Map Testing (FMT), "Adversarial Feature Map Pruning for Backdoor" (ICLR 2024).
 
-Test every feature map (``scoring.py``: every conv channel, and on a transformer every Linear output channel
-but the head's), select the maps whose per-map attack wrecks accuracy (``selection.py``), prune them
+Test every feature map (:mod:`mapprune.probes`: every conv channel, and on a transformer every Linear output
+channel but the head's), select the maps whose per-map attack wrecks accuracy (``selection.py``), prune them
 (``pruning.py``), fine-tune on the clean subset with the one training loop.
 ``docs/fmt.md`` is the specification; the released code's bugs (double normalisation, scores applied in the
 wrong layer order, BatchNorm in train mode) are not repeated: one normalisation inside the model, everything
@@ -15,55 +15,30 @@ import torch
 
 from ..device import amp_dtype
 from ..errors import MapPruneError
-from .base import FINETUNES, CleanData, FineTuning, accuracy, most_aggressive, pick_images, stamping
+from ..probes import (
+    FIELD_NULLS,
+    IMPLEMENTATIONS,
+    OBJECTIVES,
+    SCORERS,
+    CandidateSet,
+    Field,
+    MapTest,
+    Patches,
+    class_pull,
+    estimate_target,
+    probe_maps,
+    stimulate_maps,
+    suspicion,
+    target_from_pull,
+)
+from .base import FINETUNES, CleanData, FineTuning, held_out_accuracy, most_aggressive, pick_images
 from .pruning import prune
-from .scorers import SCORERS, class_pull, estimate_target, suspicion, target_from_pull
-from .scoring import FIELD_NULLS, IMPLEMENTATIONS, OBJECTIVES, Field, MapTest, Patches, probe_maps, score_feature_maps
 from .selection import SELECTIONS, select
-from .stimulation import stimulate_maps
+from .stamping import stamping, stamping_each
 
-__all__ = ["FMT", "score_feature_maps"]
+__all__ = ["FMT"]
 
 PRECISIONS = ("auto", "fp32", "bf16")  # the testing phase's; auto = bf16 on a GPU that has it, else fp32
-
-
-class Union:
-    """Several candidate-trigger sets (patches, warps) as one: candidate i of the union is stamped by its set."""
-
-    def __init__(self, parts: list):
-        self.parts = parts
-        self.sizes = [len(p) for p in parts]
-
-    def __len__(self) -> int:
-        return sum(self.sizes)
-
-    def stamp(self, x: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
-        out, start = x.clone(), 0
-        for part, size in zip(self.parts, self.sizes):
-            sel = torch.nonzero((which >= start) & (which < start + size)).flatten()
-            if len(sel):
-                out[sel] = part.stamp(x[sel], which[sel] - start)
-            start += size
-        return out
-
-
-def stamping_each(parts: list, share: float, append: bool = False):
-    """A fine-tune batch transform like :func:`~.base.stamping`, but every candidate family (patches, warps,
-    smooth fields) is stamped on its own random ``share`` of each batch, so adding a family does not thin out the
-    others; the labels stay true. Replacing (the default), an image may carry candidates of several families;
-    with ``append`` each family's stamped copies of the batch's own images are added after it."""
-    steps = [stamping(part, share, append) for part in parts]
-
-    def transform(xb, yb, g):
-        if append:
-            outs = [step(xb, yb, g) for step in steps]
-            n = len(xb)
-            return tuple(torch.cat([out[i] if k == 0 else out[i][n:] for k, out in enumerate(outs)])
-                         for i in range(3))
-        for step in steps:
-            xb, yb = step(xb, yb, g)
-        return xb, yb
-    return transform
 
 
 CANDIDATES = ("probe", "random")
@@ -74,8 +49,8 @@ def random_candidates(found, image_hw: tuple[int, int], seed: int):
     with random 0/1 pixels (random +-1 control points for warps). If unlearning these works as well as unlearning
     FMT's own, the choice of candidates does not matter."""
     g = torch.Generator().manual_seed(seed + 7919)
-    if isinstance(found, Union):
-        return Union([random_candidates(p, image_hw, seed + i) for i, p in enumerate(found.parts)])
+    if isinstance(found, CandidateSet):
+        return CandidateSet([random_candidates(p, image_hw, seed + i) for i, p in enumerate(found.parts)])
     if isinstance(found, Field):
         return type(found)(torch.randint(0, 2, found.phi.shape, generator=g).float() * 2 - 1, found.pixels)
     k, s = len(found), found.window.shape[-1]
@@ -219,7 +194,7 @@ class FMT(FineTuning):
 
     def probes(self, model, x, y, probes: dict[str, float], judged: dict[str, int] | None = None
                ) -> dict[str, MapTest]:
-        """Several probes of every map in one pass (:func:`~.scoring.probe_maps`) under the chosen precision;
+        """Several probes of every map in one pass (:func:`~mapprune.probes.probe_maps`) under the chosen precision;
         ``judged``: probe_maps's ``judged_images``."""
         xt, yt = self.test_images(x, y)
         device = next(model.parameters()).device
@@ -232,7 +207,7 @@ class FMT(FineTuning):
                               field_null=self.field_null)
 
     def stimulation(self, model, x, y) -> dict:
-        """The stimulation test (:mod:`.stimulation`) on ``stimulate_images`` class-balanced images of the clean
+        """The stimulation test (:mod:`mapprune.probes.stimulation`) on ``stimulate_images`` class-balanced images of the clean
         subset: its suspected target, anomaly index and per-class pull. Detection only: the repair does not use it.
         """
         xs, ys = pick_images(x, y, self.stimulate_images, self.seed, balanced=True)
@@ -246,12 +221,12 @@ class FMT(FineTuning):
         to four times the rank rule's count ``base``."""
         xs, ys = data.select
         example = xs[:1].to(next(model.parameters()).device).float() / 255
-        acc0 = accuracy(model, xs, ys)
+        acc0 = held_out_accuracy(model, xs, ys)
 
         def acc_of(k):
             pruned_copy = copy.deepcopy(model)
             prune(pruned_copy, select("global", ranked, budget=k), example)
-            return accuracy(pruned_copy, xs, ys)
+            return held_out_accuracy(pruned_copy, xs, ys)
 
         candidates = sorted({max(1, round(base * f)) for f in (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4)})
         k, tried = most_aggressive(candidates, acc_of, acc0, self.max_drop)
@@ -277,22 +252,22 @@ class FMT(FineTuning):
         return select("outlier", scores, method=self.outlier_method, contamination=self.contamination,
                       threshold=self.threshold, seed=self.seed)
 
-    def candidates(self, test: MapTest, target: int) -> tuple["Patches | Field", list[str]]:
+    def candidates(self, test: MapTest, target: int) -> tuple[Patches | Field, list[str]]:
         """The ``unlearn_maps`` patches that pull hardest towards the suspected target (FMT's candidate
         triggers) and the maps they came from, as "layer[channel]"."""
         names = [f"{layer}[{c}]" for layer, acc in test.acc.items() for c in range(len(acc))]
-        parts = list(test.patches.values())
+        parts = list(test.candidates.values())
         patches = type(parts[0]).cat(parts)
         top = class_pull(test)[:, target].topk(min(self.unlearn_maps, len(names))).indices
         return patches.select(top), [names[i] for i in top.tolist()]
 
-    def unlearning(self, patches: "Patches | Field | Union"):
+    def unlearning(self, patches: Patches | Field | CandidateSet):
         """The fine-tune's batch transform: a share ``unlearn`` of each batch gets one of the candidate triggers
         stamped on, keeping its true label (FMT's own candidate poison samples, unlearned). With ``unlearn_each``,
         each probe's candidates get their own share ``unlearn`` (:func:`stamping_each`). With ``unlearn_append``
         the stamped images are copies added to the batch, so the clean images are all still seen."""
         if self.unlearn_each:
-            return stamping_each(patches.parts if isinstance(patches, Union) else [patches], self.unlearn,
+            return stamping_each(patches.parts if isinstance(patches, CandidateSet) else [patches], self.unlearn,
                                  self.unlearn_append)
         return stamping(patches, self.unlearn, self.unlearn_append)
 
@@ -341,7 +316,7 @@ class FMT(FineTuning):
                     extra["unlearning"].update({f"{objective}_size": size, f"{objective}_maps": field_maps,
                                                 f"{objective}_suspected_target": field_target})
                 if len(parts) > 1:
-                    patches = Union(parts)
+                    patches = CandidateSet(parts)
             if self.unlearn_candidates == "random":
                 patches = random_candidates(patches, tuple(x.shape[-2:]), self.seed)
                 extra["unlearning"]["candidates"] = "random (control)"

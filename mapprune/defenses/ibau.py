@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MapPruneError
+from ..metrics import predict
 from ..train import TrainConfig, train
-from .base import CleanData, Defense, predictions
+from .base import CleanData, Defense
 
 
 def hypergradient_loss(outer: torch.Tensor, leaf: torch.Tensor, inner, delta: torch.Tensor, step: float,
@@ -69,7 +70,7 @@ class IBAU(Defense):
     def perturbation(self, model, x: torch.Tensor, device) -> torch.Tensor:
         """The round's universal perturbation: one pass of SGD over ``x`` against the model's own predictions."""
         delta = torch.zeros(1, *x.shape[1:], device=device, requires_grad=True)
-        pred = predictions(model, x)
+        pred = predict(model, x, batch_size=512, amp=False)
         reg = self.inner_reg
         cfg = TrainConfig(epochs=1, batch_size=self.batch_size, lr=self.inner_lr, momentum=0.0, weight_decay=0.0,
                           schedule="constant", augment=False, freeze_bn=True, amp=False, seed=self.seed)

@@ -39,8 +39,9 @@ from torch import nn
 
 from ..errors import MapPruneError
 from ..train import TrainConfig, train
-from .base import CleanData, FineTuning, pick_images, stamping
+from .base import CleanData, FineTuning, pick_images
 from .fp import ColumnMask, classifier_head, head_inputs
+from .stamping import stamping
 
 MODES = ("unlearn", "prune")
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..errors import MapPruneError, unknown_name
+from ..probes.pull import robust_z
 
 
 def _lowest(scores: torch.Tensor, k: int) -> list[int]:
@@ -89,8 +90,6 @@ def select_global(scores: dict[str, torch.Tensor], *, budget: int = 25, **_) -> 
     never every map of a layer, and never a map that is not below its layer's median (z >= 0: its test found
     nothing against it). Without that rule, tied scores (a probe every map fails alike, as the random start does on
     SSBA's model at some seeds) were broken by layer order, and the whole first conv was pruned."""
-    from .scorers import robust_z
-
     if budget < 0:
         raise MapPruneError(f"global budget must be >= 0, got {budget}")
     names = list(scores)

@@ -26,7 +26,7 @@ clean accuracy on that class is near zero. The clean CIFAR-10 model's weakest cl
 median on the scan's clean images, the SIG and LC models' class 0 at 0.00.
 
 A third sign sees the triggers no input probe can draw (a blend over the whole image, a warp, a learned
-per-image pattern): the **stimulation test** (:mod:`mapprune.defenses.stimulation`) sets each map directly to its
+per-image pattern): the **stimulation test** (:mod:`mapprune.probes.stimulation`) sets each map directly to its
 clean mean plus ``stimulate`` standard deviations and records where the other classes' images go; its anomaly
 index (the robust z-score of the hardest-pulling 2% of maps' pull among the classes) above
 ``stimulation.ANOMALY_THRESHOLD`` makes the verdict "backdoored". That threshold is set from clean models and
@@ -44,11 +44,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..defenses.stimulation import ANOMALY_THRESHOLD
 from ..detect.mmbd import mmbd as run_mmbd
 from ..errors import MapPruneError
 from ..images import as_uint8
 from ..metrics import rejected_classes
+from ..probes import ANOMALY_THRESHOLD, class_pull, estimate_target
 
 THRESHOLD = 0.5
 PROBES = ("patch", "warp", "smooth")  # the recommended recipe's probes, tested in one shared pass
@@ -124,7 +124,6 @@ def scan(model: nn.Module, images, labels, *, threshold: float = THRESHOLD, n_ma
     "backdoored" too. A degenerate model raises :class:`CannotJudge` before any probe runs. ``nc`` and ``mmbd``
     add Neural Cleanse's and MM-BD's detections beside the verdict (they do not change it)."""
     from ..defenses import FMT, create_defense
-    from ..defenses.scorers import class_pull, estimate_target
     from ..device import pick_device
     from ..metrics import judged_class_accuracy, predict
 

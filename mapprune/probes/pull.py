@@ -1,5 +1,5 @@
-"""Scorers: from what testing every feature map measured (:class:`~.scoring.MapTest`) to one suspicion value per
-map (higher = more suspicious), plus the suspected target class.
+"""Reading a map test: from what testing every feature map measured (:class:`~.map_test.MapTest`) to each map's
+pull towards each class, the suspected target class, and one suspicion value per map (higher = more suspicious).
 
 - ``accuracy``: the paper's score, the accuracy of the map's stepped images, negated.
 - ``target``: how strongly the map's stepped images are pulled towards one class, the suspected target t:
@@ -14,7 +14,7 @@ how fragile they are in general.
 import torch
 
 from ..errors import unknown_name
-from .scoring import MapTest
+from .map_test import MapTest
 
 SCORERS = ("accuracy", "target")
 

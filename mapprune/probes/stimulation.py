@@ -11,7 +11,7 @@ has maps that, stimulated, send images of every class to its target; a clean mod
 several classes. Detection only: it changes nothing in a repair.
 
 Per map and class j, the **share** is the fraction of the images not of class j predicted as j with the map
-stimulated, minus the same fraction without stimulation. :func:`~.scorers.target_from_pull` turns the (maps, K)
+stimulated, minus the same fraction without stimulation. :func:`~.pull.target_from_pull` turns the (maps, K)
 shares into the suspected target and its anomaly index, as for the probes' pulls.
 """
 
@@ -25,8 +25,7 @@ from torch import nn
 
 from ..errors import MapPruneError
 from ..images import as_unit
-from .pruning import channel_dim, map_layers, num_maps
-from .scoring import consumer_signs, forward_to
+from .layers import channel_dim, consumer_signs, layer_output, map_layers, num_maps
 
 # The anomaly index above which the stimulation test calls a model backdoored (``mapprune scan``). Set without
 # the backdoored models' targets: the clean CIFAR-10 models measured reach 1.5-2.2, and a class that is not the
@@ -61,7 +60,7 @@ def _upstream(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> tuple[list
     handles = [m.register_forward_hook(record)
                for m in model.modules() if m is not layer and next(m.children(), None) is None]
     try:
-        out = forward_to(model, layer, x)
+        out = layer_output(model, layer, x)
     finally:
         for h in handles:
             h.remove()
@@ -113,7 +112,7 @@ def _stimulator(chans: torch.Tensor, values: torch.Tensor, cd: int, n: int):
 def stimulate_maps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, level: float = 4.0,
                    batch_images: int = 1024, layers: list[str] | None = None,
                    progress: Callable[[int], None] | bool = False) -> Stimulation:
-    """Stimulates every map of every tested layer (``pruning.map_layers``, or the names in ``layers``) on the
+    """Stimulates every map of every tested layer (:func:`~.layers.map_layers`, or the names in ``layers``) on the
     ``images`` ((n, C, H, W), uint8 or float in [0, 1]) and returns the per-map, per-class shares. A chunk of maps
     runs as one batch of at most ``batch_images`` images (at least one map's n)."""
     if level <= 0:

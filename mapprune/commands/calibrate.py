@@ -1,0 +1,34 @@
+"""``mapprune calibrate``: scan a population of models and set the scan's rule on it, with held-out error rates."""
+
+import argparse
+from pathlib import Path
+
+from .common import add_common, finite
+
+NAME = "calibrate"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    cal = subparsers.add_parser(NAME, help="scan a population of models (run or bench folders) and calibrate the "
+                                "scan's rule on it, with held-out error rates")
+    cal.add_argument("paths", nargs="+", type=Path, help="run folders, or bench folders holding runs/")
+    cal.add_argument("--out", type=Path, required=True, help="the calibration JSON to write (and a .md beside it)")
+    cal.add_argument("--fpr", type=finite, default=0.05, help="the false-positive rate the threshold is set at "
+                     "on the clean models (default %(default)s)")
+    cal.add_argument("--no-nc", action="store_true", help="do not run Neural Cleanse (a baseline) in the scans")
+    cal.add_argument("--no-mmbd", action="store_true", help="do not run MM-BD (a baseline) in the scans")
+    cal.add_argument("--no-scan", action="store_true", help="use only the scans already made; scan nothing")
+    add_common(cal)
+    return cal
+
+
+def run(args) -> int:
+    """Calibrates, prints the calibration as markdown and how to use the file."""
+    from ..jobs.calibrate import calibrate, markdown
+
+    cal = calibrate(args.paths, args.out, fpr=args.fpr, nc=not args.no_nc, mmbd=not args.no_mmbd,
+                    scan_missing=not args.no_scan, data_dir=args.data_dir, device=args.device,
+                    progress=not args.no_progress)
+    print(markdown(cal))
+    print(f"calibration: {args.out} (use it: mapprune scan MODEL --calibration {args.out})")
+    return 0
