@@ -1,7 +1,7 @@
 """SSBA's steganography: a small StegaStamp-style encoder/decoder pair, its losses and its training loop.
 
 Design and measured reasons are in ssba.py's docstring; the numbers quoted here were measured on 16x16 colour
-test images (tests/test_attacks_suite2.py) and the 8x8 digits.
+test images (tests/test_attacks_ssba_inputaware.py) and the 8x8 digits.
 """
 
 import math

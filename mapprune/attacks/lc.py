@@ -14,7 +14,7 @@ The PGD perturbation is per image and exists only in training data, so it is mad
 training set, drawn from the target class and capped at its size.
 
 On the 8x8 digits it does not plant (ASR at most 1.4% measured, even with PGD at 32/255 or 64/255): the clean
-model is robust at 8/255 and the digit's shape explains the class; see tests/test_attacks_suite1_clean_label.py
+model is robust at 8/255 and the digit's shape explains the class; see tests/test_attacks_clean_label_training.py
 for where it does.
 """
 

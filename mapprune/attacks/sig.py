@@ -11,7 +11,7 @@ capped at its size (base.Attack.poison_indices). The protocol's 10% is therefore
 CIFAR-10 (5,000 of 5,000) and on the digits (125 of 125); pass a smaller ratio to poison part of the class.
 
 It needs a varied target class to plant: on the 8x8 digits the digit's shape explains class 0 completely and
-the stripes are ignored (measured ASR 0-7% with delta 40 or 80); see tests/test_attacks_suite1_clean_label.py.
+the stripes are ignored (measured ASR 0-7% with delta 40 or 80); see tests/test_attacks_clean_label_training.py.
 """
 
 import math

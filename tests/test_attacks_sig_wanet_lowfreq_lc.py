@@ -1,6 +1,6 @@
 """SIG, WaNet, Low Frequency, Label-consistent and the resource cache they build on: exact triggers, what
 each attack touches in the training set, budgets, caching, and (on the digits) that WaNet and LF really plant
-a backdoor that reloads from the run folder. SIG and LC's training runs are in test_attacks_suite1_clean_label.py.
+a backdoor that reloads from the run folder. SIG and LC's training runs are in test_attacks_clean_label_training.py.
 """
 
 import hashlib
