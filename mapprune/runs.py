@@ -78,6 +78,16 @@ def write_json(path: Path, obj) -> None:
     atomic_write_text(path, json_text(obj) + "\n")
 
 
+def dataset_record(ds, registry: str) -> dict:
+    """What a manifest says of its dataset: the loader's summary, the folder the data came from (the loaders
+    accept the dataset's own folder or file, so eval finds the data again without flags; none for the built-in
+    digits) and the ``load_dataset`` name (an npz or ImageFolder dataset is named after its file)."""
+    summary = ds.summary()
+    summary["data_dir"] = None if registry == "digits" else str(Path(ds.source).resolve())
+    summary["registry"] = registry
+    return summary
+
+
 def is_complete_run(path: Path, marker: str = MANIFEST) -> bool:
     return (Path(path) / marker).is_file()
 

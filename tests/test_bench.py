@@ -8,6 +8,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from test_bench_keys import SWEEP  # the sweep grid whose cell keys that file pins
 
 from mapprune.bench import load_grid, markdown, plan, run_bench, sweep_markdown
 from mapprune.errors import MapPruneError
@@ -234,21 +235,6 @@ def test_adopted_runs_bring_their_matching_defense_results(tiny, tmp_path):
         bad = tmp_path / "bad.toml"
         bad.write_text(grid.read_text().replace('name = "blended"\n', 'name = "blended"\nadopt_defenses = true\n'))
         run_bench(bad, tmp_path / "bad", progress=False, log=_quiet)
-
-
-SWEEP = '''name = "sweep"
-dataset = "digits"
-preset = "demo"
-seeds = [0]
-
-[[attack]]
-name = "badnets"
-
-[[defense]]
-name = "fmt"
-opts = {fraction = 0.125, batch_size = 32, distill = 0.0, epochs = 3}
-sweep = {fraction = [0.0625, 0.125, 0.25], clean_ratio = [0.05]}
-'''
 
 
 def test_a_sweep_changes_one_setting_at_a_time_and_draws_its_curves(tmp_path):

@@ -19,7 +19,7 @@ from ..models import MODELS, create_model
 from ..options import check_options
 from ..presets import PRESETS
 from ..report import save_samples
-from ..runs import RunWriter, versions, write_json
+from ..runs import RunWriter, dataset_record, versions, write_json
 from ..train import TrainConfig, train
 
 SETTINGS = "run_settings.json"  # in RUN.partial while training: what the checkpoint there was made with
@@ -156,10 +156,7 @@ def attack_run(
         # One test image per class (the first of each), so the figure is not eight images of one class.
         show = torch.stack([torch.nonzero(ds.y_test == c)[0, 0] for c in ds.y_test.unique()[:8]])
         save_samples(writer.path("samples.png"), ds.x_test[show], atk.apply(ds.x_test[show]))
-        summary = ds.summary()
-        # The loaders accept the dataset's own folder or file, so eval can find the data again without flags.
-        summary["data_dir"] = None if dataset == "digits" else str(Path(ds.source).resolve())
-        summary["registry"] = dataset  # the load_dataset name (an npz or ImageFolder dataset is named after its file)
+        summary = dataset_record(ds, dataset)
         manifest = {
             "schema_version": MANIFEST_VERSION,
             "kind": "attack",

@@ -264,7 +264,7 @@ def import_backdoorbench(path, out, *, attack: str, attack_kw: dict | None = Non
     from ..metrics import evaluate
     from ..options import check_options
     from ..report import save_samples
-    from ..runs import RunWriter, versions, write_json
+    from ..runs import RunWriter, dataset_record, versions, write_json
 
     name = ATTACK_NAMES.get(attack.lower())
     if name is None:
@@ -322,9 +322,7 @@ def import_backdoorbench(path, out, *, attack: str, attack_kw: dict | None = Non
                 writer.path("attack.safetensors"), {"attack": atk.config()})
     show = torch.stack([torch.nonzero(ds.y_test == c)[0, 0] for c in ds.y_test.unique()[:8]])
     save_samples(writer.path("samples.png"), ds.x_test[show], atk.apply(ds.x_test[show]))
-    summary = ds.summary()
-    summary["data_dir"] = str(Path(ds.source).resolve())
-    summary["registry"] = dataset
+    summary = dataset_record(ds, dataset)
     manifest = {
         "schema_version": MANIFEST_VERSION,
         "kind": "attack",
