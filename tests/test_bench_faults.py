@@ -105,16 +105,21 @@ def _children(pid: int, deep: bool = False) -> dict[int, str]:
     return kids
 
 
-def _workers(pid: int) -> list[int]:
-    """The spawned worker processes of a bench process."""
+def _children_running(pid: int, marker: bytes, deep: bool = False) -> list[int]:
+    """The child processes of ``pid`` whose command line holds ``marker``."""
     out = []
-    for kid in _children(pid):
+    for kid in _children(pid, deep):
         try:
-            if b"spawn_main" in Path(f"/proc/{kid}/cmdline").read_bytes():
+            if marker in Path(f"/proc/{kid}/cmdline").read_bytes():
                 out.append(kid)
         except OSError:
             pass
     return out
+
+
+def _workers(pid: int) -> list[int]:
+    """The spawned worker processes of a bench process."""
+    return _children_running(pid, b"spawn_main")
 
 
 def _still_alive(procs: dict[int, str]) -> list[int]:
@@ -229,14 +234,7 @@ def test_sigterm_stops_the_ray_tasks(reference, tmp_path):
 
 def _ray_task_workers(pid: int) -> list[int]:
     """The Ray worker processes under ``pid`` that are running a bench cell (Ray names them ray::run_cell)."""
-    out = []
-    for kid in _children(pid, deep=True):
-        try:
-            if b"run_cell" in Path(f"/proc/{kid}/cmdline").read_bytes():
-                out.append(kid)
-        except OSError:
-            pass
-    return out
+    return _children_running(pid, b"run_cell", deep=True)
 
 
 @needs_proc

@@ -69,6 +69,19 @@ def _check_resumable(writer: RunWriter, overwrite: bool, settings: dict) -> None
     write_json(path, settings)
 
 
+def save_run_files(writer: RunWriter, model, spec: dict, atk, poison_indices: torch.Tensor, ds, dataset: str) -> dict:
+    """A run's files beside its manifest: model.safetensors, attack.safetensors (the trigger's state and the
+    poison indices) and samples.png (the first test image of each of eight classes, clean and triggered).
+    Returns what every manifest starts with: its version, the model, the attack and the dataset."""
+    save_model(model.cpu(), writer.path("model.safetensors"), {"model": spec})
+    state = {f"state.{k}": v for k, v in atk.state().items()}
+    atomic_save({**state, "poison_indices": poison_indices}, writer.path("attack.safetensors"), {"attack": atk.config()})
+    show = torch.stack([torch.nonzero(ds.y_test == c)[0, 0] for c in ds.y_test.unique()[:8]])
+    save_samples(writer.path("samples.png"), ds.x_test[show], atk.apply(ds.x_test[show]))
+    return {"schema_version": MANIFEST_VERSION, "kind": "attack", "model": spec, "attack": atk.config(),
+            "dataset": dataset_record(ds, dataset)}
+
+
 def attack_run(
     attack: str,
     out: Path,
@@ -150,19 +163,8 @@ def attack_run(
 
         spec = {"name": model, "num_classes": ds.num_classes, "width": width, "in_channels": ds.image_shape[0],
                 "mean": list(ds.mean), "std": list(ds.std)}
-        save_model(net.cpu(), writer.path("model.safetensors"), {"model": spec})
-        state = {f"state.{k}": v for k, v in atk.state().items()}
-        atomic_save({**state, "poison_indices": poison_idx}, writer.path("attack.safetensors"), {"attack": atk.config()})
-        # One test image per class (the first of each), so the figure is not eight images of one class.
-        show = torch.stack([torch.nonzero(ds.y_test == c)[0, 0] for c in ds.y_test.unique()[:8]])
-        save_samples(writer.path("samples.png"), ds.x_test[show], atk.apply(ds.x_test[show]))
-        summary = dataset_record(ds, dataset)
         manifest = {
-            "schema_version": MANIFEST_VERSION,
-            "kind": "attack",
-            "model": spec,
-            "attack": atk.config(),
-            "dataset": summary,
+            **save_run_files(writer, net, spec, atk, poison_idx, ds, dataset),
             "train": asdict(cfg),
             "preset": preset,
             "seed": seed,

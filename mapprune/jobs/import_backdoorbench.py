@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 
 from ..errors import MapPruneError
-from ..migrate import MANIFEST_VERSION
 
 # BackdoorBench's input normalisation per dataset (its models take normalised tensors; mapprune's take pixels and
 # normalise inside, so the imported model gets these in its wrapper).
@@ -258,13 +257,12 @@ def import_backdoorbench(path, out, *, attack: str, attack_kw: dict | None = Non
     manifest. ``attack`` is BackdoorBench's attack (badnet, blended, sig, wanet), ``attack_kw`` its settings (for
     wanet also ``grids``: the file holding its grids, see ``wanet_grids``)."""
     from ..attacks import attack_class, create_attack
-    from ..checkpoint import atomic_save, save_model
     from ..data import load_dataset
     from ..device import pick_device
     from ..metrics import evaluate
     from ..options import check_options
-    from ..report import save_samples
-    from ..runs import RunWriter, dataset_record, versions, write_json
+    from ..runs import RunWriter, versions, write_json
+    from .attack import save_run_files
 
     name = ATTACK_NAMES.get(attack.lower())
     if name is None:
@@ -317,18 +315,8 @@ def import_backdoorbench(path, out, *, attack: str, attack_kw: dict | None = Non
     writer = RunWriter(out, overwrite)
     dev = pick_device(device)
     metrics = evaluate(model.to(dev), atk.test_sets(ds.x_test, ds.y_test))
-    save_model(model.cpu(), writer.path("model.safetensors"), {"model": spec})
-    atomic_save({**{f"state.{k}": v for k, v in atk.state().items()}, "poison_indices": poison},
-                writer.path("attack.safetensors"), {"attack": atk.config()})
-    show = torch.stack([torch.nonzero(ds.y_test == c)[0, 0] for c in ds.y_test.unique()[:8]])
-    save_samples(writer.path("samples.png"), ds.x_test[show], atk.apply(ds.x_test[show]))
-    summary = dataset_record(ds, dataset)
     manifest = {
-        "schema_version": MANIFEST_VERSION,
-        "kind": "attack",
-        "model": spec,
-        "attack": atk.config(),
-        "dataset": summary,
+        **save_run_files(writer, model, spec, atk, poison, ds, dataset),
         "train": {},
         "preset": None,
         "seed": None,
