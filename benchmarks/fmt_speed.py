@@ -1,4 +1,4 @@
-"""Speed of FMT's testing phase: ``reference`` (per-map loop) vs ``fast`` (maps batched) vs the floor.
+"""How fast is FMT's testing phase? ``reference`` (per-map loop) vs ``fast`` (maps batched) vs the floor.
 
 The floor is the same number of image passes with none of FMT's bookkeeping: per layer, forward to the layer
 and backward on plain batches of n x maps images, then a full inference forward on as many images.
@@ -7,7 +7,7 @@ A full reference run at width 64 on a CPU takes most of an hour, so per layer th
 ``--maps`` maps (the same maps for all three) and extrapolates to all maps of the layer by the per-map time;
 ``--all`` times every map instead. Peak memory is printed (CUDA allocator peak, or the process's max RSS).
 
-    python benchmarks/fmt_speed.py [--widths 64 16] [--n 32] [--maps 32] [--all]
+    python benchmarks/fmt_speed.py [--widths 64 16] [--n 32] [--maps 32] [--ref-maps 4] [--all] [--device auto]
 """
 
 import argparse
@@ -17,6 +17,7 @@ import time
 import torch
 
 from mapprune.device import peak_memory_mb, pick_device
+from mapprune.errors import MapPruneError
 from mapprune.models import create_model
 from mapprune.probes import conv_layers, layer_output, score_feature_maps
 
@@ -46,8 +47,8 @@ def timed(device, fn, *args):
     return time.perf_counter() - t
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--widths", type=int, nargs="+", default=[64, 16])
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--maps", type=int, default=32, help="maps timed per layer (extrapolated to all)")
@@ -55,11 +56,17 @@ def main():
     ap.add_argument("--all", action="store_true", help="time every map (slow for reference at width 64)")
     ap.add_argument("--layer-stride", type=int, default=1, help="time every Nth conv layer only (totals cover those)")
     ap.add_argument("--batch-images", type=int, default=1024)
-    ap.add_argument("--device", default="auto")
-    args = ap.parse_args()
-    device = pick_device(args.device)
+    ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    args = ap.parse_args(argv)
+    if min([args.n, args.maps, args.ref_maps, args.layer_stride, args.batch_images, *args.widths]) < 1:
+        ap.error("--widths, --n, --maps, --ref-maps, --layer-stride and --batch-images must be >= 1")
+    try:
+        device = pick_device(args.device)
+    except MapPruneError as e:
+        ap.error(str(e))
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}")
+    results = {}
     for width in args.widths:
         torch.manual_seed(0)
         model = create_model("preactresnet18", 10, width=width).to(device, memory_format=torch.channels_last).eval()
@@ -85,10 +92,12 @@ def main():
         print(f"\nPreActResNet18 width {width}: {len(layers)} conv layers timed (stride {args.layer_stride}), {maps} maps "
               f"in them, n={args.n} ({how})")
         for k, v in total.items():
-            print(f"  {k:9s}: {v:9.1f} s  ({1000 * v / maps:7.2f} ms/map)")
+            print(f"  {k:9s}: {v:9.2f} s  ({1000 * v / maps:7.3f} ms/map)")
         print(f"  fast vs reference: {total['reference'] / total['fast']:.2f}x faster (target >= 3x on CPU at width 64)")
         print(f"  fast vs floor    : {total['fast'] / total['floor']:.2f}x the floor's time (target <= 1.5x)")
         print(f"  peak memory so far: {peak_memory_mb(device):.0f} MB")
+        results[width] = {"maps": maps, **total}
+    return results
 
 
 def _score_some(model, x, y, name, k, implementation, batch_images):

@@ -1,14 +1,15 @@
-"""Which class FMT's field probes (warp, smooth) suspect under each null (`--opt field_null=sign|field`), from one
+"""Which class do FMT's field probes (warp, smooth) suspect under each null (`--opt field_null=sign|field`)? From one
 testing pass per model: the probes' stepped images are the same, only the null their pull is measured against
 differs (`sign`: every pixel +-eps, the size read as an intensity; `field`: a random field of the probe's own kind
 and size). The suspected class picks the maps whose candidate triggers FMT unlearns. The real target (from the
 run's manifest) is printed to judge the nulls, never used by them.
 
-    python benchmarks/analysis/field_null.py RUN [RUN ...] [--data-dir ../shared/data]
+    python benchmarks/analysis/field_null.py RUN [RUN ...] [--data-dir ../shared/data] [--threads 1]
 """
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 import torch
 
@@ -19,12 +20,18 @@ from mapprune.probes import estimate_target, null_images, random_start
 from mapprune.runs import load_run
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("runs", nargs="+")
-    ap.add_argument("--data-dir")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", help="run folders")
+    ap.add_argument("--data-dir", help="dataset folder (default: $MAPPRUNE_DATA)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    for path in args.runs:
+        if not (Path(path) / "manifest.json").is_file():
+            ap.error(f"{path} is not a run folder (no manifest.json)")
+    if args.threads < 1:
+        ap.error(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     print("| model | target | probe | sign: suspected (anomaly) | field: suspected (anomaly) | pull to target: sign / field |")
     print("|---|---|---|---|---|---|")
     for path in args.runs:
