@@ -14,9 +14,6 @@ class BadNets(Attack):
             raise MapPruneError(f"patch_size must be a whole number of pixels from 1 to {min(h, w)}, got {patch_size!r}")
         self.patch_size = patch_size or max(1, round(3 * min(h, w) / 32))
 
-    def params(self):
-        return {"patch_size": self.patch_size}
-
     def trigger(self, x):
         x = x.clone()
         s = self.patch_size

@@ -3,11 +3,15 @@ training images are chosen for poisoning. The same ``trigger`` poisons training 
 test set, so train-time and test-time triggers cannot drift apart.
 """
 
+import inspect
 from typing import ClassVar
 
 import torch
 
 from ..errors import MapPruneError
+
+# Options every attack takes, which :meth:`Attack.config` records itself.
+COMMON = ("target", "all_to_all", "poison_ratio", "clean_label")
 
 
 class Attack:
@@ -35,9 +39,24 @@ class Attack:
         """Applies the trigger to float images (N, C, H, W) in [0, 1]; returns new images in [0, 1]."""
         raise NotImplementedError
 
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """The attack's own options: the keyword-only arguments of its ``__init__`` chain (the subclass's first),
+        less the common ones in ``COMMON``."""
+        names = []
+        for c in cls.__mro__:
+            if "__init__" not in vars(c) or not issubclass(c, Attack):
+                continue
+            for k, p in inspect.signature(c.__init__).parameters.items():
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in names and k not in COMMON:
+                    names.append(k)
+        return names
+
     def params(self) -> dict:
-        """The attack's own hyperparameters, recorded in the run manifest."""
-        return {}
+        """The attack's own hyperparameters, recorded in the run manifest: each of :meth:`option_names` read back
+        from the attribute of the same name (options kept under no such attribute are left out). An attack that
+        records something else, or keeps an option under another name, overrides this."""
+        return {k: getattr(self, k) for k in self.option_names() if hasattr(self, k)}
 
     def state(self) -> dict[str, torch.Tensor]:
         """Tensors needed to re-create the trigger (patterns, fields); saved beside the model."""

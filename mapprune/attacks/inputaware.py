@@ -80,14 +80,6 @@ class InputAware(Attack):
         self.joint_stats: dict[str, float] = {}  # the joint classifier's last-batch accuracies (after prepare)
         self.cross_indices: torch.Tensor | None = None  # set by poison_train
 
-    def params(self):
-        return {"width": self.width, "mask_steps": self.mask_steps, "steps": self.steps,
-                "batch_size": self.batch_size, "lr": self.lr, "mask_density": self.mask_density,
-                "lambda_div": self.lambda_div, "lambda_norm": self.lambda_norm,
-                "joint_attack_ratio": self.joint_attack_ratio, "joint_cross_ratio": self.joint_cross_ratio,
-                "joint_model": self.joint_model, "joint_width": self.joint_width, "cross_ratio": self.cross_ratio,
-                "seed": self.seed, "resource": self.resource}
-
     def networks(self):
         c = self.image_shape[0]
         return PatternGenerator(c, self.width), MaskGenerator(c, self.width)

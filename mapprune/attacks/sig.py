@@ -47,8 +47,5 @@ class SIG(Attack):
         self.frequency = frequency
         self.signal = sinusoid(width, delta, frequency)
 
-    def params(self):
-        return {"delta": self.delta, "frequency": self.frequency}
-
     def trigger(self, x):
         return (x + self.signal.to(x.device, x.dtype)).clamp(0, 1)  # (W,) broadcasts over rows and channels

@@ -68,12 +68,6 @@ class SSBA(Attack):
         self.resource = resource  # the networks' cache key hash, set by prepare()
         self.train_bit_accuracy: float | None = None  # smoothed over the last training batches
 
-    def params(self):
-        return {"bits": self.bits, "width": self.width, "budget": self.budget, "steps": self.steps,
-                "batch_size": self.batch_size, "lr": self.lr, "image_weight": self.image_weight,
-                "diversity_weight": self.diversity_weight, "seed": self.seed, "secret_seed": self.secret_seed,
-                "resource": self.resource}
-
     def networks(self) -> tuple[StegaEncoder, StegaDecoder]:
         return (StegaEncoder(self.image_shape, self.bits, self.width, self.budget),
                 StegaDecoder(self.image_shape, self.bits, self.width))

@@ -85,10 +85,6 @@ class WaNet(Attack):
                                     f"{tuple(self.image_shape)} images, got {value.dtype} {tuple(value.shape)}")
             setattr(self, name, value.float().contiguous())
 
-    def params(self):
-        return {"k": self.k, "s": self.s, "grid_rescale": self.grid_rescale, "cross_ratio": self.cross_ratio,
-                "field_seed": self.field_seed}
-
     def state(self):
         state = {"field": self.field, "noise_indices": self.noise_indices}
         if self.identity is not None:

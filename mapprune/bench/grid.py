@@ -206,7 +206,7 @@ def _check_names(grid: Grid, path) -> None:
         raise unknown_name("dataset", grid.dataset, DATASETS)
     if grid.preset is not None and grid.preset not in PRESETS:
         raise unknown_name("preset", grid.preset, PRESETS)
-    if grid.model.get("model") not in (None, *MODELS):
+    if grid.model.get("model") is not None and grid.model["model"] not in MODELS:  # `in` loads plugins
         raise unknown_name("model", grid.model["model"], MODELS)
     probe = _AttackProbe(grid)
     labels = set()
@@ -218,7 +218,7 @@ def _check_names(grid: Grid, path) -> None:
         _only(a.get("model", {}), MODEL_KEYS, f"{where} model")
         if "run" in a and "model" in a:
             raise MapPruneError(f"{where}: an adopted run keeps its own model; drop model")
-        if a.get("model", {}).get("model") not in (None, *MODELS):
+        if a.get("model", {}).get("model") is not None and a["model"]["model"] not in MODELS:
             raise unknown_name("model", a["model"]["model"], MODELS)
         if a.get("name") not in ATTACKS and "run" not in a:
             raise MapPruneError(f"{where}: unknown attack {a.get('name')!r}; valid attacks: {', '.join(ATTACKS)}")

@@ -1,7 +1,8 @@
 """Defenses: one file each, one registry. ``create_defense(name, **kw).repair(model, images, labels)``."""
 
-from ..errors import MapPruneError, unknown_name
+from ..errors import MapPruneError
 from ..options import check_options
+from ..registry import Registry
 from .anp import ANP
 from .base import RUNTIME, CleanData, Defense, DefenseResult, FineTuning
 from .clp import CLP
@@ -15,15 +16,18 @@ from .nc import NeuralCleanse
 from .rnp import RNP
 from .sau import SAU
 
-# One line per defense: adding one is a file in this folder and its class here.
-DEFENSES: dict[str, type[Defense]] = {cls.name: cls for cls in (FMT, FineTune, FinePruning, CLP, ANP, RNP, NAD,
-                                                                    NeuralCleanse, IBAU, SAU, FST)}
+# A defense of one's own registers with ``@register_defense`` (or ``@DEFENSES.register``) where it is defined, or
+# through the ``mapprune.defenses`` entry-point group of an installed package.
+DEFENSES = Registry("defense", "mapprune.defenses", base=Defense, decorator="register_defense")
+register_defense = DEFENSES.register
+for _cls in (FMT, FineTune, FinePruning, CLP, ANP, RNP, NAD, NeuralCleanse, IBAU, SAU, FST):
+    register_defense(_cls)
+del _cls
 
 
 def defense_class(name: str) -> type[Defense]:
-    if name not in DEFENSES:
-        raise unknown_name("defense", name, DEFENSES)
-    return DEFENSES[name]
+    """The registered defense class ``name``; an unknown name is refused, naming the valid ones."""
+    return DEFENSES.get(name)
 
 
 def defense_options(name: str) -> list[str]:
@@ -43,4 +47,4 @@ def create_defense(name: str, **kw) -> Defense:
 
 __all__ = ["ANP", "CLP", "DEFENSES", "FMT", "FST", "IBAU", "NAD", "RNP", "SAU", "CleanData", "Defense", "DefenseResult",
            "FinePruning", "FineTune", "FineTuning", "NeuralCleanse", "create_defense", "defense_class",
-           "defense_options"]
+           "defense_options", "register_defense"]

@@ -3,12 +3,9 @@
 Every model returned by :func:`create_model` is wrapped in :class:`Normalized`, so it takes [0, 1] pixels.
 """
 
-from collections.abc import Callable
 from functools import partial
 
-from torch import nn
-
-from ..errors import unknown_name
+from ..registry import Registry
 from .conv_guard import guard_strided_pointwise_convs
 from .preactresnet import PreActResNet18
 from .resnet import ResNet18
@@ -18,7 +15,10 @@ from .vgg import VGG16BN
 from .vit import ViT
 from .wrapper import Normalized
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
+# name -> factory(num_classes=, in_channels=, width=) returning an nn.Module that takes normalised pixels. A model of
+# one's own joins with ``MODELS.register(name, factory)`` or the ``mapprune.models`` entry-point group.
+MODELS = Registry("model", "mapprune.models", decorator="MODELS.register")
+for _name, _factory in {
     "preactresnet18": PreActResNet18,
     "preactresnet18-bb": partial(PreActResNet18, final_bn=False),  # BackdoorBench's layout (import-backdoorbench)
     "resnet18": ResNet18,
@@ -33,7 +33,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "vgg16-bb": partial(VGGTV, 16, False),
     "vgg19-bb": partial(VGGTV, 19, False),
     "vgg19_bn-bb": partial(VGGTV, 19, True),
-}
+}.items():
+    MODELS.register(_name, _factory)
+del _name, _factory
 
 
 def create_model(
@@ -50,8 +52,7 @@ def create_model(
     ``width`` is the first stage's channel count (64 = the paper's PreActResNet18; the ViT's embedding dimension
     is 2 x width); None keeps each architecture's default.
     """
-    if name not in MODELS:
-        raise unknown_name("model", name, MODELS)
+    factory = MODELS.get(name)
     kw = {"num_classes": num_classes, "in_channels": in_channels}
     if width is not None:
         if width < 1:
@@ -60,7 +61,7 @@ def create_model(
             raise MapPruneError(f"--width must be a positive integer, got {width}")
         kw["width"] = width
     # Built through the guard: a few tiny strided 1x1 convolutions crash PyTorch's CPU kernel (conv_guard.py).
-    return guard_strided_pointwise_convs(Normalized(MODELS[name](**kw), mean[:in_channels], std[:in_channels]))
+    return guard_strided_pointwise_convs(Normalized(factory(**kw), mean[:in_channels], std[:in_channels]))
 
 
 __all__ = ["MODELS", "Normalized", "create_model"]
