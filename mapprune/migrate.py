@@ -64,6 +64,54 @@ def _result_0_to_1(r: dict) -> dict:
     return r
 
 
+# FMT's recipe is one config (mapprune/defenses/fmt/config.py). Results of every version are read under its option
+# names (:func:`fmt_names`, applied to every result read, whatever its version): two options renamed for what they are
+# (old name -> new name); the research switches below, no longer options, at the value every FMT runs with; and the
+# expert settings, which params records only where they differ from the recipe's value.
+RENAMED: dict[str, dict[str, str]] = {"fmt": {"unlearn_warp": "warp_px", "unlearn_smooth": "smooth_linf"}}
+RETIRED: dict[str, dict] = {"fmt": {"scorer": "accuracy", "outlier_method": "elliptic", "contamination": 0.1,
+                                    "threshold": 3.5, "unlearn_append": False, "unlearn_candidates": "probe",
+                                    "implementation": "fast"}}
+# Options whose default was None under the old names (left out of a bench cell's resolved parameters).
+_UNSET_OLD: dict[str, dict] = {"fmt": {"budget": None, "field_null": "sign"}}
+
+
+def expert_values(defense: str, recipe) -> dict:
+    """The expert settings' values under ``recipe`` (FMT's), which format 2 leaves out of params."""
+    if defense != "fmt":
+        return {}
+    from .defenses.fmt.config import CONFIGS, EXPERT, FINETUNE_EXPERT
+
+    config = CONFIGS.get(recipe if isinstance(recipe, str) else "recommended")
+    return {k: getattr(config, k) for k in EXPERT + FINETUNE_EXPERT} if config else {}
+
+
+def fmt_names(r: dict) -> dict:
+    """FMT's params under the current names: renamed options renamed; a retired switch at the value FMT now runs
+    with, and an expert setting at its recipe's value, dropped (any other value is kept, so the result matches no
+    current setting). A result already in these names is returned as it is."""
+    params, defense = r.get("params"), r.get("defense")
+    if not isinstance(params, dict) or defense not in RENAMED:
+        return r
+    names = RENAMED[defense]
+    params = {names.get(k, k): v for k, v in params.items()}
+    drop = {**RETIRED[defense], **expert_values(defense, params.get("recipe"))}
+    params = {k: v for k, v in params.items() if not (k in drop and v == drop[k] and type(v) is type(drop[k]))}
+    return {**r, "params": params}
+
+
+def format1_params(defense: str, params: dict, defaults: bool = False) -> dict:
+    """``params`` (current names) under the old option names: renamed options under their old names and the
+    switches no longer options at their values; with ``defaults`` (a defense's resolved defaults), without the
+    options whose old default was None. What bench cell keys hash, so that the keys of finished cells hold."""
+    old = {new: o for o, new in RENAMED.get(defense, {}).items()}
+    out = {old.get(k, k): v for k, v in params.items()}
+    if defaults:
+        out = {k: v for k, v in out.items() if k not in _UNSET_OLD.get(defense, {})
+               or v != _UNSET_OLD[defense][k]}
+    return {**RETIRED.get(defense, {}), **out}
+
+
 MANIFEST_STEPS: list[Callable[[dict], dict]] = [_manifest_0_to_1]
 RESULT_STEPS: list[Callable[[dict], dict]] = [_result_0_to_1]
 
@@ -99,4 +147,4 @@ def upgrade_manifest(d: dict, source="manifest.json") -> dict:
 def upgrade_result(d: dict, source="result.json") -> dict:
     """A defense's result of any known version, as the current version's (a new dict; ``d`` is left as it is).
     Raises :class:`NewerFormat` for a version newer than :data:`RESULT_VERSION`."""
-    return _upgrade(d, RESULT_STEPS, RESULT_VERSION, source)
+    return fmt_names(_upgrade(d, RESULT_STEPS, RESULT_VERSION, source))

@@ -161,13 +161,15 @@ def test_fmt_and_ft_on_a_really_backdoored_model(digits_run):
 
 def test_recipes_and_bad_options_fail_before_work():
     paper, rec = FMT(recipe="paper"), FMT()
-    assert (paper.mask, paper.selection, paper.scorer, paper.lr, paper.epochs) == (False, "rank", "accuracy", 0.01, 10)
+    assert (paper.mask, paper.selection, paper.lr, paper.epochs) == (False, "rank", 0.01, 10)
     assert rec.mask is True and rec.recipe == "recommended" and rec.schedule == "onecycle"
     assert (rec.field_images, paper.field_images) == (16, 0)
     assert FMT(recipe="paper", mask=True).mask is True  # an explicit value wins over the recipe
     assert FMT(recipe="paper", eps=0.1).eps == 0.1 and FMT(objective="warp", eps=1.0).eps == 1.0
     assert FMT(**FMT().params()).params() == FMT().params()  # the recorded eps rebuilds the defense
-    for kw, msg in [({"recipe": "best"}, "recipe"), ({"scorer": "x"}, "scorer"), ({"objective": "x"}, "objective"),
+    with pytest.raises(MapPruneError, match="scorer"):
+        create_defense("fmt", scorer="x")
+    for kw, msg in [({"recipe": "best"}, "recipe"), ({"objective": "x"}, "objective"),
                     ({"n_images": 0}, "n_images"), ({"eps": -1.0}, "eps"),
                     ({"eps": 0.1}, "patch objective .* has no step size"), ({"budget": -1}, "budget"),
                     ({"lr": 0.0}, "learning rate"), ({"fraction": 2.0}, "fraction"), ({"epochs": -1}, "epochs"),
@@ -291,8 +293,8 @@ def test_unlearning_stamps_candidates_found_where_the_trigger_is(digits_run):
         FMT(unlearn=1.0)
     with pytest.raises(MapPruneError, match="patch or warp"):
         FMT(unlearn=0.2, objective="mse")
-    with pytest.raises(MapPruneError, match="unlearn_warp"):
-        FMT(unlearn_warp=-1.0)
+    with pytest.raises(MapPruneError, match="warp_px"):
+        FMT(warp_px=-1.0)
 
 
 def test_adaptive_budget_prunes_the_most_that_keep_held_out_accuracy(digits_run):
@@ -305,7 +307,7 @@ def test_adaptive_budget_prunes_the_most_that_keep_held_out_accuracy(digits_run)
     x, y = r.dataset.x_train[idx], r.dataset.y_train[idx]
     for drop in (0.02, 0.2):
         result = FMT(budget="auto", max_drop=drop, hflip=False, batch_size=32, fraction=1 / 8, epochs=0,
-                     unlearn_warp=0.0).repair(r.model, x, y)
+                     warp_px=0.0).repair(r.model, x, y)
         sweep = result.extra["budget_sweep"]
         acc0 = sweep[0][1]
         kept = [k for k, a in sweep[1:] if a >= (1 - drop) * acc0]
@@ -329,7 +331,7 @@ def test_bf16_and_fp32_testing_select_nearly_the_same_maps(digits_run):
     r = digits_run
     idx = clean_subset(r.dataset.y_train, 0.1, 0)
     x, y = r.dataset.x_train[idx], r.dataset.y_train[idx]
-    kw = {"hflip": False, "fraction": 1 / 8, "detect_only": True, "unlearn_warp": 0.0}
+    kw = {"hflip": False, "fraction": 1 / 8, "detect_only": True, "warp_px": 0.0}
     fp32 = FMT(precision="fp32", **kw).repair(r.model, x, y)
     bf16 = FMT(precision="bf16", **kw).repair(r.model, x, y)
     assert bf16.pruned.keys() == fp32.pruned.keys()
@@ -352,7 +354,7 @@ def test_random_candidates_control_keeps_counts_and_sizes():
     assert set(patches.window.unique().tolist()) <= {0.0, 1.0} and set(warps.phi.unique().tolist()) == {-1.0, 1.0}
     assert torch.equal(random_candidates(found, (32, 32), seed=0).parts[0].pos, patches.pos)  # seeded
     with pytest.raises(MapPruneError, match="unlearn_candidates"):
-        FMT(unlearn_candidates="oracle")
+        create_defense("fmt", unlearn_candidates="oracle")
 
 
 def test_unlearn_each_gives_every_candidate_family_its_own_share():
@@ -396,11 +398,11 @@ def test_a_result_saved_before_an_option_existed_matches_only_its_legacy_value(t
     # it judged the candidate fields on every test image, not on the recommended recipe's 16
     assert find_result(tmp_path, "fmt", FMT(unlearn_each=False).params(), 0.1, 0) is None
     assert find_result(tmp_path, "fmt", FMT().params(), 0.1, 0) is None  # the recommended recipe's unlearn_each
-    assert find_result(tmp_path, "fmt", FMT(unlearn_each=False, unlearn_smooth=0.0).params(), 0.1, 0) is None
+    assert find_result(tmp_path, "fmt", FMT(unlearn_each=False, smooth_linf=0.0).params(), 0.1, 0) is None
     assert find_result(tmp_path, "fmt", params, 0.1, 1) is None
     # The stimulation test only changes what is reported: a result made without it (or before it existed, or at
     # another level) stands for the same repair at any level.
-    assert params["stimulate"] == 4.0 and "stimulate" not in old
+    assert FMT(unlearn_each=False, field_images=0).stimulate == 4.0 and "stimulate" not in old
     assert find_result(tmp_path, "fmt", FMT(unlearn_each=False, field_images=0, stimulate=0,
                                             stimulate_images=10).params(), 0.1, 0) == folder
 
@@ -426,14 +428,15 @@ def test_smooth_probe_finds_a_low_frequency_backdoors_target(tmp_path):
     assert unlearning["smooth_suspected_target"]["target"] == 1 and result.extra["suspected_target"]["target"] != 1
     after = evaluate(result.model, r.test_sets())
     assert after["asr"] <= 0.05 and after["acc"] >= 0.93
-    with pytest.raises(MapPruneError, match="unlearn_smooth"):
-        FMT(unlearn_smooth=1.5)
+    with pytest.raises(MapPruneError, match="smooth_linf"):
+        FMT(smooth_linf=1.5)
 
 
 def test_unlearn_append_adds_stamped_copies_and_keeps_every_clean_image():
     """``unlearn_append``: each family's stamped images are copies added after the batch (the same draws as
     replacing), so the batch's clean images all stay; the teacher of the distillation sees each copy's source."""
     from mapprune.defenses.base import FineTuning
+    from mapprune.defenses.stamping import stamping_each
     from mapprune.probes import CandidateSet, Patches
 
     def family(value, row):
@@ -441,7 +444,7 @@ def test_unlearn_append_adds_stamped_copies_and_keeps_every_clean_image():
 
     two = CandidateSet([family(1.0, 0), family(0.5, 4)])
     x, y = torch.rand(2000, 3, 12, 12) * 0.1, torch.randint(0, 10, (2000,))
-    out, labels, src = FMT(unlearn=0.3, unlearn_append=True).unlearning(two)(x, y, torch.Generator().manual_seed(0))
+    out, labels, src = stamping_each(two.parts, 0.3, True)(x, y, torch.Generator().manual_seed(0))
     assert torch.equal(out[:2000], x) and torch.equal(labels, y[src]) and torch.equal(src[:2000], torch.arange(2000))
     copies = out[2000:]
     ones = (copies[:, 0, 0:2] == 1.0).flatten(1).any(1)
@@ -453,7 +456,7 @@ def test_unlearn_append_adds_stamped_copies_and_keeps_every_clean_image():
     assert torch.equal(hit, src[2000:][ones])  # the same images drawn as when replacing
     assert FMT.variant_name({"unlearn_append": True}) == "fmt-unlearnappend"
     with pytest.raises(MapPruneError, match="unlearn_append"):
-        FMT(unlearn_append=1)
+        create_defense("fmt", unlearn_append=True)
 
     seen = []
 
@@ -469,5 +472,5 @@ def test_unlearn_append_adds_stamped_copies_and_keeps_every_clean_image():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 12 * 12, 10))
     ft = FineTuning(epochs=1, batch_size=50, distill=1.0, relearn_lr=0)  # the teacher only sees training batches
     history = ft.finetune(model, (x[:200] * 255).to(torch.uint8), y[:200], teacher=Teacher(copy.deepcopy(model)),
-                          transform=FMT(unlearn=0.3, unlearn_append=True).unlearning(two))
+                          transform=stamping_each(two.parts, 0.3, True))
     assert len(seen) == 4 and all(n > 50 for n in seen) and 0 <= history[0]["train_acc"] <= 1

@@ -341,4 +341,5 @@ def test_a_field_probes_null_is_a_random_field_of_its_own_kind_and_size():
     assert torch.equal(null_images("patch", x0, 0.06, 1, "field"), null_images("patch", x0, 0.06, 1))  # not a field
     with pytest.raises(MapPruneError, match="field_null"):
         FMT(field_null="warp")
-    assert FMT().params()["field_null"] == "sign" and FMT.variant_name({"field_null": "field"}) == "fmt-fieldnullfield"
+    assert FMT().field_null == "sign" and "field_null" not in FMT().params()
+    assert FMT.variant_name({"field_null": "field"}) == "fmt-fieldnullfield"

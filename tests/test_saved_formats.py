@@ -21,7 +21,10 @@ from mapprune.migrate import (
     MANIFEST_VERSION,
     RESULT_STEPS,
     RESULT_VERSION,
+    RETIRED,
     NewerFormat,
+    expert_values,
+    format1_params,
     upgrade_manifest,
     upgrade_result,
 )
@@ -172,7 +175,8 @@ def test_version_0_results_get_the_options_added_since_with_their_old_values(old
     """FMT results saved before unlearn_each, unlearn_append, field_images, field_null and relearn_lr existed were
     made with the values in LEGACY_PARAMS; read, they say so, and they match exactly those settings."""
     full = create_defense("fmt", recipe="paper", hflip=False).params()
-    assert {k: full[k] for k in LEGACY_PARAMS["fmt"]} == LEGACY_PARAMS["fmt"]  # the paper recipe is the old one
+    old_full = {**format1_params("fmt", full), **expert_values("fmt", "paper")}
+    assert {k: old_full[k] for k in LEGACY_PARAMS["fmt"]} == LEGACY_PARAMS["fmt"]  # the paper recipe is the old one
     _, r = stored(old)
     folder = old / "defense" / "fmt-paper"
     folder.mkdir()
@@ -216,7 +220,8 @@ def test_version_0_manifests_get_their_loaders_name():
 def test_each_version_has_its_step_and_legacy_options_are_options():
     assert len(MANIFEST_STEPS) == MANIFEST_VERSION and len(RESULT_STEPS) == RESULT_VERSION
     for name, legacy in LEGACY_PARAMS.items():
-        assert set(legacy) <= set(defense_class(name).option_names()), name
+        assert set(legacy) <= set(defense_class(name).option_names()) | set(RETIRED.get(name, {})) \
+            | set(expert_values(name, None)), name
     # every defense that ends with the shared fine-tune had it before relearn_lr existed
     assert {n for n, cls in DEFENSES.items() if issubclass(cls, FineTuning)} == set(LEGACY_PARAMS)
     assert all(not hasattr(cls, "legacy") for cls in DEFENSES.values())
@@ -250,4 +255,4 @@ PINNED = {
 
 @pytest.mark.parametrize(("name", "recipe"), list(PINNED))
 def test_resolved_parameters_are_pinned(name, recipe):
-    assert defense_class(name).defaults(recipe) == PINNED[(name, recipe)]
+    assert format1_params(name, defense_class(name).defaults(recipe), defaults=True) == PINNED[(name, recipe)]

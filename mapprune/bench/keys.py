@@ -20,9 +20,12 @@ def resolved_params(defense: str, opts: dict, dataset: str) -> dict:
     options): hashed into the cell's key, so a default changed in the code (a new recommended recipe) makes a new
     cell instead of passing off a result of the old one as current."""
     from ..defenses import defense_class
+    from ..migrate import format1_params
 
     cls = defense_class(defense)
-    out = {**cls.defaults(opts.get("recipe")), **cls.dataset_defaults.get(dataset, {}), **opts}
+    # Hashed under the old option names (mapprune.migrate.format1_params), so finished cells keep their keys.
+    out = {**format1_params(defense, cls.defaults(opts.get("recipe")), defaults=True),
+           **format1_params(defense, {**cls.dataset_defaults.get(dataset, {}), **opts})}
     return {k: v for k, v in out.items() if k not in ("seed", "progress")}
 
 

@@ -7,11 +7,26 @@ from .common import add_common, finite, key_values, ratio
 from .lines import rejected_line, stimulation_line
 
 NAME = "defend"
-# The options only FMT takes (the "fmt options" group of the help); any other defense refuses them.
-FMT_ONLY = ("selection", "outlier_method", "contamination", "fraction", "mask", "detect_only", "implementation",
-            "n_images", "alpha", "eps", "scorer", "objective", "budget")
+# The options only FMT takes (the "fmt options" group of the help); any other defense refuses them. Its expert
+# settings (mapprune/defenses/fmt/config.py: stimulate, field_images, ...) are taken from Python only.
+# In the order their values name a variant's folder (Defense.variant_name): the unlearning's after the shared ones,
+# where --opt put them.
+FMT_TESTING = ("selection", "fraction", "mask", "detect_only", "n_images", "alpha", "eps", "objective", "budget")
+FMT_UNLEARNING = ("unlearn", "warp_px", "smooth_linf")
+FMT_ONLY = FMT_TESTING + FMT_UNLEARNING
 # The fine-tune's options and the seed, which every defense takes.
 SHARED = ("recipe", "epochs", "lr", "batch_size", "distill", "seed")
+
+
+def _recipes(name: str) -> str:
+    """``name``'s value in FMT's two recipes, for the help: "recommended X; paper Y"."""
+    from ..defenses.fmt.config import PAPER, RECOMMENDED
+
+    def show(v):
+        return f"{v:g}" if isinstance(v, float) else "rank's count" if v is None else str(v)
+
+    r, p = getattr(RECOMMENDED, name), getattr(PAPER, name)
+    return f"recommended {show(r)}; paper {show(p)}" if r != p else f"both recipes {show(r)}"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -25,31 +40,35 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     f.add_argument("--recipe", choices=["recommended", "paper"],
                    help="recommended (default): what docs/results.md measured best; paper: the ICLR algorithm exactly "
                         "(FT: the paper's fine-tune). Any other option overrides its recipe value")
-    fmt = f.add_argument_group("fmt options", "Feature Map Testing's own settings; other defenses refuse them")
-    fmt.add_argument("--selection", choices=["rank", "outlier", "global"], help="pruning rule (default rank)")
-    fmt.add_argument("--scorer", choices=["accuracy", "target"], help="per-map score (default accuracy)")
-    fmt.add_argument("--objective", choices=["mse", "excite", "patch", "warp", "smooth"],
-                     help="per-map probe (recommended: patch; paper: mse; warp: a smooth warp of --eps pixels; "
-                          "smooth: a smooth additive change of L-inf --eps)")
+    fmt = f.add_argument_group("fmt options", "Feature Map Testing's own settings (what each value was measured to do: "
+                               "mapprune/defenses/fmt/config.py); other defenses refuse them")
+    fmt.add_argument("--objective", choices=["mse", "patch", "warp", "smooth"],
+                     help=f"per-map probe: patch (a universal 0/1 patch), mse (one signed step of --eps), warp, "
+                          f"smooth ({_recipes('objective')})")
+    fmt.add_argument("--n-images", type=int, help=f"test images ({_recipes('n_images')})")
+    fmt.add_argument("--alpha", type=finite, help=f"random start size ({_recipes('alpha')}; 0.03 CIFAR-100/GTSRB)")
+    fmt.add_argument("--eps", type=finite, help=f"signed step of the mse, warp and smooth objectives "
+                     f"({_recipes('eps')}; the patch objective has none and refuses another value)")
+    fmt.add_argument("--selection", choices=["rank", "global"],
+                     help=f"pruning rule: rank (per layer) or global ({_recipes('selection')})")
+    fmt.add_argument("--fraction", type=finite, help=f"share of maps pruned per layer by the rank rule, which also "
+                     f"sets the global rule's count ({_recipes('fraction')})")
     fmt.add_argument("--budget", type=_budget, help="global selection: maps pruned (default: the rank rule's count), "
-                     "or auto: the most that keep held-out clean accuracy within max_drop (--opt max_drop=0.1)")
-    fmt.add_argument("--outlier-method", choices=["elliptic", "mad"],
-                     help="outlier selection: detector (default elliptic)")
-    fmt.add_argument("--contamination", type=finite, help="outlier selection, elliptic: contamination (default 0.1)")
-    fmt.add_argument("--fraction", type=finite, help="rank selection: share of maps pruned per layer (default 1/64)")
+                     "or auto: the most that keep held-out clean accuracy within 10%% (from Python: FMT(max_drop=...))")
     fmt.add_argument("--mask", action=argparse.BooleanOptionalAction, default=None,
-                     help="keep pruned maps zero while fine-tuning (default: on; off in the paper recipe)")
+                     help=f"keep pruned maps zero while fine-tuning ({_recipes('mask')})")
+    fmt.add_argument("--unlearn", type=finite, help=f"share of each fine-tune batch stamped with FMT's candidate "
+                     f"triggers, true labels kept ({_recipes('unlearn')})")
+    fmt.add_argument("--warp-px", type=finite, help=f"displacement in pixels of the warp candidates, 0: none "
+                     f"({_recipes('warp_px')})")
+    fmt.add_argument("--smooth-linf", type=finite, help=f"L-inf amplitude of the smooth candidates, 0: none "
+                     f"({_recipes('smooth_linf')})")
     fmt.add_argument("--detect-only", action="store_true", default=None,
                      help="score and report suspicious maps, change nothing")
-    fmt.add_argument("--implementation", choices=["fast", "reference"], help="testing phase (default fast)")
-    fmt.add_argument("--n-images", type=int, help="test images (default 32)")
-    fmt.add_argument("--alpha", type=finite, help="random start size (default 0.02; 0.03 CIFAR-100/GTSRB)")
-    fmt.add_argument("--eps", type=finite, help="signed step size of the mse, excite, warp and smooth objectives "
-                     "(default 0.06; the recommended recipe's patch objective has none and refuses it)")
-    f.add_argument("--epochs", type=int, help="fine-tune epochs (default 15; paper 10)")
+    f.add_argument("--epochs", type=int, help=f"fine-tune epochs ({_recipes('epochs')})")
     f.add_argument("--lr", type=finite, help="fine-tune peak learning rate (default 0.01 one-cycle, 0.02 when the "
                    "model rejects a class: --opt relearn_lr; paper 0.01 cosine)")
-    f.add_argument("--batch-size", type=int, help="fine-tune batch size (default 128; paper 256)")
+    f.add_argument("--batch-size", type=int, help=f"fine-tune batch size ({_recipes('batch_size')})")
     f.add_argument("--distill", type=finite, help="fine-tune: weight of the distillation from the incoming model "
                    "(default 1.0: keeps clean accuracy; 0 = none, the paper's; 0 removes more of a backdoor the "
                    "pruning missed, e.g. WaNet, at ~2-3 points of ACC: docs/results.md)")
@@ -82,7 +101,7 @@ def run(args) -> int:
 
     if args.defense not in DEFENSES:
         raise unknown_name("defense", args.defense, DEFENSES)
-    kw = {k: getattr(args, k) for k in FMT_ONLY + SHARED}
+    kw = {k: getattr(args, k) for k in FMT_TESTING + SHARED + FMT_UNLEARNING}
     given = [k for k in FMT_ONLY if kw[k] is not None]
     if args.defense != "fmt" and given:
         raise MapPruneError(f"--{given[0].replace('_', '-')} applies to fmt only, not {args.defense}")

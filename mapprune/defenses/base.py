@@ -243,20 +243,17 @@ class Defense:
 RUNTIME = ("device", "progress")  # how a defense runs, not what it computes: not recorded as parameters
 
 
-# The fine-tunes every fine-tuning defense can use (FMT and FT share them, so pruning's own effect stays visible).
-# ``paper``: FMT's published fine-tune (SGD lr 0.01, cosine to 1e-4, 10 epochs, batch 256, no weight decay).
-# ``recommended``: a fine-tune matched to a short one-cycle training recipe (the CPU preset trains at peak lr
-# 0.1): one-cycle to 0.01, nesterov, weight decay 5e-4, batch 128, 15 epochs, distilling from the incoming model;
-# to 0.02 when the incoming model rejects a class (``relearn_lr``). Chosen on the measurements in docs/fmt.md
-# ("What the recommended recipe adds": with FMT's unlearning, 0.01 keeps 0.3-1.2 points more clean accuracy than
-# 0.02 and removes the backdoors as well, except SIG's, whose consumed target class only 0.02 teaches again).
-FINETUNES: dict[str, dict] = {
-    "paper": {"epochs": 10, "lr": 0.01, "batch_size": 256, "weight_decay": 0.0, "min_lr": 1e-4,
-              "schedule": "cosine", "nesterov": False, "distill": 0.0, "relearn_lr": 0.0},
-    "recommended": {"epochs": 15, "lr": 0.01, "batch_size": 128, "weight_decay": 5e-4, "min_lr": 0.0,
-                    "schedule": "onecycle", "nesterov": True, "distill": 1.0, "relearn_lr": 0.02},
-}
-RECIPES = tuple(FINETUNES)
+# The fine-tunes every fine-tuning defense can use (FMT and FT share them, so pruning's own effect stays visible):
+# the fine-tune fields of FMT's two recipes, ``paper`` and ``recommended``, each documented with its measurement in
+# mapprune/defenses/fmt/config.py (FMTConfig). Read through :func:`finetunes` (config.py imports nothing of
+# mapprune, but mapprune.defenses.fmt imports this module).
+def finetunes() -> dict[str, dict]:
+    from .fmt.config import FINETUNES
+
+    return FINETUNES
+
+
+RECIPES = ("paper", "recommended")
 
 
 class FineTuning(Defense):
@@ -268,14 +265,14 @@ class FineTuning(Defense):
                  schedule: str | None = None, nesterov: bool | None = None, distill: float | None = None,
                  relearn_lr: float | None = None, **kw):
         super().__init__(**kw)
-        if recipe not in FINETUNES:
+        if recipe not in finetunes():
             raise MapPruneError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")
         self.recipe = recipe
         given = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay,
                  "min_lr": min_lr, "schedule": schedule, "nesterov": nesterov, "distill": distill,
                  "relearn_lr": relearn_lr}
         for k, v in given.items():
-            setattr(self, k, FINETUNES[recipe][k] if v is None else v)
+            setattr(self, k, finetunes()[recipe][k] if v is None else v)
         # Fails here, before any work, rather than after a testing or pruning phase.
         if self.epochs > 0:
             self.finetune_config().validate()
@@ -312,10 +309,10 @@ class FineTuning(Defense):
 
     @classmethod
     def recipe_defaults(cls, recipe: str | None) -> dict:
-        return dict(FINETUNES.get(recipe or "recommended", {}))
+        return dict(finetunes().get(recipe or "recommended", {}))
 
     def finetune_config(self, lr: float | None = None) -> TrainConfig:
-        """The shared fine-tune: SGD with momentum 0.9 and the recipe's schedule (see ``FINETUNES``)."""
+        """The shared fine-tune: SGD with momentum 0.9 and the recipe's schedule (see :func:`finetunes`)."""
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=lr or self.lr, momentum=0.9,
                            weight_decay=self.weight_decay, schedule=self.schedule, min_lr=self.min_lr,
                            nesterov=self.nesterov, hflip=self.hflip, seed=self.seed)

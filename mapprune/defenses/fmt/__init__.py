@@ -13,13 +13,10 @@ import time
 
 import torch
 
-from ..device import amp_dtype
-from ..errors import MapPruneError
-from ..probes import (
+from ...device import amp_dtype
+from ...errors import MapPruneError
+from ...probes import (
     FIELD_NULLS,
-    IMPLEMENTATIONS,
-    OBJECTIVES,
-    SCORERS,
     CandidateSet,
     Field,
     MapTest,
@@ -28,26 +25,26 @@ from ..probes import (
     estimate_target,
     probe_maps,
     stimulate_maps,
-    suspicion,
     target_from_pull,
 )
-from .base import FINETUNES, CleanData, FineTuning, held_out_accuracy, most_aggressive, pick_images
-from .pruning import prune
-from .selection import SELECTIONS, select
-from .stamping import stamping, stamping_each
+from ..base import CleanData, FineTuning, held_out_accuracy, most_aggressive, pick_images
+from ..pruning import prune
+from ..selection import select
+from ..stamping import stamping, stamping_each
+from .config import CONFIGS, EXPERT, FINETUNE_EXPERT, FINETUNES, FMT_RECIPES, OPTIONS, PAPER, RECOMMENDED, FMTConfig
 
-__all__ = ["FMT"]
+__all__ = ["CONFIGS", "EXPERT", "FINETUNES", "FMT", "FMT_RECIPES", "OPTIONS", "PAPER", "RECOMMENDED", "FMTConfig"]
 
+OBJECTIVES = ("mse", "patch", "warp", "smooth")  # FMT's probes (mapprune.probes also has "excite", for diagnose)
+SELECTIONS = ("rank", "global")  # the paper's first arXiv rule, "outlier", is selection.select_outlier
 PRECISIONS = ("auto", "fp32", "bf16")  # the testing phase's; auto = bf16 on a GPU that has it, else fp32
-
-
-CANDIDATES = ("probe", "random")
+FIELD_SIZES = {"warp": "warp_px", "smooth": "smooth_linf"}  # the field probes and the option that sizes each
 
 
 def random_candidates(found, image_hw: tuple[int, int], seed: int):
-    """The control for unlearning: as many patches (and warps) of the same sizes as FMT found, at random positions
-    with random 0/1 pixels (random +-1 control points for warps). If unlearning these works as well as unlearning
-    FMT's own, the choice of candidates does not matter."""
+    """The control for unlearning (docs/fmt.md: random warps 4.42 against 2.61 ASR on WaNet, random smooth fields
+    31.88 against 2.23 on LF): as many patches (and warps) of the same sizes as FMT found, at random positions with
+    random 0/1 pixels (random +-1 control points for warps)."""
     g = torch.Generator().manual_seed(seed + 7919)
     if isinstance(found, CandidateSet):
         return CandidateSet([random_candidates(p, image_hw, seed + i) for i, p in enumerate(found.parts)])
@@ -59,25 +56,12 @@ def random_candidates(found, image_hw: tuple[int, int], seed: int):
     return Patches(pos, torch.randint(0, 2, found.window.shape, generator=g).float())
 
 
-# FMT's own hyperparameters per recipe (the fine-tune's are in base.FINETUNES). ``paper`` is the published
-# algorithm; ``recommended`` is what the measurements in docs/fmt.md ("What the recommended recipe adds") select.
-FMT_RECIPES: dict[str, dict] = {
-    "paper": {"n_images": 32, "balanced": False, "eps": 0.06, "objective": "mse", "scorer": "accuracy",
-              "selection": "rank", "mask": False, "unlearn": 0.0, "unlearn_warp": 0.0,
-              "unlearn_smooth": 0.0, "unlearn_each": False, "unlearn_append": False, "stimulate": 0.0,
-              "field_images": 0},
-    "recommended": {"n_images": 32, "balanced": False, "eps": 0.06, "objective": "patch", "scorer": "accuracy",
-                    "selection": "global", "mask": True, "unlearn": 0.2, "unlearn_warp": 1.0,
-                    "unlearn_smooth": 0.06, "unlearn_each": True, "unlearn_append": False, "stimulate": 4.0,
-                    "field_images": 16},
-}
-
-
 class FMT(FineTuning):
-    """Feature Map Testing. ``recipe="paper"``: n=32 images, alpha 0.02 (0.03 for CIFAR-100 / GTSRB), eps 0.06,
-    rank selection of floor(C/64) maps per layer, fine-tune 10 epochs at lr 0.01, batch 256.
-    ``recipe="recommended"`` (the default) keeps the pruned maps masked and fine-tunes with base.FINETUNES's
-    matched recipe. Any hyperparameter given explicitly overrides its recipe's value.
+    """Feature Map Testing. Its recipe is :class:`~mapprune.defenses.fmt.config.FMTConfig`: ``recipe="paper"``
+    (:data:`PAPER`: n=32 images, alpha 0.02, eps 0.06, rank selection of floor(C/64) maps per layer, fine-tune 10
+    epochs at lr 0.01, batch 256) or ``recipe="recommended"`` (:data:`RECOMMENDED`, the default). Any option given
+    explicitly overrides its recipe's value; so does any expert setting (``EXPERT``: ``stimulate``,
+    ``field_images``, ``detect_only``...), which :meth:`params` records only where it differs from the recipe.
 
     Example::
 
@@ -92,91 +76,99 @@ class FMT(FineTuning):
     dataset_defaults = {"cifar100": {"alpha": 0.03}, "gtsrb": {"alpha": 0.03}}  # the paper's configurations
     score_label = "accuracy under per-map attack"
 
-    def __init__(self, *, recipe: str = "recommended", n_images: int | None = None, balanced: bool | None = None,
-                 alpha: float = 0.02, eps: float | None = None, objective: str | None = None,
-                 scorer: str | None = None, selection: str | None = None, fraction: float = 1 / 64,
-                 min_per_layer: int = 1, budget: int | str | None = None, max_drop: float = 0.1,
-                 outlier_method: str = "elliptic",
-                 contamination: float = 0.1, threshold: float = 3.5, mask: bool | None = None,
-                 unlearn: float | None = None, unlearn_maps: int = 8, unlearn_warp: float | None = None,
-                 unlearn_smooth: float | None = None, unlearn_each: bool | None = None,
-                 unlearn_append: bool | None = None, field_images: int | None = None,
-                 stimulate: float | None = None, stimulate_images: int = 30, field_null: str | None = None,
-                 unlearn_candidates: str = "probe", detect_only: bool = False,
-                 precision: str = "auto", implementation: str = "fast", batch_images: int = 1024, **finetune_kw):
-        super().__init__(recipe=recipe, **finetune_kw)
-        if recipe not in FMT_RECIPES:  # FineTuning has refused it already; kept for FMT-only recipes
-            raise MapPruneError(f"unknown recipe {recipe!r}; valid: {', '.join(FMT_RECIPES)}")
-        given = {"n_images": n_images, "balanced": balanced, "eps": eps, "objective": objective, "scorer": scorer,
-                 "selection": selection, "mask": mask, "unlearn": unlearn,
-                 "unlearn_warp": unlearn_warp, "unlearn_smooth": unlearn_smooth, "unlearn_each": unlearn_each,
-                 "unlearn_append": unlearn_append, "field_images": field_images, "stimulate": stimulate}
-        for k, v in given.items():
-            setattr(self, k, FMT_RECIPES[recipe][k] if v is None else v)
+    def __init__(self, *, recipe: str = "recommended", n_images: int | None = None, alpha: float | None = None,
+                 eps: float | None = None, objective: str | None = None, selection: str | None = None,
+                 fraction: float | None = None, budget: int | str | None = None, mask: bool | None = None,
+                 unlearn: float | None = None, warp_px: float | None = None, smooth_linf: float | None = None,
+                 balanced: bool | None = None, unlearn_maps: int | None = None, unlearn_each: bool | None = None,
+                 field_images: int | None = None, stimulate: float | None = None, stimulate_images: int | None = None,
+                 min_per_layer: int | None = None, max_drop: float | None = None, precision: str | None = None,
+                 batch_images: int | None = None, field_null: str | None = None, detect_only: bool | None = None,
+                 **kw):
+        # None: the recipe's value (config.py). The first line's options are what a user tunes; the rest are EXPERT
+        # settings, recorded in params() only where they differ from the recipe.
+        given = {k: v for k, v in locals().items() if k in OPTIONS + EXPERT}
+        super().__init__(recipe=recipe, **kw)
+        own = FMT_RECIPES[recipe]
+        for k in OPTIONS + EXPERT:
+            v = given.get(k)
+            setattr(self, k, own[k] if v is None else v)
         if self.selection not in SELECTIONS:
             raise MapPruneError(f"unknown selection rule {self.selection!r}; valid: {', '.join(SELECTIONS)}")
-        if implementation not in IMPLEMENTATIONS:
-            raise MapPruneError(f"unknown implementation {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}")
         if self.objective not in OBJECTIVES:
             raise MapPruneError(f"unknown objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}")
-        if self.scorer not in SCORERS:
-            raise MapPruneError(f"unknown scorer {self.scorer!r}; valid: {', '.join(SCORERS)}")
         if self.n_images < 1:
             raise MapPruneError(f"n_images must be >= 1, got {self.n_images}")
-        if self.eps < 0 or alpha < 0:
-            raise MapPruneError(f"eps and alpha must be >= 0, got eps={self.eps}, alpha={alpha}")
-        if self.objective == "patch" and eps not in (None, FMT_RECIPES[recipe]["eps"]):
+        if self.eps < 0 or self.alpha < 0:
+            raise MapPruneError(f"eps and alpha must be >= 0, got eps={self.eps}, alpha={self.alpha}")
+        if self.objective == "patch" and eps not in (None, own["eps"]):
             # A silently ignored eps would make a sweep over it look like a finding ("eps does not matter"). The
             # recipe's own value is let through: result.json records it, and its params rebuild the defense.
-            raise MapPruneError("eps is the step of the mse, excite, warp and smooth objectives; the patch objective "
+            raise MapPruneError("eps is the step of the mse, warp and smooth objectives; the patch objective "
                                 "(the recommended recipe's) stamps a 0/1 patch and has no step size. Drop eps, or "
-                                "set the field probes' steps (unlearn_warp, unlearn_smooth), or choose "
+                                "set the field probes' sizes (warp_px, smooth_linf), or choose "
                                 "objective='mse' (the paper's)")
         if not 0 <= self.unlearn < 1:
             raise MapPruneError(f"unlearn is the share of each fine-tune batch stamped, in [0, 1), got {self.unlearn}")
         if self.unlearn > 0 and self.objective not in ("patch", "warp"):
             raise MapPruneError("unlearn stamps the candidate triggers of the patch or warp objective; use one of "
                                 "those objectives")
-        for flag in ("unlearn_each", "unlearn_append"):
+        for flag in ("unlearn_each", "balanced", "mask", "detect_only"):
             if not isinstance(getattr(self, flag), bool):
                 raise MapPruneError(f"{flag} is true or false, got {getattr(self, flag)!r}")
-        if unlearn_maps < 1:
-            raise MapPruneError(f"unlearn_maps must be >= 1, got {unlearn_maps}")
-        if self.unlearn_warp < 0:
-            raise MapPruneError(f"unlearn_warp is a displacement in pixels, >= 0; got {self.unlearn_warp}")
-        if not 0 <= self.unlearn_smooth <= 1:
-            raise MapPruneError(f"unlearn_smooth is an L-inf amplitude in [0, 1], got {self.unlearn_smooth}")
+        if self.unlearn_maps < 1:
+            raise MapPruneError(f"unlearn_maps must be >= 1, got {self.unlearn_maps}")
+        if self.warp_px < 0:
+            raise MapPruneError(f"warp_px is a displacement in pixels, >= 0; got {self.warp_px}")
+        if not 0 <= self.smooth_linf <= 1:
+            raise MapPruneError(f"smooth_linf is an L-inf amplitude in [0, 1], got {self.smooth_linf}")
         if not isinstance(self.field_images, int) or isinstance(self.field_images, bool) or self.field_images < 0:
             raise MapPruneError("field_images is how many of the n_images judge the warp and smooth candidates' "
                                 f"probes (0: all of them), an integer >= 0; got {self.field_images!r}")
-        if self.stimulate < 0 or stimulate_images < 1:
+        if self.stimulate < 0 or self.stimulate_images < 1:
             raise MapPruneError("stimulate is a level in clean standard deviations (0: no stimulation test) and "
-                                f"stimulate_images >= 1; got {self.stimulate} and {stimulate_images}")
-        self.unlearn_maps, self.stimulate_images = unlearn_maps, stimulate_images
-        if budget == "auto":
+                                f"stimulate_images >= 1; got {self.stimulate} and {self.stimulate_images}")
+        if self.budget == "auto":
             if self.selection != "global":
                 raise MapPruneError("budget='auto' chooses how many maps the global selection prunes; use "
                                     "selection='global'")
             if self.held_out == 0:
                 raise MapPruneError("budget='auto' stops on held-out clean accuracy; use held_out > 0")
-        elif budget is not None and (isinstance(budget, str) or budget < 0):
-            raise MapPruneError(f"budget must be a number of maps >= 0 or 'auto', got {budget!r}")
-        if not 0 <= max_drop < 1:
-            raise MapPruneError(f"max_drop is a relative accuracy drop in [0, 1), got {max_drop}")
-        if precision not in PRECISIONS:
-            raise MapPruneError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
-        if unlearn_candidates not in CANDIDATES:
-            raise MapPruneError(f"unknown unlearn_candidates {unlearn_candidates!r}; valid: {', '.join(CANDIDATES)}")
-        self.max_drop, self.precision, self.unlearn_candidates = max_drop, precision, unlearn_candidates
-        # None (not in the recipes) keeps the cells of grids made before the option existed: their results used "sign".
-        self.field_null = field_null or "sign"
+        elif self.budget is not None and (isinstance(self.budget, str) or self.budget < 0):
+            raise MapPruneError(f"budget must be a number of maps >= 0 or 'auto', got {self.budget!r}")
+        if not 0 <= self.max_drop < 1:
+            raise MapPruneError(f"max_drop is a relative accuracy drop in [0, 1), got {self.max_drop}")
+        if self.precision not in PRECISIONS:
+            raise MapPruneError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
         if self.field_null not in FIELD_NULLS:
             raise MapPruneError(f"unknown field_null {self.field_null!r}; valid: {', '.join(FIELD_NULLS)}")
-        if not 0 < fraction < 1:
-            raise MapPruneError(f"rank fraction must be in (0, 1), got {fraction}")
-        self.alpha, self.fraction, self.min_per_layer, self.budget = alpha, fraction, min_per_layer, budget
-        self.outlier_method, self.contamination, self.threshold = outlier_method, contamination, threshold
-        self.detect_only, self.implementation, self.batch_images = detect_only, implementation, batch_images
+        if not 0 < self.fraction < 1:
+            raise MapPruneError(f"rank fraction must be in (0, 1), got {self.fraction}")
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """FMT's options (at most 24, the fine-tune's included); the EXPERT settings its signature also takes are
+        not options (the command line's --opt and bench grids refuse them; from Python, ``FMT(field_images=0)``)."""
+        return [k for k in super().option_names() if k not in EXPERT + FINETUNE_EXPERT]
+
+    def params(self) -> dict:
+        """The options (at most 24), and each expert setting whose value differs from the recipe's."""
+        own = {**FINETUNES[self.recipe], **FMT_RECIPES[self.recipe]}
+        return {**{k: getattr(self, k) for k in self.option_names() if hasattr(self, k)},
+                **{k: getattr(self, k) for k in EXPERT + FINETUNE_EXPERT if getattr(self, k) != own[k]}}
+
+    @property
+    def config(self) -> FMTConfig:
+        """The settings this FMT runs with, as one :class:`FMTConfig`."""
+        return FMTConfig(**{f: getattr(self, f) for f in FMTConfig.__dataclass_fields__})
+
+    @property
+    def unlearn_warp(self) -> float:  # the warp probe's size under its name in mapprune.jobs.scan
+        return self.warp_px
+
+    @property
+    def unlearn_smooth(self) -> float:  # the smooth probe's size under its name in mapprune.jobs.scan
+        return self.smooth_linf
 
     @classmethod
     def recipe_defaults(cls, recipe: str | None) -> dict:
@@ -202,7 +194,7 @@ class FMT(FineTuning):
             and amp_dtype(device) == torch.bfloat16
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             return probe_maps(model, xt, yt, probes, alpha=self.alpha, seed=self.seed,
-                              implementation=self.implementation, batch_images=self.batch_images,
+                              batch_images=self.batch_images,
                               keep_probs=True, judged_images=judged, progress=self.progress,
                               field_null=self.field_null)
 
@@ -246,11 +238,8 @@ class FMT(FineTuning):
         """Maps to prune from per-map scores where low = suspicious."""
         if self.selection == "rank":
             return select("rank", scores, fraction=self.fraction, min_per_layer=self.min_per_layer)
-        if self.selection == "global":
-            return select("global", scores, budget=self.rank_count(scores) if self.budget in (None, "auto")
-                          else self.budget)
-        return select("outlier", scores, method=self.outlier_method, contamination=self.contamination,
-                      threshold=self.threshold, seed=self.seed)
+        return select("global", scores, budget=self.rank_count(scores) if self.budget in (None, "auto")
+                      else self.budget)
 
     def candidates(self, test: MapTest, target: int) -> tuple[Patches | Field, list[str]]:
         """The ``unlearn_maps`` patches that pull hardest towards the suspected target (FMT's candidate
@@ -264,20 +253,18 @@ class FMT(FineTuning):
     def unlearning(self, patches: Patches | Field | CandidateSet):
         """The fine-tune's batch transform: a share ``unlearn`` of each batch gets one of the candidate triggers
         stamped on, keeping its true label (FMT's own candidate poison samples, unlearned). With ``unlearn_each``,
-        each probe's candidates get their own share ``unlearn`` (:func:`stamping_each`). With ``unlearn_append``
-        the stamped images are copies added to the batch, so the clean images are all still seen."""
+        each probe's candidates get their own share ``unlearn`` (:func:`stamping_each`)."""
         if self.unlearn_each:
-            return stamping_each(patches.parts if isinstance(patches, CandidateSet) else [patches], self.unlearn,
-                                 self.unlearn_append)
-        return stamping(patches, self.unlearn, self.unlearn_append)
+            return stamping_each(patches.parts if isinstance(patches, CandidateSet) else [patches], self.unlearn)
+        return stamping(patches, self.unlearn)
 
     def _repair(self, model, data: CleanData, device):
         x, y = data.x, data.y
         timings = {}
         t0 = time.perf_counter()
         # The fields that give unlearning candidates are probed in the same pass as the patches (one backward).
-        fields = {o: size for o, size in (("warp", self.unlearn_warp), ("smooth", self.unlearn_smooth))
-                  if size > 0 and self.unlearn > 0 and self.objective == "patch"}
+        fields = {o: getattr(self, size) for o, size in FIELD_SIZES.items()
+                  if getattr(self, size) > 0 and self.unlearn > 0 and self.objective == "patch"}
         # The field probes only choose unlearning candidates: judging their steps on fewer images (field_images)
         # keeps the testing phase within 2x the paper's one probe (each probe's evaluation forward costs about what
         # the shared backward does).
@@ -292,8 +279,7 @@ class FMT(FineTuning):
             timings["stimulate"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         target = estimate_target(test)
-        ranked = test.acc if self.scorer == "accuracy" else \
-            {k: -v for k, v in suspicion(test, self.scorer, target["target"]).items()}
+        ranked = test.acc
         pruned = self.choose(ranked)
         extra["suspected_target"] = target
         if self.budget == "auto":
@@ -317,9 +303,6 @@ class FMT(FineTuning):
                                                 f"{objective}_suspected_target": field_target})
                 if len(parts) > 1:
                     patches = CandidateSet(parts)
-            if self.unlearn_candidates == "random":
-                patches = random_candidates(patches, tuple(x.shape[-2:]), self.seed)
-                extra["unlearning"]["candidates"] = "random (control)"
             transform = self.unlearning(patches)
         result = self.result(model, timings, pruned=pruned, scores=test.acc, extra=extra)
         if self.detect_only:
