@@ -173,3 +173,16 @@ def check_options(target, options: dict, what: str) -> dict:
             value = _checked(name, value, allowed[name], params[name].default, what)
         out[name] = value
     return out
+
+
+def keyword_options(cls: type, base: type, skip=()) -> list[str]:
+    """The keyword-only parameters of ``cls``'s ``__init__`` chain down to ``base`` (the subclass's first, each
+    once), less the names in ``skip``: the options an attack or defense class takes, read from its signature."""
+    names = []
+    for c in cls.__mro__:
+        if "__init__" not in vars(c) or not issubclass(c, base):
+            continue
+        for k, p in inspect.signature(c.__init__).parameters.items():
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in names and k not in skip:
+                names.append(k)
+    return names

@@ -79,12 +79,12 @@ def _fake_run(root, template, name, *, poisoned, asr, attack="random-patch", arc
     manifest["model"]["name"] = arch
     (run / "manifest.json").write_text(json.dumps(manifest))
     s = signals_ or CLEAN
-    scan = {"verdict": verdict, "calibration_settings": scan_settings(False, False),
+    scan = {"verdict": verdict, "calibration_settings": scan_settings(),
             "probes": {p: {"pull": s[f"{p}_pull"], "anomaly_index": 2.0} for p in ("patch", "warp", "smooth")},
             "suspicious_maps": [{"pull": s["patch_pull"]}], "class_acc": [0.9] * 9 + [0.9 * (1 - s["rejection"])],
             "stimulation": {"anomaly_index": s["stimulation_anomaly"]}}
     if verdict == "cannot judge":
-        scan = {"verdict": verdict, "reason": "cannot judge: collapsed", "calibration_settings": scan_settings(False, False)}
+        scan = {"verdict": verdict, "reason": "cannot judge: collapsed", "calibration_settings": scan_settings()}
     (run / "scan" / "scan.json").write_text(json.dumps(scan))
 
 

@@ -3,12 +3,12 @@ training images are chosen for poisoning. The same ``trigger`` poisons training 
 test set, so train-time and test-time triggers cannot drift apart.
 """
 
-import inspect
 from typing import ClassVar
 
 import torch
 
 from ..errors import MapPruneError
+from ..options import keyword_options
 
 # Options every attack takes, which :meth:`Attack.config` records itself.
 COMMON = ("target", "all_to_all", "poison_ratio", "clean_label")
@@ -43,14 +43,7 @@ class Attack:
     def option_names(cls) -> list[str]:
         """The attack's own options: the keyword-only arguments of its ``__init__`` chain (the subclass's first),
         less the common ones in ``COMMON``."""
-        names = []
-        for c in cls.__mro__:
-            if "__init__" not in vars(c) or not issubclass(c, Attack):
-                continue
-            for k, p in inspect.signature(c.__init__).parameters.items():
-                if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in names and k not in COMMON:
-                    names.append(k)
-        return names
+        return keyword_options(cls, Attack, COMMON)
 
     def params(self) -> dict:
         """The attack's own hyperparameters, recorded in the run manifest: each of :meth:`option_names` read back

@@ -2,7 +2,6 @@
 work, expanding sweeps, refusing a grid that would run one cell twice, and reading a reference file of published
 numbers."""
 
-import inspect
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -228,7 +227,7 @@ def _check_names(grid: Grid, path) -> None:
             raise MapPruneError(f"{where}: adopt_defenses adopts the defense results of an adopted run; give run = "
                                 "\"path\" too")
         if "run" not in a:
-            valid = _attack_options(ATTACKS[a["name"]])
+            valid = ATTACKS[a["name"]].option_names()  # the base's target / ratio are grid keys
             for k in a.get("opts", {}):
                 if k not in valid:
                     raise MapPruneError(f"{where}: attack {a['name']} has no option {k!r} (target, poison_ratio and "
@@ -298,13 +297,3 @@ class _AttackProbe:
             raise MapPruneError(f"{where}: {e}") from None
         except (TypeError, ValueError) as e:
             raise MapPruneError(f"{where}: bad option value for attack {a['name']}: {e}") from None
-
-
-def _attack_options(cls) -> list[str]:
-    """The attack's own keyword-only options over its class chain (the base's target / ratio are grid keys)."""
-    names = []
-    for c in cls.__mro__:
-        if "__init__" in vars(c):
-            names += [k for k, p in inspect.signature(c.__init__).parameters.items()
-                      if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in names]
-    return [k for k in names if k not in ("target", "poison_ratio", "all_to_all", "clean_label")]

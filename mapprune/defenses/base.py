@@ -17,6 +17,7 @@ from ..device import peak_memory_mb, pick_device
 from ..errors import MapPruneError
 from ..images import as_uint8
 from ..metrics import predict
+from ..options import keyword_options
 from ..train import TrainConfig, train
 
 
@@ -156,14 +157,7 @@ class Defense:
     @classmethod
     def option_names(cls) -> list[str]:
         """Every hyperparameter the defense takes: the keyword-only arguments of its ``__init__`` chain."""
-        names = []
-        for c in cls.__mro__:
-            if "__init__" not in vars(c) or not issubclass(c, Defense):
-                continue
-            for k, p in inspect.signature(c.__init__).parameters.items():
-                if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in names and k not in RUNTIME:
-                    names.append(k)
-        return names
+        return keyword_options(cls, Defense, RUNTIME)
 
     @classmethod
     def defaults(cls, recipe: str | None = None) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..detect.calibrate import Model, evaluate, signals
 from ..errors import MapPruneError, MapPruneWarning
-from ..runs import load_run, read_manifest, write_json
+from ..runs import acquire_folder_lock, load_run, read_manifest, write_json
 from .scan import scan_and_save
 
 MIN_ASR = 0.5
@@ -43,41 +43,106 @@ def ground_truth(manifest: dict) -> dict:
             "architecture": manifest.get("model", {}).get("name"), "target": attack.get("target")}
 
 
-def scan_settings(nc: bool, mmbd: bool) -> dict:
-    return {"clean_ratio": 0.1, "seed": 0, "nc": nc, "mmbd": mmbd}
+SCAN_SETTINGS = {"clean_ratio": 0.1, "seed": 0}  # the scans' clean images: the scan command's defaults
+# Baseline detectors, each run once per model and kept in its own file beside scan.json, so FMT's signals (minutes
+# a model) never wait on Neural Cleanse (about ten times longer) and each resumes on its own.
+BASELINES = {"mmbd": "mmbd.json", "nc": "nc.json"}
+REPORT_KEYS = {"mmbd": "mmbd", "nc": "neural_cleanse"}  # where scan.json holds each when the scan ran it
 
 
-def _current_scan(run: Path, settings: dict) -> dict | None:
-    path = run / "scan" / "scan.json"
+def scan_settings() -> dict:
+    return dict(SCAN_SETTINGS)
+
+
+def _read_json(path: Path) -> dict | None:
     try:
-        report = json.loads(path.read_text())
+        found = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if report.get("calibration_settings") != settings:
+    return found if isinstance(found, dict) else None
+
+
+def _current_scan(run: Path) -> dict | None:
+    report = _read_json(run / "scan" / "scan.json")
+    settings = (report or {}).get("calibration_settings") or {}
+    if report is None or any(settings.get(k) != v for k, v in SCAN_SETTINGS.items()):
         return None
     return report
+
+
+def _baseline(run: Path, name: str, report: dict | None) -> dict | None:
+    """A baseline's detection of ``run``: from its own file, or from scan.json when the scan ran it."""
+    found = _read_json(run / "scan" / BASELINES[name])
+    if found is None and report is not None:
+        found = report.get(REPORT_KEYS[name])
+    return found
+
+
+def _compute(run: Path, stage: str, data_dir, device, progress) -> dict:
+    """Runs one stage on ``run``: ``"scan"`` (FMT's signals, scan.json) or a baseline (its own file)."""
+    from ..data import clean_subset
+    from ..detect.mmbd import mmbd
+    from .scan import neural_cleanse
+
+    r = load_run(run, data_dir)
+    if stage == "scan":
+        report = scan_and_save(r.model, r.dataset, run / "scan", name=str(run), nc=False, mmbd=False, device=device,
+                               progress=progress, **SCAN_SETTINGS)
+        report["calibration_settings"] = scan_settings()
+        write_json(run / "scan" / "scan.json", report)
+        return report
+    ds = r.dataset
+    if stage == "mmbd":
+        found = mmbd(r.model, ds.num_classes, tuple(ds.x_train.shape[1:]), seed=SCAN_SETTINGS["seed"], device=device)
+    else:
+        idx = clean_subset(ds.y_train, SCAN_SETTINGS["clean_ratio"], SCAN_SETTINGS["seed"])
+        found = neural_cleanse(r.model, ds.x_train[idx], ds.y_train[idx], device=device)
+    write_json(run / "scan" / BASELINES[stage], found)
+    return found
 
 
 def calibrate(paths, out: Path, *, fpr: float = 0.05, nc: bool = True, mmbd: bool = True, scan_missing: bool = True,
               data_dir=None, device=None, progress: bool = True, log=print) -> dict:
     """Scans what is not scanned yet, calibrates, and writes ``out`` (the calibration JSON) and ``out`` with
-    ``.md`` (the report's tables). Returns the calibration."""
+    ``.md`` (the report's tables). Returns the calibration.
+
+    Work goes in stages over the whole population: FMT's signals for every model first, then MM-BD, then Neural
+    Cleanse, so a calibration is possible as soon as the first stage is done. A model another ``calibrate`` is
+    working on (its scan folder locked) is passed over, so two commands side by side share the population."""
     if not 0 < fpr < 0.5:
         raise MapPruneError(f"--fpr is a false-positive rate in (0, 0.5), got {fpr}")
     runs = run_folders(paths)
-    settings = scan_settings(nc, mmbd)
+    stages = ["scan"] + [b for b, on in (("mmbd", mmbd), ("nc", nc)) if on]
+    reports = {run: _current_scan(run) for run in runs}
+    busy = set()
+    for stage in stages if scan_missing else []:
+        todo = [run for run in runs if (reports[run] is None if stage == "scan" else
+                                        reports[run] and reports[run].get("verdict") != "cannot judge"
+                                        and _baseline(run, stage, reports[run]) is None)]
+        for i, run in enumerate(todo):
+            try:
+                lock = acquire_folder_lock(run / "scan", "calibrate")
+            except MapPruneError:
+                busy.add(run)
+                continue
+            try:
+                # read again under the lock: another command may have finished this model meanwhile
+                done = _current_scan(run) if stage == "scan" else _baseline(run, stage, reports[run])
+                if done is not None:
+                    reports[run] = done if stage == "scan" else reports[run]
+                    continue
+                t0 = time.perf_counter()
+                found = _compute(run, stage, data_dir, device, progress)
+                if stage == "scan":
+                    reports[run] = found
+                what = found.get("verdict") if stage == "scan" else f"score {found.get('score', found.get('anomaly_index'))}"
+                log(f"[{stage} {i + 1}/{len(todo)}] {run.name} in {time.perf_counter() - t0:.0f} s: {what}")
+            finally:
+                lock.release()
     models, failed, skipped = [], [], []
-    for i, run in enumerate(runs):
+    for run in runs:
         truth = ground_truth(read_manifest(run))
-        report = _current_scan(run, settings)
-        if report is None and scan_missing:
-            t0 = time.perf_counter()
-            r = load_run(run, data_dir)
-            report = scan_and_save(r.model, r.dataset, run / "scan", name=str(run), nc=nc, mmbd=mmbd,
-                                   device=device, progress=progress)
-            report["calibration_settings"] = settings
-            write_json(run / "scan" / "scan.json", report)
-            log(f"[{i + 1}/{len(runs)}] scanned {run.name} in {time.perf_counter() - t0:.0f} s: {report['verdict']}")
+        report = reports[run]
         if report is None:
             skipped.append(run.name)
             continue
@@ -87,18 +152,20 @@ def calibrate(paths, out: Path, *, fpr: float = 0.05, nc: bool = True, mmbd: boo
         if truth["poisoned"] and not truth["implanted"]:
             failed.append({"run": run.name, "reason": f"backdoor not implanted (ASR {truth['asr']:.1%})"})
             continue
+        report = {**report, **{REPORT_KEYS[b]: _baseline(run, b, report) for b in BASELINES}}
         models.append(Model(run.name, truth["poisoned"], truth["family"], truth["architecture"], signals(report)))
     if skipped:
         import warnings
 
-        warnings.warn(f"{len(skipped)} runs have no scan with these settings and were left out (no --scan-missing): "
+        why = "another calibrate is scanning them" if busy else "--no-scan"
+        warnings.warn(f"{len(skipped)} runs have no scan yet and were left out ({why}): "
                       f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", MapPruneWarning, stacklevel=2)
     result = evaluate(models, fpr)
     calibration = {
         "kind": "scan-calibration",
         "schema_version": 1,
         "fpr": fpr,
-        "scan_settings": settings,
+        "scan_settings": scan_settings(),
         "population": {**result["population"], "models": [{"run": m.name, "backdoored": m.backdoored,
                                                             "family": m.family, "architecture": m.architecture}
                                                            for m in models],

@@ -162,7 +162,7 @@ def scan(model: nn.Module, images, labels, *, threshold: float = THRESHOLD, n_ma
     detection = None
     if nc_defense is not None:
         t0 = time.perf_counter()
-        detection, _ = nc_defense.detect(model, nc_defense.split(x, y), dev)
+        detection = neural_cleanse(model, x, y, nc_defense, dev)
         timings["neural_cleanse"] = time.perf_counter() - t0
     k = len(target["class_pull"])
     found_mmbd = None
@@ -180,6 +180,18 @@ def scan(model: nn.Module, images, labels, *, threshold: float = THRESHOLD, n_ma
     return ScanResult(score > threshold or bool(rejected) or stimulated, score, threshold, target["anomaly_index"],
                       suspected, target["class_pull"], maps, best, summary, detection, found_mmbd, class_acc,
                       rejected, stimulation, timings)
+
+
+def neural_cleanse(model: nn.Module, x: torch.Tensor, y: torch.Tensor, defense=None, device=None) -> dict:
+    """Neural Cleanse's detection (its anomaly index over the K reversed triggers' mask norms) with the scan's clean
+    images; ``defense``: an NC defense with its options (the defaults otherwise)."""
+    from ..defenses import create_defense
+    from ..device import pick_device
+
+    dev = pick_device(device)
+    defense = defense or create_defense("nc", seed=0, device=device)
+    detection, _ = defense.detect(model.to(dev).eval(), defense.split(x, y), dev)
+    return detection
 
 
 def save_scan_figure(path, result: ScanResult) -> None:
