@@ -120,7 +120,7 @@ def test_attack_settings_the_attack_does_not_take_are_one_line(run, capsys):
 @pytest.mark.parametrize("damage", ['{"name": "ft-epochs1", "after": {"acc": 0.9', '{"name": 3}', "[]",
                                     '{"name": "x", "after": {"acc": "high"}}'])
 def test_a_damaged_result_is_one_line_for_eval_and_left_out_of_the_report(run, capsys, damage):
-    from mapprune.report import collect_rows
+    from mapprune.results import collect_rows
 
     result = run / "defense" / "ft-epochs1" / "result.json"
     result.write_text(damage)

@@ -406,3 +406,30 @@ def test_every_shipped_grid_and_reference_is_valid(shared_data, user_cache, monk
     for name in ("cifar10-cpu-runs.toml", "cifar10-cpu.toml"):
         named = tomllib.loads((GRIDS / name).read_text())["reference"]
         assert load_reference(GRIDS / named) == ref
+
+
+def test_report_and_bench_give_the_same_numbers_for_the_same_folders(tiny):
+    """One results pipeline: `mapprune report --seeds` over the bench's run folders groups the same seeds and gets
+    the same means, spreads and training times as the bench's results.csv."""
+    from mapprune.bench.tables import summarise
+    from mapprune.results import collect_rows, seed_summary
+
+    out, _, cells, _, _ = tiny
+    bench_rows = [{**r, "seed": int(r["seed"]) if r["seed"] else None, **{m: float(r[m]) for m in ("acc", "asr", "ra")}}
+                  for r in csv.DictReader(open(out / "results.csv"))]
+    bench = summarise(bench_rows)
+    runs = sorted(p for p in (out / "runs").iterdir() if not p.name.startswith("."))
+    report_rows = collect_rows(runs)
+    groups = seed_summary(report_rows)
+    assert len(groups) == len(bench) == 2 + 2 * 3
+    attack_of = {Path(c.path).name: c.attack for c in cells if c.kind == "model"}
+    label_of = {(Path(c.path).parent.parent.name, Path(c.path).name.removesuffix(f"-seed{c.seed}")): c.defense
+                for c in cells if c.kind == "defense"}
+    for g in groups:
+        b = bench[(attack_of[g["run"]], label_of.get((g["run"], g["defense"]), "none"))]
+        assert sorted(g["seeds"], key=str) == sorted(b["seeds"], key=str), (g, b)
+        for m in ("acc", "asr", "ra"):
+            assert g[m] == pytest.approx(b[m]), (g["run"], g["defense"], m)
+    walls = {r["path"]: float(r["wall_s"]) for r in bench_rows if r["defense"] == "none"}
+    assert {str(out / "runs" / r["run"]): r["wall_s"] for r in report_rows if r["defense"] == "none"} == \
+        pytest.approx(walls)

@@ -1,13 +1,18 @@
 """The documentation holds: the site builds under ``mkdocs build --strict`` (every page, link, anchor and API page),
 every relative link and file reference in README.md and docs/*.md points into the repository, every quoted
-``mapprune ...`` command parses, and no file of the project speaks of the history of its development."""
+``mapprune ...`` command parses, every quoted command that works on the embedded digits runs as written, and no
+file of the project speaks of the history of its development."""
 
+import fnmatch
 import glob
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -177,6 +182,164 @@ def test_every_quoted_command_parses(capsys):
                     bad.append(f"{_rel(page)}:{line}: mapprune {shlex.join(argv)}\n    {err[-1] if err else e}")
     assert seen > 20, f"only {seen} commands found: the code-block reader is broken"
     assert not bad, "\n".join(bad)
+
+
+# A word of two capitals or more in a token is a template's placeholder: RUN, DATA, runs/c10-ATTACK, HEAD:6379.
+PLACEHOLDER = re.compile(r"(?<![A-Za-z])[A-Z]{2,}(?![a-z])")
+# The exit status a quoted command is expected to end with, when its own comment states it: `# exits 3: ...`.
+EXITS = re.compile(r"#.*?\bexits (\d+)\b")
+COMMAND_TIMEOUT_S = 180  # a digits command takes seconds; the slowest quoted one (the digits grid) about 20 s
+
+
+def _grid_on_digits(grid: Path) -> bool:
+    """Whether every dataset a grid file names is the embedded digits (a grid that cannot be read is not)."""
+    try:
+        spec = tomllib.loads(grid.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "dataset":
+                    found.append(v)
+                else:
+                    walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+    walk(spec)
+    return bool(found) and all(d == "digits" for d in found)
+
+
+def _runnable(page: Path, parser, repo_files: set[str]):
+    """(line, argv, expected exit status, whether it reads what an earlier command made, its --out, the repository
+    files it reads) of every command of the page that runs in seconds as written. A command runs when it has no
+    placeholder, every path it reads (its Path-typed arguments but --out and --data-dir) is a file of the
+    repository or lies in (or is a glob matching) what a running command before it on the page wrote with --out,
+    and it works on the embedded digits: it reads such a folder, says --dataset digits, is the demo, or runs a grid
+    whose every dataset is the digits. A --help form always runs. Every other command is only parsed."""
+    made: list[str] = []
+    for line, text, argv in _commands(page):
+        if isinstance(argv, Exception):
+            continue
+        expected = int(m.group(1)) if (m := EXITS.search(text)) else 0
+        if "-h" in argv or "--help" in argv:
+            yield line, argv, 0, False, None, []
+            continue
+        if any(PLACEHOLDER.search(t) for t in argv):
+            continue
+        try:
+            ns = parser.parse_args(argv)
+        except SystemExit:
+            continue  # test_every_quoted_command_parses names it
+        inputs = [str(v) for k, value in vars(ns).items() if k not in ("out", "data_dir")
+                  for v in (value if isinstance(value, list) else [value]) if isinstance(v, Path)]
+        from_made = [p for p in inputs
+                     if any(fnmatch.fnmatchcase(m, p) or Path(p).is_relative_to(m) for m in made)]
+        from_repo = [p for p in inputs if p not in from_made and p in repo_files]
+        if len(from_made) + len(from_repo) < len(inputs):
+            continue  # a file of the reader's own, or of a command that does not run here
+        on_digits = (bool(from_made) or ns.command == "demo" or getattr(ns, "dataset", None) == "digits"
+                     or (ns.command == "bench" and _grid_on_digits(REPO / ns.grid)))
+        if not on_digits:
+            continue
+        out = getattr(ns, "out", None)
+        if out is not None:
+            made.append(str(out))
+        yield line, argv, expected, bool(from_made), None if out is None else str(out), from_repo
+
+
+def _shell_words(argv: list[str], cwd: Path) -> list[str]:
+    """The arguments as the shell passes them: a glob becomes its sorted matches, or stays as written if none."""
+    words = []
+    for a in argv:
+        matches = sorted(glob.glob(a, root_dir=cwd)) if glob.has_magic(a) else []
+        words.extend(matches or [a])
+    return words
+
+
+def _tail(text: str, n: int = 12) -> str:
+    lines = [s for s in re.split(r"[\r\n]+", text) if s.strip()]
+    return "\n      ".join(lines[-n:])
+
+
+def test_the_run_rule_runs_digits_commands_and_what_they_made(tmp_path):
+    """The rule that picks the commands to run: digits commands and the commands on their folders run, with the
+    exit status their comment states; CIFAR-10, checkpoints of the reader's own and templates are parsed only."""
+    from mapprune.cli import build_parser
+
+    page = tmp_path / "page.md"
+    page.write_text("""```bash
+mapprune attack badnets --dataset digits --preset demo --out runs/d   # trains
+mapprune attack badnets --dataset cifar10 --out runs/c
+mapprune defend fmt runs/c
+mapprune defend fmt runs/d
+mapprune scan runs/d --no-nc                                          # exits 3: "backdoored"
+mapprune report runs/*
+mapprune scan model.safetensors --arch smallcnn --num-classes 10 --dataset digits
+mapprune defend DEFENSE runs/d
+mapprune bench benchmarks/grids/digits-tiny.toml --out bench/digits
+mapprune bench benchmarks/grids/cifar10-cpu.toml --out bench/c10
+mapprune demo
+mapprune eval --help
+```
+""", encoding="utf-8")
+    files = {"benchmarks/grids/digits-tiny.toml", "benchmarks/grids/cifar10-cpu.toml"}
+    picked = [(shlex.join(argv), expected) for _, argv, expected, *_ in _runnable(page, build_parser(), files)]
+    assert picked == [("attack badnets --dataset digits --preset demo --out runs/d", 0),
+                      ("defend fmt runs/d", 0), ("scan runs/d --no-nc", 3), ("report 'runs/*'", 0),
+                      ("bench benchmarks/grids/digits-tiny.toml --out bench/digits", 0), ("demo", 0),
+                      ("eval --help", 0)], picked
+
+
+def test_digits_commands_run_as_written(tmp_path):
+    """Every quoted command that works on the embedded digits (the rule: _runnable) runs as written from a fresh
+    folder per page, in the page's order, and ends with the exit status its comment states (0 unless it says
+    `exits N`). The repository files it reads (a grid) are copied in; a command quoted again on another page, on
+    nothing made before it, runs once and its --out is copied. One torch thread per command."""
+    from mapprune.cli import build_parser
+
+    parser, repo_files = build_parser(), {_rel(p) for p in _project_files()}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop("MAPPRUNE_DATA", None)  # the digits need no data folder
+    already: dict[tuple, tuple[Path, str | None]] = {}
+    ran, bad = [], []
+    for page in PAGES:
+        work = tmp_path / _rel(page).replace("/", "-")
+        work.mkdir()
+        for line, argv, expected, reads_made, out, from_repo in _runnable(page, parser, repo_files):
+            where = f"{_rel(page)}:{line}: mapprune {shlex.join(argv)}"
+            key = tuple(argv)
+            if not reads_made and key in already:
+                before, before_out = already[key]
+                if before_out and (before / before_out).exists():
+                    copy = shutil.copytree if (before / before_out).is_dir() else shutil.copy2
+                    (work / before_out).parent.mkdir(parents=True, exist_ok=True)
+                    copy(before / before_out, work / before_out)
+                continue
+            for f in from_repo:
+                (work / f).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(REPO / f, work / f)
+            start = time.monotonic()
+            try:
+                done = subprocess.run([sys.executable, "-m", "mapprune", *_shell_words(argv, work)], cwd=work,
+                                      env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                bad.append(f"{where}\n    still running after {COMMAND_TIMEOUT_S} s")
+                break  # what follows on the page reads what this one makes
+            ran.append((where, round(time.monotonic() - start, 1)))
+            if done.returncode != expected:
+                bad.append(f"{where}\n    exit status {done.returncode}, the page says {expected}:\n      "
+                           + _tail(done.stdout + done.stderr))
+                break
+            if not reads_made:
+                already[key] = (work, out)
+    assert not bad, "\n".join(bad)
+    names = {w.split(": mapprune ")[1].split()[0] for w, _ in ran}
+    assert names >= {"attack", "defend", "eval", "scan", "report", "bench", "demo"}, (
+        f"the quoted digits commands that ran cover only {sorted(names)}: {ran}")
 
 
 # ---------------------------------------------------------------------------------------------------- history

@@ -1,5 +1,5 @@
 """Layers point one way: the algorithms (attacks, defenses, FMT's probes, detectors, data, models and the shared modules
-they use) never import the layers that present or orchestrate them (report, jobs, bench, cli and its commands), and the
+they use) never import the layers that present or orchestrate them (results, figures, jobs, bench, cli and its commands), and the
 probes import none of the algorithms built on them. Every import counts, including the ones inside functions."""
 
 import ast
@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "mapprune"
 LOWER = ("attacks", "defenses", "probes", "detect", "data", "models", "train", "metrics", "checkpoint", "images",
          "options", "errors", "device", "presets", "resources", "allocator", "clean_model")
-UPPER = ("report", "jobs", "cli", "commands", "bench")
+UPPER = ("results", "figures", "jobs", "cli", "commands", "bench")
 # FMT's per-map tests sit below everything that uses them (defenses, the scan, diagnose, the adaptive attacks).
 ABOVE_PROBES = ("defenses", "attacks", "detect", *UPPER)
 
@@ -69,6 +69,6 @@ def test_the_walker_sees_relative_and_lazy_imports():
     """The check above is only as good as its import reader: it resolves relative imports inside functions."""
     found = {t for _, t in _imports(PACKAGE / "defenses" / "nc.py")}
     assert "mapprune.defenses.base" in found
-    lazy = "import torch\n\ndef f():\n    from ..report import save_defense_figures\n    from . import base\n"
+    lazy = "import torch\n\ndef f():\n    from ..figures import save_defense_figures\n    from . import base\n"
     got = _imports_in(lazy, "mapprune.defenses")
-    assert (4, "mapprune.report") in got and (5, "mapprune.defenses") in got and _layer("mapprune.report") in UPPER
+    assert (4, "mapprune.figures") in got and (5, "mapprune.defenses") in got and _layer("mapprune.figures") in UPPER

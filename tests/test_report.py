@@ -4,12 +4,19 @@ import json
 
 import pytest
 
-from mapprune.report import collect_rows, markdown_seed_table, seed_summary
+from mapprune.results import collect_rows, defense_row, markdown_seed_table, model_row, seed_summary
+
+MANIFEST = {"attack": {"name": "badnets"}, "dataset": {"name": "cifar10"},
+            "metrics": {"acc": 0.85, "asr": 0.95, "ra": 0.04}, "timings": {"train_s": 10.0}}
 
 
 def row(defense, seed, acc, asr, ra=0.5, run="r1"):
-    return {"run": run, "attack": "badnets", "dataset": "cifar10", "defense": defense, "seed": seed,
-            "acc": acc, "asr": asr, "ra": ra}
+    """A report row as read from a run folder (defense "none") or a defense's result.json named ``defense``."""
+    if defense == "none":
+        return {"run": run, **model_row({**MANIFEST, "metrics": {"acc": acc, "asr": asr, "ra": ra}})}
+    result = {"name": defense, "clean_subset": {"seed": seed}, "after": {"acc": acc, "asr": asr, "ra": ra},
+              "before": MANIFEST["metrics"], "der": 0.5, "num_pruned": 3, "wall_s": 1.0, "timings": {}}
+    return {"run": run, **defense_row(MANIFEST, result)}
 
 
 def test_seeds_of_one_variant_are_grouped_and_others_kept_apart():

@@ -28,7 +28,7 @@ from mapprune.migrate import (
     upgrade_manifest,
     upgrade_result,
 )
-from mapprune.report import collect_rows
+from mapprune.results import collect_rows
 from mapprune.runs import load_run, read_manifest, read_result
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-v0"

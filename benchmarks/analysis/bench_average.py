@@ -52,7 +52,7 @@ def main(argv=None) -> dict:
         if missing:
             print(f"| {d} | missing {', '.join(missing)} | | | {pub} |")
             continue
-        means[d] = {m: statistics.fmean(cells[(a, d)][m][0] for a in attacks) for m in ("acc", "asr", "ra")}
+        means[d] = {m: statistics.fmean(cells[(a, d)][m]["mean"] for a in attacks) for m in ("acc", "asr", "ra")}
         print(f"| {d} | " + " | ".join(f"{100 * v:.2f}" for v in means[d].values()) + f" | {pub} |")
     return means
 

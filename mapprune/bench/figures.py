@@ -4,6 +4,7 @@ and one curve per swept option."""
 import io
 from pathlib import Path
 
+from ..figures import pyplot
 from ..runs import atomic_write_text
 from .grid import Sweep
 from .tables import summarise, sweep_points, value_text
@@ -19,9 +20,7 @@ def save_figure(fig, path: Path) -> None:
 def grid_figures(rows: list[dict], folder: Path) -> None:
     """asr_vs_acc.png (each point one attack x seed, coloured by defense) and asr_heatmap.png (mean ASR per attack
     and defense)."""
-    from ..report import _plt
-
-    plt = _plt()
+    plt = pyplot()
     folder.mkdir(exist_ok=True)
     summary = summarise(rows)
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
@@ -38,7 +37,7 @@ def grid_figures(rows: list[dict], folder: Path) -> None:
     fig.tight_layout()
     save_figure(fig, folder / "asr_vs_acc.png")
     plt.close(fig)
-    grid = [[100 * summary[(a, d)]["asr"][0] if (a, d) in summary else float("nan") for d in defenses]
+    grid = [[100 * summary[(a, d)]["asr"]["mean"] if (a, d) in summary else float("nan") for d in defenses]
             for a in attacks]
     fig, ax = plt.subplots(figsize=(2.5 + 1.1 * len(defenses), 2.5 + 0.5 * len(attacks)))
     im = ax.imshow(grid, cmap="Reds", vmin=0, vmax=100, aspect="auto")
@@ -56,19 +55,17 @@ def grid_figures(rows: list[dict], folder: Path) -> None:
 
 def sweep_figure(rows: list[dict], sweep: Sweep, folder: Path) -> None:
     """sweep-DEFENSE-PARAM.png: ASR and clean ACC of each attack over the swept values (dotted: the entry's own)."""
-    from ..report import _plt
-
     values, attacks, got = sweep_points(rows, sweep)
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     xs = values if numeric else list(range(len(values)))
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for a in attacks:
         pts = [(x, got[(str(v), a)]) for x, v in zip(xs, values) if (str(v), a) in got]
         if not pts:
             continue
         for ax, metric in zip(axes, ("asr", "acc")):
-            ax.plot([p[0] for p in pts], [100 * p[1][metric][0] for p in pts], marker="o", label=a)
+            ax.plot([p[0] for p in pts], [100 * p[1][metric]["mean"] for p in pts], marker="o", label=a)
     for ax, metric in zip(axes, ("ASR %", "clean ACC %")):
         ax.set_xlabel(sweep.param)
         ax.set_ylabel(metric)

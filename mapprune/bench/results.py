@@ -7,17 +7,13 @@ import json
 import warnings
 from pathlib import Path
 
-from ..errors import MapPruneWarning
-from ..runs import atomic_write_text
+from ..errors import MapPruneError, MapPruneWarning
+from ..results import defense_row, model_row
+from ..runs import atomic_write_text, read_manifest
 from .figures import grid_figures, sweep_figure
 from .grid import Grid
 from .plan import Cell
 from .tables import markdown, sweep_markdown
-
-
-def _triggers(metrics: dict) -> str:
-    """A several-trigger model's ASR and RA per trigger, as JSON ({label: {"asr", "ra"}}); "" for one trigger."""
-    return json.dumps(metrics["triggers"]) if metrics.get("triggers") else ""
 
 
 def collect(cells: list[Cell]) -> list[dict]:
@@ -34,32 +30,30 @@ def collect(cells: list[Cell]) -> list[dict]:
             continue
         try:
             rows.append(_row(c, obj))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, MapPruneError) as e:
             warnings.warn(f"{c.marker()} lacks an expected field or value ({type(e).__name__}: {e}): {c.label} is "
                           "left out of the results", MapPruneWarning, stacklevel=2)
     return rows
 
 
+# results.csv's columns, in order; dict-valued ones are written as JSON
+COLUMNS = ("attack", "defense", "seed", "key", "path", "acc", "asr", "ra", "triggers", "acc_before", "asr_before",
+           "ra_before", "der", "wall_s", "timings", "peak_memory_mb", "settings", "adopted_from", "diverged")
+
+
 def _row(c: Cell, obj: dict) -> dict:
-    """The results row of a finished cell, from its manifest.json (model) or result.json (defense)."""
+    """The results row of a finished cell, from its manifest.json (model) or result.json (defense), by the columns'
+    one definition (:mod:`mapprune.results`), named by the grid's labels."""
     if c.kind == "model":
-        m = obj
-        return {"attack": c.attack, "defense": "none", "seed": None, "key": c.key, "path": c.path,
-                "acc": m["metrics"]["acc"], "asr": m["metrics"]["asr"], "ra": m["metrics"]["ra"],
-                "triggers": _triggers(m["metrics"]),
-                "acc_before": None, "asr_before": None, "ra_before": None, "der": None,
-                "wall_s": m["timings"].get("train_s"), "timings": json.dumps(m["timings"]),
-                "peak_memory_mb": m.get("peak_memory_mb"), "settings": json.dumps(c.settings),
-                "adopted_from": c.settings.get("source"), "diverged": None}
-    r = obj
-    return {"attack": c.attack, "defense": c.defense, "seed": c.seed, "key": c.key, "path": c.path,
-            "acc": r["after"]["acc"], "asr": r["after"]["asr"], "ra": r["after"]["ra"],
-            "triggers": _triggers(r["after"]),
-            "acc_before": r["before"]["acc"], "asr_before": r["before"]["asr"],
-            "ra_before": r["before"]["ra"], "der": r["der"], "wall_s": r["wall_s"],
-            "timings": json.dumps(r["timings"]), "peak_memory_mb": r.get("peak_memory_mb"),
-            "settings": json.dumps({**c.settings, "params": r["params"]}),
-            "adopted_from": r.get("adopted_from"), "diverged": diverged_epoch(r)}
+        row = model_row(obj)
+        extra = {"settings": c.settings, "adopted_from": c.settings.get("source"), "diverged": None}
+    else:
+        row = defense_row(read_manifest(Path(c.path).parent.parent), obj)
+        extra = {"settings": {**c.settings, "params": obj["params"]}, "adopted_from": obj.get("adopted_from"),
+                 "diverged": diverged_epoch(obj)}
+    row.update(attack=c.attack, defense=c.defense or "none", seed=c.seed, key=c.key, path=c.path, **extra)
+    return {k: (json.dumps(row[k]) if isinstance(row[k], dict) else row[k]) if k != "triggers" else
+            (json.dumps(row[k]) if row[k] else "") for k in COLUMNS}
 
 
 def diverged_epoch(result: dict) -> int | None:
@@ -82,7 +76,7 @@ def write_results(cells: list[Cell], grid: Grid, out: Path) -> None:
     if not rows:
         return
     buf = io.StringIO(newline="")
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w = csv.DictWriter(buf, fieldnames=list(COLUMNS))
     w.writeheader()
     w.writerows(rows)
     atomic_write_text(out / "results.csv", buf.getvalue())

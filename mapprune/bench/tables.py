@@ -4,22 +4,13 @@ markdown tables of ASR / RA and clean ACC, per trigger, beside published numbers
 import json
 import statistics
 
+from .. import results
 from .grid import Sweep
 
 
 def summarise(rows: list[dict]) -> dict:
-    """{(attack, defense): {"n", "acc"/"asr"/"ra": (mean, sd or None)}}."""
-    groups: dict = {}
-    for r in rows:
-        groups.setdefault((r["attack"], r["defense"]), []).append(r)
-    out = {}
-    for k, members in groups.items():
-        s = {"n": len(members), "diverged": sum(bool(x.get("diverged")) for x in members)}
-        for m in ("acc", "asr", "ra"):
-            v = [x[m] for x in members]
-            s[m] = (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else None)
-        out[k] = s
-    return out
+    """{(attack, defense): the cell's seeds summarised (:func:`mapprune.results.summarise`)}."""
+    return results.summarise(rows, ("attack", "defense"))
 
 
 def markdown(rows: list[dict], title: str, reference: dict | None = None) -> str:
@@ -39,7 +30,7 @@ def markdown(rows: list[dict], title: str, reference: dict | None = None) -> str
                   "from the clean subset, so what it removed may not be the defense's doing; a lower lr (`opts = {lr = "
                   "0.001}`) tells.", ""]
     if reference:
-        published = {(a, d): {"n": 1, **{m: (v[i] / 100, None) for i, m in enumerate(("acc", "asr", "ra"))}}
+        published = {(a, d): {"n": 1, **{m: results.spread([v[i] / 100]) for i, m in enumerate(results.METRICS)}}
                      for a, row in reference["cells"].items() for d, v in row.items()}
         cols = [d for d in defenses if any((a, d) in published for a in attacks)]
         if cols:
@@ -69,16 +60,12 @@ def _trigger_table(rows: list[dict], defenses: list[str]) -> list[str]:
 
 
 def _tables(summary: dict, attacks: list[str], defenses: list[str], caption: str) -> list[str]:
-    def pm(v):
-        return f"{100 * v[0]:.2f}" + ("" if v[1] is None else f" ± {100 * v[1]:.2f}")
-
-    parts = []
-
     def mark(s):
         return " †" if s.get("diverged") else ""
 
-    for what, cell in (("ASR % / RA %", lambda s: f"{pm(s['asr'])} / {100 * s['ra'][0]:.2f}{mark(s)}"),
-                       ("clean ACC %", lambda s: pm(s["acc"]) + mark(s))):
+    parts = []
+    for what, cell in (("ASR % / RA %", lambda s: f"{results.pm(s['asr'])} / {100 * s['ra']['mean']:.2f}{mark(s)}"),
+                       ("clean ACC %", lambda s: results.pm(s["acc"]) + mark(s))):
         parts += [f"## {what} {caption}", "",
                   "| attack | " + " | ".join(defenses) + " |", "|" + "---|" * (len(defenses) + 1)]
         for a in attacks:
@@ -86,17 +73,11 @@ def _tables(summary: dict, attacks: list[str], defenses: list[str], caption: str
                                                   for d in defenses) + " |")
         avg = []
         for d in defenses:
-            ss = [summary[(a, d)] for a in attacks if (a, d) in summary]
-            if not ss:
-                avg.append("-")
-                continue
-            # A column with missing cells averages over fewer attacks: say over how many.
-            part = "" if len(ss) == len(attacks) else f" ({len(ss)} of {len(attacks)})"
-            if what.startswith("ASR"):
-                avg.append(f"{100 * statistics.fmean(s['asr'][0] for s in ss):.2f} / "
-                           f"{100 * statistics.fmean(s['ra'][0] for s in ss):.2f}{part}")
-            else:
-                avg.append(f"{100 * statistics.fmean(s['acc'][0] for s in ss):.2f}{part}")
+            column = [summary.get((a, d)) for a in attacks]
+            metrics = ("asr", "ra") if what.startswith("ASR") else ("acc",)
+            means = [results.mean_over(column, m) for m in metrics]
+            avg.append("-" if means[0][0] is None else
+                       " / ".join(f"{100 * v:.2f}" for v, _ in means) + means[0][1])
         parts += ["| **average** | " + " | ".join(avg) + " |", ""]
     return parts
 
@@ -119,7 +100,7 @@ def sweep_markdown(rows: list[dict], sweeps: list[Sweep]) -> str:
                   f"| {sw.param} | " + " | ".join(f"{a} ASR / ACC %" for a in attacks) + " |",
                   "|" + "---|" * (len(attacks) + 1)]
         for i, v in enumerate(values):
-            cells = [f"{100 * got[(str(v), a)]['asr'][0]:.2f} / {100 * got[(str(v), a)]['acc'][0]:.2f}"
+            cells = [f"{100 * got[(str(v), a)]['asr']['mean']:.2f} / {100 * got[(str(v), a)]['acc']['mean']:.2f}"
                      if (str(v), a) in got else "-" for a in attacks]
             parts.append(f"| {value_text(v)}{'*' if sw.points[i][1] == sw.defense else ''} | "
                          + " | ".join(cells) + " |")

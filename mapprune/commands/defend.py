@@ -97,7 +97,7 @@ def run(args) -> int:
     from ..defenses import DEFENSES
     from ..errors import MapPruneError, unknown_name
     from ..jobs.defend import defend_run
-    from ..report import format_table
+    from ..results import format_table
 
     if args.defense not in DEFENSES:
         raise unknown_name("defense", args.defense, DEFENSES)

@@ -78,7 +78,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps({"ground_truth": rep["ground_truth"], "orderings": rows, "controls": rep.get("controls")}))
         return 0
-    from ..report import format_table
+    from ..results import format_table
 
     gt = rep["ground_truth"]
     print(f"before: ACC {100 * rep['before']['acc']:.2f}  ASR {100 * rep['before']['asr']:.2f}  "

@@ -22,7 +22,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     """Prints the runs' rows: per run and defense, per variant over seeds (--seeds), or attacks x variants
     (--compare); markdown, or JSON with --json."""
-    from ..report import collect_rows, comparison_table, markdown_seed_table, markdown_table, seed_summary
+    from ..results import collect_rows, comparison_table, markdown_seed_table, markdown_table, seed_summary
 
     rows = collect_rows(args.runs)
     if args.compare is not None:

@@ -13,12 +13,12 @@ from ..checkpoint import atomic_save, save_model
 from ..data import DATASETS, load_dataset
 from ..device import peak_memory_mb, pick_device
 from ..errors import MapPruneWarning
+from ..figures import save_samples
 from ..metrics import evaluate
 from ..migrate import MANIFEST_VERSION
 from ..models import MODELS, create_model
 from ..options import check_options
 from ..presets import PRESETS
-from ..report import save_samples
 from ..runs import RunWriter, dataset_record, versions, write_json
 from ..train import TrainConfig, train
 

@@ -173,7 +173,7 @@ def defend_run(run, defense: str, *, clean_ratio: float | None = None, name: str
             save_model(result.model.cpu(), writer.path("model.safetensors"), {"defense": name})
         if result.tensors:
             atomic_save(result.tensors, writer.path("tensors.safetensors"), {"defense": name})
-        from ..report import save_defense_figures
+        from ..figures import save_defense_figures
 
         save_defense_figures(writer.partial, r.manifest, report, result, d.split(x, y), d)
         write_json(writer.path("result.json"), report)

@@ -5,7 +5,7 @@ backdoor a small CNN with BadNets, repair it with FMT, and print one before/afte
 import tempfile
 from pathlib import Path
 
-from ..report import format_table
+from ..results import format_table
 from .attack import attack_run
 from .defend import defend_run
 

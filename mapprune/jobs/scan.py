@@ -197,9 +197,9 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, y: torch.Tensor, defense=N
 def save_scan_figure(path, result: ScanResult) -> None:
     """Per-class pull of FMT's probe (the suspected target in red), with the stimulation test its per-class pull,
     and with NC its mask norm per class."""
-    from ..report import _plt
+    from ..figures import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     panels = 1 + bool(result.stimulation) + bool(result.nc)
     fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3), squeeze=False)
     k = len(result.class_pull)

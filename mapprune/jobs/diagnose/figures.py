@@ -5,9 +5,9 @@ from pathlib import Path
 
 def save_diagnose_figures(folder: Path, report: dict, flat: dict) -> None:
     """curves.png: ASR(k) and ACC(k) per ordering; scores_vs_truth.png: each scorer against the causal effect."""
-    from ...report import _plt
+    from ...figures import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     for key, res in report["orderings"].items():
         ks = [c["k"] for c in res["curve"]]
