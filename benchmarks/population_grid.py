@@ -58,7 +58,8 @@ def _opts(family: str, rng: random.Random) -> tuple[str, dict]:
     return "lc", {}
 
 
-def make_grid(*, seed: int, backdoored: int, clean: int, dataset: str, num_classes: int, preset: str) -> str:
+def make_grid(*, seed: int, backdoored: int, clean: int, dataset: str, num_classes: int, preset: str,
+              defenses: tuple[str, ...] = ()) -> str:
     rng = random.Random(seed)
     entries = []
     counts = _family_counts(backdoored)
@@ -93,9 +94,13 @@ def make_grid(*, seed: int, backdoored: int, clean: int, dataset: str, num_class
         f"# A calibration population for `mapprune scan`: {backdoored} backdoored models with triggers drawn at random",
         f"# from families, {clean} clean models; preset {preset!r}. Written by",
         f"#   python benchmarks/population_grid.py --seed {seed} --backdoored {backdoored} --clean {clean} "
-        f"--dataset {dataset} --preset {preset}",
+        f"--dataset {dataset} --preset {preset}" + "".join(f" --defense {d}" for d in defenses),
         "# Train it (resumable; each model is an ordinary run folder with its trigger and poison indices):",
         "#   mapprune bench THIS_FILE --out bench/population --data-dir ../shared/data --jobs 2 --threads 1",
+        *([f"# With the defenses {', '.join(defenses)} on every model: the same models (same cell keys), so in the",
+           "# population's own folder only the defenses are computed:",
+           "#   mapprune bench THIS_FILE --out bench/population --update --data-dir ../shared/data --jobs 2 --threads 1"]
+          if defenses else []),
         f'name = "{dataset}-population"',
         f'dataset = "{dataset}"',
         f'preset = "{preset}"',
@@ -108,6 +113,8 @@ def make_grid(*, seed: int, backdoored: int, clean: int, dataset: str, num_class
                   f"target = {e['target']}", f"all_to_all = {_toml(e['all_to_all'])}",
                   f"poison_ratio = {e['poison_ratio']}", f"train_seed = {e['train_seed']}",
                   f'model = {{model = "{e["model"]}"}}', ""]
+    for d in defenses:
+        lines += ["[[defense]]", f'name = "{d}"', ""]
     return "\n".join(lines)
 
 
@@ -128,11 +135,13 @@ def main(argv=None) -> None:
     p.add_argument("--dataset", default="cifar10")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--preset", default="population")
+    p.add_argument("--defense", action="append", default=[], metavar="NAME",
+                   help="a defense run on every model (repeatable); the models are those of the grid without it")
     a = p.parse_args(argv)
     if a.backdoored < 0 or a.clean < 0 or a.backdoored + a.clean == 0:
         p.error("--backdoored and --clean are counts of models, not negative, not both zero")
     a.out.write_text(make_grid(seed=a.seed, backdoored=a.backdoored, clean=a.clean, dataset=a.dataset,
-                               num_classes=a.num_classes, preset=a.preset))
+                               num_classes=a.num_classes, preset=a.preset, defenses=tuple(a.defense)))
     print(f"wrote {a.out}: {a.backdoored} backdoored and {a.clean} clean models")
 
 

@@ -108,6 +108,36 @@ def test_calibrate_reads_a_population_of_run_folders(digits_backdoor, tmp_path):
     assert isinstance(loaded["_rule"], Rule)
 
 
+
+def test_baselines_are_read_from_their_own_files_and_a_model_being_scanned_elsewhere_is_passed_over(
+        digits_backdoor, tmp_path):
+    """calibrate works in stages whose results sit in separate files (scan.json: FMT's signals; mmbd.json and
+    nc.json: the baselines), so each resumes on its own; a model whose scan folder another calibrate holds locked
+    is passed over with a warning, not scanned twice."""
+    from mapprune.runs import acquire_folder_lock
+
+    template, _ = digits_backdoor
+    runs = tmp_path / "bench" / "runs"
+    for m in population():
+        _fake_run(runs, template, m.name, poisoned=m.backdoored, asr=0.95 if m.backdoored else 0.01,
+                  attack={"clean": "badnets", "patch": "random-patch", "blend": "blended", "warp": "wanet"}[m.family],
+                  arch=m.architecture, signals_=m.signals)
+        # MM-BD's score follows the ground truth loosely: a backdoored model scores higher than most clean ones
+        score = (3.0 if m.backdoored else 1.0) + (0.5 if m.name in ("clean1", "patch3") else 0.0)
+        (runs / m.name / "scan" / "mmbd.json").write_text(json.dumps({"score": score, "target": 0}))
+    busy = runs / "busy"
+    shutil.copytree(template, busy)
+    lock = acquire_folder_lock(busy / "scan", "calibrate")
+    try:
+        with pytest.warns(Warning, match="1 runs have no scan yet and were left out \\(another calibrate is scanning"):
+            cal = calibrate([tmp_path / "bench"], tmp_path / "cal.json", nc=False, mmbd=True, log=lambda *a: None)
+    finally:
+        lock.release()
+    assert not (busy / "scan" / "scan.json").exists()
+    assert cal["population"]["clean"] == 20 and cal["population"]["backdoored"] == 30
+    assert cal["baselines"]["mmbd_score"]["models"] == 50 and cal["baselines"]["mmbd_score"]["auroc"] == 1.0
+    assert "nc_anomaly" not in cal["baselines"]
+
 def test_a_bad_calibration_file_is_one_line(tmp_path):
     (tmp_path / "x.json").write_text("{not json")
     with pytest.raises(MapPruneError, match="not readable JSON"):
