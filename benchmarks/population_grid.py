@@ -59,7 +59,7 @@ def _opts(family: str, rng: random.Random) -> tuple[str, dict]:
 
 
 def make_grid(*, seed: int, backdoored: int, clean: int, dataset: str, num_classes: int, preset: str,
-              defenses: tuple[str, ...] = ()) -> str:
+              defenses: tuple[str, ...] = (), ratios: tuple[float, float] = (0.01, 0.10), grid_name: str = "") -> str:
     rng = random.Random(seed)
     entries = []
     counts = _family_counts(backdoored)
@@ -71,7 +71,7 @@ def make_grid(*, seed: int, backdoored: int, clean: int, dataset: str, num_class
         name, opts = _opts(family, rng)
         clean_label = family in ("sig", "lc")
         all_to_all = family in ("patch", "blend", "warp") and rng.random() < 0.2
-        ratio = math.exp(rng.uniform(math.log(0.01), math.log(0.10)))
+        ratio = math.exp(rng.uniform(math.log(ratios[0]), math.log(ratios[1])))
         if clean_label:  # a clean-label attack poisons target images only: up to 1/num_classes of the set
             ratio = min(ratio, 0.8 / num_classes)
         entries.append({"label": f"{family}-{i:02d}", "name": name, "opts": opts, "target": rng.randrange(num_classes),
@@ -90,18 +90,22 @@ def make_grid(*, seed: int, backdoored: int, clean: int, dataset: str, num_class
     while backdoor_rest or clean_entries:
         mixed += backdoor_rest[:2] + clean_entries[:1]
         backdoor_rest, clean_entries = backdoor_rest[2:], clean_entries[1:]
+    grid_name = grid_name or f"{dataset}-population"
+    folder = "bench/" + grid_name.removeprefix(f"{dataset}-")
     lines = [
         f"# A calibration population for `mapprune scan`: {backdoored} backdoored models with triggers drawn at random",
         f"# from families, {clean} clean models; preset {preset!r}. Written by",
         f"#   python benchmarks/population_grid.py --seed {seed} --backdoored {backdoored} --clean {clean} "
-        f"--dataset {dataset} --preset {preset}" + "".join(f" --defense {d}" for d in defenses),
+        f"--dataset {dataset} --preset {preset}" + "".join(f" --defense {d}" for d in defenses)
+        + ("" if ratios == (0.01, 0.10) else f" --ratios {ratios[0]:g} {ratios[1]:g}")
+        + ("" if grid_name == f"{dataset}-population" else f" --name {grid_name}"),
         "# Train it (resumable; each model is an ordinary run folder with its trigger and poison indices):",
-        "#   mapprune bench THIS_FILE --out bench/population --data-dir ../shared/data --jobs 2 --threads 1",
+        f"#   mapprune bench THIS_FILE --out {folder} --data-dir ../shared/data --jobs 2 --threads 1",
         *([f"# With the defenses {', '.join(defenses)} on every model: the same models (same cell keys), so in the",
            "# population's own folder only the defenses are computed:",
-           "#   mapprune bench THIS_FILE --out bench/population --update --data-dir ../shared/data --jobs 2 --threads 1"]
+           f"#   mapprune bench THIS_FILE --out {folder} --update --data-dir ../shared/data --jobs 2 --threads 1"]
           if defenses else []),
-        f'name = "{dataset}-population"',
+        f'name = "{grid_name}"',
         f'dataset = "{dataset}"',
         f'preset = "{preset}"',
         "seeds = [0]",
@@ -135,13 +139,19 @@ def main(argv=None) -> None:
     p.add_argument("--dataset", default="cifar10")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--preset", default="population")
+    p.add_argument("--ratios", type=float, nargs=2, default=(0.01, 0.10), metavar=("LOW", "HIGH"),
+                   help="the poison ratios' range, drawn log-uniform (default 0.01 0.10)")
+    p.add_argument("--name", default="", help="the grid's name (default DATASET-population)")
     p.add_argument("--defense", action="append", default=[], metavar="NAME",
                    help="a defense run on every model (repeatable); the models are those of the grid without it")
     a = p.parse_args(argv)
+    if not 0 < a.ratios[0] <= a.ratios[1] < 1:
+        p.error("--ratios LOW HIGH: poison ratios with 0 < LOW <= HIGH < 1")
     if a.backdoored < 0 or a.clean < 0 or a.backdoored + a.clean == 0:
         p.error("--backdoored and --clean are counts of models, not negative, not both zero")
     a.out.write_text(make_grid(seed=a.seed, backdoored=a.backdoored, clean=a.clean, dataset=a.dataset,
-                               num_classes=a.num_classes, preset=a.preset, defenses=tuple(a.defense)))
+                               num_classes=a.num_classes, preset=a.preset, defenses=tuple(a.defense),
+                               ratios=tuple(a.ratios), grid_name=a.name))
     print(f"wrote {a.out}: {a.backdoored} backdoored and {a.clean} clean models")
 
 

@@ -200,3 +200,16 @@ def test_mmbd_finds_the_planted_target_without_data(digits_backdoor):
     assert found["statistics"][0] == max(found["statistics"])
     with pytest.raises(MapPruneError, match="needs >= 3 classes"):
         mmbd(run.model, 2, run.dataset.image_shape)
+
+
+def test_a_baseline_stage_runs_on_a_run_folder_with_the_default_device(digits_backdoor, tmp_path):
+    """The baselines calibrate adds to a model's scan run as the command runs them (device "auto") and land in
+    their own file, which calibrate then reads (MM-BD here; Neural Cleanse goes the same way)."""
+    from mapprune.jobs.calibrate import BASELINES, _baseline, _compute
+
+    template, _ = digits_backdoor
+    run = tmp_path / "run"
+    shutil.copytree(template, run)
+    found = _compute(run, "mmbd", None, "auto", False)
+    assert json.loads((run / "scan" / BASELINES["mmbd"]).read_text()) == found == _baseline(run, "mmbd", None)
+    assert found["score"] >= 0 and 0 <= found["target"] < 10

@@ -82,6 +82,7 @@ def _compute(run: Path, stage: str, data_dir, device, progress) -> dict:
     """Runs one stage on ``run``: ``"scan"`` (FMT's signals, scan.json) or a baseline (its own file)."""
     from ..data import clean_subset
     from ..detect.mmbd import mmbd
+    from ..device import pick_device
     from .scan import neural_cleanse
 
     r = load_run(run, data_dir)
@@ -93,10 +94,12 @@ def _compute(run: Path, stage: str, data_dir, device, progress) -> dict:
         return report
     ds = r.dataset
     if stage == "mmbd":
-        found = mmbd(r.model, ds.num_classes, tuple(ds.x_train.shape[1:]), seed=SCAN_SETTINGS["seed"], device=device)
+        found = mmbd(r.model, ds.num_classes, tuple(ds.x_train.shape[1:]), seed=SCAN_SETTINGS["seed"],
+                     device=pick_device(device))
     else:
         idx = clean_subset(ds.y_train, SCAN_SETTINGS["clean_ratio"], SCAN_SETTINGS["seed"])
         found = neural_cleanse(r.model, ds.x_train[idx], ds.y_train[idx], device=device)
+    (run / "scan").mkdir(exist_ok=True)
     write_json(run / "scan" / BASELINES[stage], found)
     return found
 
