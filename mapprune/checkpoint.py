@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -55,8 +55,6 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise MapPruneError(f"checkpoint {path} does not exist")
     try:
         tensors = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             meta = json.loads((f.metadata() or {}).get("mapprune", "{}"))
         if not isinstance(meta, dict):

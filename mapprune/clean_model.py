@@ -8,13 +8,13 @@ from torch import nn
 
 from .checkpoint import load_state_into
 from .errors import MapPruneError
+from .models import create_model
+from .presets import PRESETS
 from .resources import BUILDERS_VERSION, cached_resource, resource_path
+from .train import TrainConfig, train
 
 
 def _clean_train_config(dataset, model: str, epochs: int | None, seed: int):
-    from .presets import PRESETS
-    from .train import TrainConfig
-
     # The small CNN gets the digits demo schedule; every other architecture the CPU preset (one-cycle to lr
     # 0.1, 20 epochs), which trains a usable clean CIFAR model in a CPU budget. Only the epochs are exposed.
     preset = dict(PRESETS["demo" if model == "smallcnn" else "cpu"])
@@ -43,9 +43,6 @@ def clean_model(dataset, *, model: str = "preactresnet18", width: int = 16, epoc
     Returned in eval mode on ``device`` (default CPU). ``epochs`` None uses the preset's (20, or 12 for the
     small CNN).
     """
-    from .models import create_model
-    from .train import train
-
     device = torch.device(device) if device is not None else torch.device("cpu")
     key = clean_model_key(dataset, model=model, width=width, epochs=epochs, seed=seed)
     cfg = _clean_train_config(dataset, model, epochs, seed)

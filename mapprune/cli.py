@@ -2,6 +2,7 @@
 command, and turns its errors into one line and an exit status."""
 
 import sys
+import warnings
 
 from .allocator import keep_freed_memory
 from .commands import (
@@ -18,7 +19,7 @@ from .commands import (
     scan,
 )
 from .commands.common import Parser, set_threads
-from .errors import MapPruneError
+from .errors import MapPruneError, MapPruneWarning
 
 # Every command, in the order `mapprune --help` lists them.
 COMMANDS = (attack, scan, calibrate, import_backdoorbench, evaluate, defend, report, bench, diagnose, demo, prepare)
@@ -39,10 +40,6 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def _show_warnings_on_one_line() -> None:
     """mapprune's warnings: every one shown, each as one line."""
-    import warnings
-
-    from .errors import MapPruneWarning
-
     warnings.simplefilter("always", MapPruneWarning)
     warnings.showwarning = _one_line_warning
 

@@ -42,6 +42,6 @@ def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process: CUDA allocator peak on GPU, max resident set size on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
+    import resource  # lazy: a Unix-only module, and importing mapprune.device must work everywhere
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

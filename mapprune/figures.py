@@ -5,13 +5,16 @@ from pathlib import Path
 
 import torch
 
+from .defenses.nc import ReversedTriggers
+from .probes import adversarial_for_map, random_start
+
 
 def pyplot():
     """matplotlib's pyplot on the Agg backend (files only; no display is needed)."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib (half a second) only when a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after matplotlib.use('Agg'), which must come first
 
     return plt
 
@@ -66,8 +69,6 @@ def save_defense_figures(folder: Path, manifest: dict, report: dict, result, dat
 
 def save_nc_triggers(folder: Path, result, data, defense) -> None:
     """triggers.png: every class's reversed mask and its stamp on a clean image, flagged classes in red."""
-    from .defenses.nc import ReversedTriggers
-
     plt = pyplot()
     mask, pattern = result.tensors["mask"], result.tensors["pattern"]
     det = result.extra["detection"]
@@ -93,8 +94,6 @@ def save_nc_triggers(folder: Path, result, data, defense) -> None:
 
 def save_fmt_adversarial(folder: Path, result, data, defense) -> None:
     """adversarial.png: the inputs FMT made for the six lowest-scoring maps, on the model as it was tested."""
-    from .probes import random_start
-
     if result.original is None:
         return
     flat = sorted((float(s), name, c) for name, sc in result.scores.items() for c, s in enumerate(sc.tolist()))
@@ -130,8 +129,6 @@ def save_channel_scores(path: Path, scores: dict, pruned: dict, label: str) -> N
 def save_adversarial(path, model, xt, x0, worst: list, eps: float, objective: str) -> None:
     """The inputs FMT made for the lowest-scoring maps ``worst`` [(score, name, channel)] on the first test
     image, next to the clean image. ``model`` is the model as it was tested."""
-    from .probes import adversarial_for_map
-
     plt = pyplot()
     modules = dict(model.named_modules())
     fig, axes = plt.subplots(1, len(worst) + 1, figsize=(1.6 * (len(worst) + 1), 2.0), squeeze=False)

@@ -1,7 +1,12 @@
 """The one validator of image batches handed to the library: (N, C, H, W) pixels, uint8 in [0, 255] or floats in
 [0, 1] (normalisation belongs inside the model), optionally with as many labels as images."""
 
+import warnings
+from pathlib import Path
+
+import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from .errors import MapPruneError
 
@@ -40,18 +45,11 @@ def read_image(path, channels: int, *, what: str = "image", size: tuple[int, int
     """An image file as float pixels (channels, H, W) in [0, 1]: converted to grey (1 channel) or RGB (3);
     resized (bilinear) to ``size`` = (H, W) when given. A missing, unreadable or absurdly large file (more than
     ``MAX_IMAGE_PIXELS``) is one clear error."""
-    import warnings
-    from pathlib import Path
-
-    import numpy as np
-
     path = Path(path)
     if not path.is_file():
         raise MapPruneError(f"{what} {path} does not exist")
     if channels not in (1, 3):
         raise MapPruneError(f"{what}: images with {channels} channels cannot be read from a picture file")
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # refused, not decoded

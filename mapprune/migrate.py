@@ -13,6 +13,7 @@ one) to its ``*_STEPS``, and write the new version's files with the new content.
 import json
 from collections.abc import Callable
 
+from .defenses.fmt.config import CONFIGS, EXPERT, FINETUNE_EXPERT
 from .errors import MapPruneError
 
 MANIFEST_VERSION = 1
@@ -80,8 +81,6 @@ def expert_values(defense: str, recipe) -> dict:
     """The expert settings' values under ``recipe`` (FMT's), which format 2 leaves out of params."""
     if defense != "fmt":
         return {}
-    from .defenses.fmt.config import CONFIGS, EXPERT, FINETUNE_EXPERT
-
     config = CONFIGS.get(recipe if isinstance(recipe, str) else "recommended")
     return {k: getattr(config, k) for k in EXPERT + FINETUNE_EXPERT} if config else {}
 

@@ -49,13 +49,13 @@ def model_row(manifest: dict) -> dict:
             "stimulated_target": None}
 
 
-def defense_row(manifest: dict, result: dict) -> dict:
-    """The row of one defense result on the model of ``manifest``. Its ``variant`` is the result's name without the
+def defense_row(result: dict, *, attack: str, dataset: str | None) -> dict:
+    """The row of one defense result on a model of ``attack`` and ``dataset``. Its ``variant`` is the result's name without the
     ``-seedN`` suffix of its own seed, so the seeds of one variant (folders NAME, NAME-seedN) group together."""
     seed = result["clean_subset"]["seed"]
     name = result["name"]
     variant = re.sub(rf"-seed{seed}$", "", name) if seed else name
-    return {"attack": manifest["attack"]["name"], "dataset": manifest["dataset"]["name"], "defense": name,
+    return {"attack": attack, "dataset": dataset, "defense": name,
             "variant": variant, "seed": seed, **{k: result["after"][k] for k in METRICS},
             "triggers": result["after"].get("triggers") or {},
             **{f"{k}_before": result["before"][k] for k in METRICS}, "der": result["der"],
@@ -79,7 +79,8 @@ def collect_rows(runs) -> list[dict]:
             except MapPruneError as e:
                 warnings.warn(f"left out of the report: {e}", MapPruneWarning, stacklevel=2)
                 continue
-            rows.append({"run": run.name, **defense_row(manifest, result)})
+            rows.append({"run": run.name, **defense_row(result, attack=manifest["attack"]["name"],
+                                                        dataset=manifest["dataset"]["name"])})
     return rows
 
 

@@ -16,9 +16,11 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy
 import torch
 from filelock import FileLock, Timeout
 
+from . import __version__
 from .attacks import Attack, create_attack
 from .checkpoint import load_state_into, load_tensors
 from .data import ImageDataset, load_dataset
@@ -30,10 +32,6 @@ MANIFEST = "manifest.json"
 
 
 def versions() -> dict:
-    import numpy
-
-    from . import __version__
-
     # torch_threads: CPU results can differ in the last digits with the thread count (reductions split differently).
     return {"mapprune": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "numpy": numpy.__version__, "platform": platform.platform(), "torch_threads": torch.get_num_threads()}

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from .checkpoint import atomic_save, load_state_into, load_tensors
 from .device import autocast
@@ -184,8 +185,6 @@ def train(
     total = steps_per_epoch * cfg.epochs
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=total, initial=start * steps_per_epoch, desc=desc, unit="step", dynamic_ncols=True,
                    leave=False, mininterval=0.1 if sys.stderr.isatty() else 30)
     try:

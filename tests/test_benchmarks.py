@@ -136,7 +136,7 @@ def scanned(runs) -> dict[str, dict]:
 def test_the_scripts_are_the_listed_ones():
     """A new script gets a smoke test here and a line in benchmarks/README.md."""
     assert SCRIPTS == sorted(["adaptive_digits.py", "allocator.py", "bench_jobs.py", "fmt_recipe_cost.py",
-                              "fmt_speed.py", "population_grid.py", "train_throughput.py",
+                              "fmt_speed.py", "population_grid.py", "results_tables.py", "train_throughput.py",
                               "analysis/bench_average.py", "analysis/field_null.py", "analysis/scan_population.py",
                               "analysis/stimulation_table.py", "analysis/trigger_spread.py"])
 
@@ -172,7 +172,7 @@ def test_bench_average_is_the_mean_of_the_cells_it_read(digits_bench, tmp_path, 
                                     for a in attacks)
             assert means[d][m] == pytest.approx(want)
             assert row[col] == f"{100 * want:.2f}"
-        assert row["published ACC / ASR / RA"] == "-"  # the reference was not given
+        assert "published ACC / ASR / RA" not in row  # the reference was not given
 
     # Beside the reference: published means only where it has every attack (clp: blended but not badnets).
     from mapprune.jobs.bench import load_reference
@@ -197,6 +197,211 @@ def test_bench_average_is_the_mean_of_the_cells_it_read(digits_bench, tmp_path, 
     assert "no results file" in refused("analysis/bench_average.py", [tmp_path / "none.csv", "--attacks", "badnets"],
                                         capsys)
     assert "--attacks" in refused("analysis/bench_average.py", [results], capsys)
+
+
+# ------------------------------------------------------------------------------------------------ results tables
+
+FT, FMT = "ft-batchsize32-epochs5", "fmt-fraction0.125-batchsize32-distill0-epochs5"  # digits-tiny's labels
+# One table of each kind, with selections and shown names; the last names a bench the command is not given.
+TABLES_DOC = f"""# Tables of the digits grid
+
+<!-- table: digits-tiny asr-ra defenses=none,{FT}:FT,{FMT}:FMT,clp -->
+
+<!-- end table -->
+
+Prose between tables stays as written: 12.34.
+
+<!-- table: digits-tiny acc attacks=blended:Blended,badnets
+     defenses=clp,{FMT}:FMT -->
+<!-- end table -->
+
+<!-- table: digits-tiny acc-asr-ra defenses="none:no defense,{FT}:FT" -->
+<!-- end table -->
+
+<!-- table: digits-tiny means attacks=badnets,blended reference=backdoorbench-cifar10
+     defenses="none,clp,{FT}:FT (5 epochs),{FMT}" -->
+<!-- end table -->
+
+<!-- table: digits-tiny seeds defenses={FMT}:FMT attacks=blended,badnets:BadNets -->
+<!-- end table -->
+
+<!-- table: cifar10-cpu asr-ra -->
+
+| attack | ft |
+|---|---|
+| BadNets | 91.93 / 7.18 |
+
+<!-- end table -->
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory) -> Path:
+    """The shipped digits grid (benchmarks/grids/digits-tiny.toml: 2 attacks x 3 defenses x 2 seeds), run once."""
+    from mapprune.bench import run_bench
+
+    out = tmp_path_factory.mktemp("tiny") / "bench"
+    done = run_bench(BENCHMARKS / "grids" / "digits-tiny.toml", out, jobs=1, threads=1, progress=False,
+                     log=lambda *a, **k: None)
+    assert not done["failed"] and done["done"] == done["cells"] == 14
+    return out
+
+
+def generated(text: str) -> list[list[dict]]:
+    """The rows of the table in each generated region of ``text``, in order (read with a regex, not the script)."""
+    return [table(body) if body.strip() else []
+            for body in re.findall(r"<!--\s*table:.*?-->(.*?)<!--\s*end table\s*-->", text, re.S)]
+
+
+def test_results_tables_writes_each_kind_as_the_means_of_results_csv(tiny_bench, tmp_path, capsys):
+    """Every number of the five kinds of table equals what results.csv gives, computed here with csv and statistics:
+    seeds averaged within a cell (sample sd beside the mean), then the cell means over the attacks."""
+    doc = tmp_path / "tables.md"
+    doc.write_text(TABLES_DOC)
+    result, out = run("results_tables.py", ["--doc", doc, "--bench", f"digits-tiny={tiny_bench}"], capsys)
+    text = doc.read_text()
+    unchecked = text.count("\n", 0, text.index("<!-- table: cifar10-cpu")) + 1  # its line in the file written
+    assert result["not_checked"] == [f"line {unchecked} (cifar10-cpu asr-ra)"] and "not checked" in out
+    assert len(result["checked"]) == 5 and "Prose between tables stays as written: 12.34." in text
+    assert text.endswith(TABLES_DOC[TABLES_DOC.index("<!-- table: cifar10-cpu"):])  # the unchecked region as it was
+
+    with open(tiny_bench / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def values(a, d, m):
+        return [float(r[m]) for r in rows if r["attack"] == a and r["defense"] == d]
+
+    def pct(v):
+        return f"{100 * v:.2f}"
+
+    def pm(a, d, m):
+        v = values(a, d, m)
+        return pct(statistics.fmean(v)) + (f" ± {pct(statistics.stdev(v))}" if len(v) > 1 else "")
+
+    def dagger(a, d):
+        return " †" if any(r["diverged"] for r in rows if r["attack"] == a and r["defense"] == d) else ""
+
+    def over_attacks(attacks, d, m):
+        return pct(statistics.fmean(statistics.fmean(values(a, d, m)) for a in attacks))
+
+    asr_ra, acc, cells, means, seeds = generated(text)[:5]
+    shown = {"none": "none", FT: "FT", FMT: "FMT", "clp": "clp"}
+    assert [r["attack"] for r in asr_ra] == ["badnets", "blended", "**average**"]
+    assert list(asr_ra[0]) == ["attack", "none", "FT", "FMT", "clp"]
+    for row in asr_ra[:2]:
+        for d, name in shown.items():
+            assert row[name] == f"{pm(row['attack'], d, 'asr')} / {pct(statistics.fmean(values(row['attack'], d, 'ra')))}" \
+                + dagger(row["attack"], d)
+    for d, name in shown.items():
+        assert asr_ra[2][name] == " / ".join(over_attacks(["badnets", "blended"], d, m) for m in ("asr", "ra"))
+
+    assert [r["attack"] for r in acc] == ["Blended", "badnets", "**average**"] and list(acc[0])[1:] == ["clp", "FMT"]
+    for row, a in zip(acc, ("blended", "badnets")):
+        assert row["clp"] == pm(a, "clp", "acc") + dagger(a, "clp") and row["FMT"] == pm(a, FMT, "acc") + dagger(a, FMT)
+    assert acc[2]["clp"] == over_attacks(["blended", "badnets"], "clp", "acc")
+
+    assert list(cells[0]) == ["attack", "no defense", "FT"] and len(cells) == 2  # no average row
+    for row in cells:
+        for d, name, n in (("none", "no defense", 1), (FT, "FT", 2)):
+            three = " / ".join(pct(statistics.fmean(values(row["attack"], d, m))) for m in ("acc", "asr", "ra"))
+            assert row[name] == three + (f" ({n} seeds)" if n > 1 else "") + dagger(row["attack"], d)
+
+    from mapprune.bench.grid import load_reference
+
+    ref = load_reference(REFERENCE)["cells"]
+    assert [r["defense"] for r in means] == ["none", "clp", "FT (5 epochs)", FMT]
+    for row, d in zip(means, ("none", "clp", FT, FMT)):
+        for m, col in (("acc", "ACC"), ("asr", "ASR"), ("ra", "RA")):
+            assert row[col] == over_attacks(["badnets", "blended"], d, m)
+    # published means only where the reference has every attack: none on both, clp on blended only
+    assert means[0]["published ACC / ASR / RA"] == " / ".join(
+        f"{statistics.fmean(ref[a]['none'][i] for a in ('badnets', 'blended')):.2f}" for i in range(3))
+    assert [r["published ACC / ASR / RA"] for r in means[1:]] == ["-", "-", "-"]
+
+    assert list(seeds[0]) == ["attack", "seed 0", "seed 1", "mean ASR", "mean ΔACC"]
+    assert [r["attack"] for r in seeds] == ["blended", "BadNets"]
+    for row, a in zip(seeds, ("blended", "badnets")):
+        mine = {int(r["seed"]): r for r in rows if r["attack"] == a and r["defense"] == FMT}
+        for seed, r in mine.items():
+            assert row[f"seed {seed}"] == " / ".join(pct(float(r[m])) for m in ("acc", "asr", "ra"))
+        assert row["mean ASR"] == pct(statistics.fmean(values(a, FMT, "asr")))
+        assert row["mean ΔACC"] == f"{100 * statistics.fmean(float(r['acc']) - float(r['acc_before']) for r in mine.values()):+.2f}"
+
+
+def test_results_tables_check_passes_on_its_own_output_and_fails_after_a_number_is_edited(tiny_bench, tmp_path,
+                                                                                          capsys):
+    doc = tmp_path / "tables.md"
+    doc.write_text(TABLES_DOC)
+    argv = ["--doc", doc, "--bench", f"digits-tiny={tiny_bench}"]
+    first, out = run("results_tables.py", argv, capsys)
+    assert len(first["differs"]) == 5 and out.count(": rewritten from") == 5  # every region was empty
+    written = doc.read_text()
+    again, out = run("results_tables.py", argv, capsys)  # writing twice changes nothing
+    assert again["differs"] == [] and doc.read_text() == written and out.count(": unchanged from") == 5
+    checked, out = run("results_tables.py", [*argv, "--check"], capsys)
+    assert checked["differs"] == [] and "5 of 5 tables match their bench folders, 1 not checked" in out
+
+    # One number of the ACC table changed by hand: --check names that region, exits 1 and writes nothing.
+    region = written.index("<!-- table: digits-tiny acc ")
+    line = written.count("\n", 0, region) + 1
+    number = re.compile(r"\| (\d+\.\d\d)").search(written, region)
+    edited = written[:number.start(1)] + f"{float(number.group(1)) + 1:.2f}" + written[number.end(1):]
+    doc.write_text(edited)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        load("results_tables.py").main([str(a) for a in [*argv, "--check"]])
+    out = capsys.readouterr().out
+    assert e.value.code == 1 and doc.read_text() == edited
+    assert f"line {line} (digits-tiny acc) differs from {tiny_bench}" in out and "4 of 5 tables match" in out
+    assert out.count("differs from") == 1
+    run("results_tables.py", argv, capsys)  # rewriting puts the bench's number back
+    assert doc.read_text() == written
+
+
+@pytest.mark.parametrize("case, doc_text, bench, message", [
+    ("missing folder", TABLES_DOC, "digits-tiny={missing}", "no such folder"),
+    ("bench without results.csv", TABLES_DOC, "digits-tiny={empty}", "has no results.csv"),
+    ("bench not as NAME=DIR", TABLES_DOC, "{good}", "give it as NAME=DIR"),
+    ("bench the file has no table of", TABLES_DOC, "cifar10-seeds={good}", "has no table of a bench of that name"),
+    ("unknown kind", "<!-- table: digits-tiny asr -->\n<!-- end table -->\n", "digits-tiny={good}",
+     "unknown table kind 'asr'"),
+    ("marker without end", "<!-- table: digits-tiny acc -->\n\n| a |\n", "digits-tiny={good}",
+     "has no <!-- end table -->"),
+    ("marker without its closing", "<!-- table: digits-tiny acc\n<!-- end table -->\n", "digits-tiny={good}",
+     "without its closing -->"),
+    ("end without marker", "<!-- end table -->\n", "digits-tiny={good}", "without a table marker before it"),
+    ("unknown option", "<!-- table: digits-tiny acc attack=badnets -->\n<!-- end table -->\n", "digits-tiny={good}",
+     "unknown option 'attack=badnets'"),
+    ("unknown attack", "<!-- table: digits-tiny acc attacks=wanet -->\n<!-- end table -->\n", "digits-tiny={good}",
+     "has no attack 'wanet'"),
+    ("unknown reference", "<!-- table: digits-tiny means reference=nope -->\n<!-- end table -->\n",
+     "digits-tiny={good}", "no reference 'nope'"),
+    ("seeds of two defenses", "<!-- table: digits-tiny seeds defenses=ft,clp -->\n<!-- end table -->\n",
+     "digits-tiny={good}", "a seeds table is of one defense"),
+])
+def test_results_tables_refuses_bad_inputs_in_one_line_with_exit_2(case, doc_text, bench, message, tmp_path, capsys):
+    from mapprune.bench.results import COLUMNS
+
+    good, empty = tmp_path / "good", tmp_path / "empty"
+    good.mkdir()
+    empty.mkdir()
+    with open(good / "results.csv", "w", newline="") as f:  # a bench's results.csv of one model and one defense
+        w = csv.DictWriter(f, fieldnames=list(COLUMNS))
+        w.writeheader()
+        w.writerow({"attack": "badnets", "defense": "none", "acc": 0.9, "asr": 0.95, "ra": 0.04})
+        w.writerow({"attack": "badnets", "defense": "ft", "seed": 0, "acc": 0.9, "asr": 0.5, "ra": 0.4,
+                    "acc_before": 0.9})
+    doc = tmp_path / "page.md"
+    doc.write_text(doc_text)
+    bench = bench.format(missing=tmp_path / "missing", empty=empty, good=good)
+    err = refused("results_tables.py", ["--doc", doc, "--bench", bench], capsys)
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and message in err, (case, err)
+    assert doc.read_text() == doc_text, f"{case}: the file was changed"
+
+
+def test_results_tables_names_a_missing_doc_in_one_line(tmp_path, capsys):
+    err = refused("results_tables.py", ["--doc", tmp_path / "none.md"], capsys)
+    assert err.strip() == f"results_tables.py: error: --doc {tmp_path / 'none.md'}: no such file"
 
 
 def test_scan_population_reads_each_scan(digits_bench, runs, scanned, tmp_path, capsys):

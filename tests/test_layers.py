@@ -72,3 +72,45 @@ def test_the_walker_sees_relative_and_lazy_imports():
     lazy = "import torch\n\ndef f():\n    from ..figures import save_defense_figures\n    from . import base\n"
     got = _imports_in(lazy, "mapprune.defenses")
     assert (4, "mapprune.figures") in got and (5, "mapprune.defenses") in got and _layer("mapprune.figures") in UPPER
+
+
+def _unexplained_lazy_imports(source: str) -> list[int]:
+    """Lines of the imports inside functions that no ``# lazy:`` comment explains. A run of adjacent import statements
+    is one block: a comment on one of its lines or on the line above it explains the whole block."""
+    lines = source.splitlines()
+    out = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for _, value in ast.iter_fields(node):
+            if not (in_function and isinstance(value, list) and value and isinstance(value[0], ast.stmt)):
+                continue
+            block = []
+            for stmt in [*value, None]:
+                if isinstance(stmt, ast.Import | ast.ImportFrom):
+                    block.append(stmt)
+                    continue
+                if block and not any("# lazy:" in line for line in lines[max(0, block[0].lineno - 2):block[-1].end_lineno]):
+                    out.extend(s.lineno for s in block)
+                block = []
+        for child in ast.iter_child_nodes(node):
+            visit(child, in_function or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef))
+
+    visit(ast.parse(source), False)
+    return out
+
+
+def test_imports_are_at_the_top_unless_a_comment_says_why():
+    """An import inside a function is the exception (an optional dependency such as Ray, matplotlib only when a figure
+    is drawn, a command's job kept out of the CLI's start, an import cycle): each says why in a ``# lazy:`` comment."""
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        wrong += [f"{path.relative_to(PACKAGE.parent)}:{line}" for line in _unexplained_lazy_imports(path.read_text())]
+    assert not wrong, ("imports inside functions without a '# lazy: why' comment (move them to the top of the file, "
+                       "or say why they cannot be):\n" + "\n".join(wrong))
+
+
+def test_the_lazy_import_check_reads_blocks_and_comments():
+    source = ("import os\n\n\ndef f():\n    # lazy: Ray is optional\n    import ray\n    from x import y\n\n    z = 1\n"
+              "    import json\n    if z:\n        import sys  # lazy: reason\n\n\nclass C:\n    def g(self):\n"
+              "        from . import a\n")
+    assert _unexplained_lazy_imports(source) == [10, 17]

@@ -16,7 +16,7 @@ def row(defense, seed, acc, asr, ra=0.5, run="r1"):
         return {"run": run, **model_row({**MANIFEST, "metrics": {"acc": acc, "asr": asr, "ra": ra}})}
     result = {"name": defense, "clean_subset": {"seed": seed}, "after": {"acc": acc, "asr": asr, "ra": ra},
               "before": MANIFEST["metrics"], "der": 0.5, "num_pruned": 3, "wall_s": 1.0, "timings": {}}
-    return {"run": run, **defense_row(MANIFEST, result)}
+    return {"run": run, **defense_row(result, attack="badnets", dataset="cifar10")}
 
 
 def test_seeds_of_one_variant_are_grouped_and_others_kept_apart():

@@ -8,12 +8,11 @@ Seeds are averaged within a cell first, then the cells over the attacks. A defen
 attacks is listed with the attacks it lacks and no mean, so a mean is always over the same models for every defense.
 """
 import argparse
-import csv
-import statistics
-from pathlib import Path
 
+from mapprune.bench.results import read_results
+from mapprune.bench.tables import means_table, summarise
 from mapprune.errors import MapPruneError
-from mapprune.jobs.bench import load_reference, summarise
+from mapprune.jobs.bench import load_reference
 
 
 def main(argv=None) -> dict:
@@ -25,35 +24,19 @@ def main(argv=None) -> dict:
     attacks = [a for a in args.attacks.split(",") if a]
     if not attacks:
         ap.error("--attacks names no attack")
-    if not Path(args.results).is_file():
-        ap.error(f"no results file {args.results}")
     try:
-        ref = load_reference(args.reference)["cells"] if args.reference else {}
+        ref = load_reference(args.reference) if args.reference else None
+        rows = [r for r in read_results(args.results) if r["attack"] in attacks]
     except MapPruneError as e:
         ap.error(str(e))
-    with open(args.results, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["attack"] in attacks]
     unknown = [a for a in attacks if a not in {r["attack"] for r in rows}]
     if unknown:
         ap.error(f"no rows for {', '.join(unknown)} in {args.results}")
-    for r in rows:
-        r.update({m: float(r[m]) for m in ("acc", "asr", "ra")})
-    cells = summarise(rows)  # {(attack, defense): mean over the cell's seeds}
     defenses = list(dict.fromkeys(r["defense"] for r in rows))
+    # the one table benchmarks/results_tables.py writes into the docs (kind "means")
+    lines, means = means_table(summarise(rows), attacks, defenses, ref)
     print(f"Means over {len(attacks)} attacks ({', '.join(attacks)}); seeds averaged within a cell first.\n")
-    print("| defense | ACC | ASR | RA | published ACC / ASR / RA |")
-    print("|---|---|---|---|---|")
-    means = {}
-    for d in defenses:
-        missing = [a for a in attacks if (a, d) not in cells]
-        published = [ref.get(a, {}).get(d) for a in attacks]
-        pub = ("-" if None in published else
-               " / ".join(f"{statistics.fmean(p[i] for p in published):.2f}" for i in range(3)))
-        if missing:
-            print(f"| {d} | missing {', '.join(missing)} | | | {pub} |")
-            continue
-        means[d] = {m: statistics.fmean(cells[(a, d)][m]["mean"] for a in attacks) for m in ("acc", "asr", "ra")}
-        print(f"| {d} | " + " | ".join(f"{100 * v:.2f}" for v in means[d].values()) + f" | {pub} |")
+    print("\n".join(lines))
     return means
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MapPruneError
+from ..models import create_model
 from ..train import augment_batch
 from . import _learned as L
 
@@ -87,8 +88,6 @@ def _finite(loss: torch.Tensor, what: str) -> None:
 
 def train_generators(atk, dataset, device: torch.device, progress: bool) -> dict[str, torch.Tensor]:
     """Returns the trained generators' weights (``gen.*``, ``mask.*``) and a few ``stats.*`` scalars."""
-    from ..models import create_model
-
     c, _, w = atk.image_shape
     x_all, y_all = dataset.x_train, dataset.y_train
     g = torch.Generator().manual_seed(atk.seed)

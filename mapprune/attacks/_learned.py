@@ -3,10 +3,12 @@
 progress bar, and a clear error when the trigger is used before it exists.
 """
 
+import sys
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..checkpoint import load_state_into
 from ..errors import MapPruneError
@@ -56,10 +58,6 @@ def seeded(seed: int):
 def progress_bar(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
-    import sys
-
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True,
                 mininterval=0.1 if sys.stderr.isatty() else 30)
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MapPruneError
+from ..probes import default_patch, find_patches, layer_output
 from .base import Attack
 
 
@@ -58,6 +59,7 @@ class RegularisedAttack(Attack):
 
     def __init__(self, image_shape, num_classes, *, base: str = "badnets", base_opts: dict | None = None,
                  weight: float = 1.0, sample: int = 32, **kw):
+        # lazy: import cycle (mapprune.attacks imports this module before it defines create_attack)
         from . import create_attack
 
         super().__init__(image_shape, num_classes, **kw)
@@ -141,8 +143,6 @@ class FMTEvasiveAttack(RegularisedAttack):
     def probe_images(self, model: nn.Module, xc: torch.Tensor) -> torch.Tensor:
         """FMT's patch probe for ``maps`` random maps of one random conv layer, stamped on ``xc``: (maps * n, ...),
         detached. Made in eval mode, as FMT tests a model."""
-        from ..probes import default_patch, find_patches, layer_output
-
         convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
         name, layer = convs[int(torch.randint(len(convs), (1,), generator=self._g))]
         k = min(self.maps, layer.out_channels)

@@ -30,7 +30,8 @@ their weights (``gen.*``, ``mask.*``), so a saved run re-creates the trigger wit
 
 import torch
 
-from ..errors import MapPruneError
+from ..errors import MapPruneError, unknown_name
+from ..models import MODELS
 from ..resources import cached_resource
 from . import _generators
 from . import _learned as L
@@ -49,8 +50,6 @@ class InputAware(Attack):
                  joint_model: str = "smallcnn", joint_width: int = 32, cross_ratio: float = 1.0, seed: int = 0,
                  resource: str | None = None, **kw):
         super().__init__(image_shape, num_classes, **kw)
-        from ..models import MODELS
-
         if width < 1 or mask_steps < 0 or steps < 1 or batch_size < 2 or joint_width < 1:
             raise MapPruneError("inputaware needs width, steps, joint_width >= 1, mask_steps >= 0 and batch_size >= 2; "
                                 f"got {width}, {steps}, {joint_width}, {mask_steps}, {batch_size}")
@@ -66,8 +65,6 @@ class InputAware(Attack):
             raise MapPruneError(f"inputaware needs lr > 0 and non-negative lambdas, got {lr}, {lambda_div}, "
                                 f"{lambda_norm}")
         if joint_model not in MODELS:
-            from ..errors import unknown_name
-
             raise unknown_name("model", joint_model, MODELS)
         self.width, self.mask_steps, self.steps, self.batch_size, self.lr = width, mask_steps, steps, batch_size, lr
         self.mask_density, self.lambda_div, self.lambda_norm = mask_density, lambda_div, lambda_norm

@@ -55,6 +55,7 @@ class MultiAttack(Attack):
 
     def __init__(self, image_shape, num_classes, *, triggers="badnets:0,blended:5", target: int | None = None,
                  all_to_all: bool = False, poison_ratio: float = 0.1):
+        # lazy: import cycle (mapprune.attacks imports this module before it defines create_attack)
         from . import create_attack
 
         # ``target`` is taken for the common signature and ignored: each trigger has its own (the first is

@@ -7,7 +7,8 @@ constructor arguments, so they are recorded in the manifest and ``mapprune prepa
 import torch
 
 from ..clean_model import clean_model, clean_model_key
-from ..errors import MapPruneError
+from ..errors import MapPruneError, unknown_name
+from ..models import MODELS
 from .base import Attack
 
 
@@ -17,11 +18,7 @@ class SurrogateAttack(Attack):
     def __init__(self, image_shape, num_classes, *, surrogate: str = "preactresnet18", surrogate_width: int = 16,
                  surrogate_epochs: int | None = None, surrogate_seed: int = 0, **kw):
         super().__init__(image_shape, num_classes, **kw)
-        from ..models import MODELS
-
         if surrogate not in MODELS:
-            from ..errors import unknown_name
-
             raise unknown_name("model", surrogate, MODELS)
         if surrogate_width < 1 or (surrogate_epochs is not None and surrogate_epochs < 1):
             raise MapPruneError(f"surrogate width and epochs must be positive, got {surrogate_width} and "

@@ -6,8 +6,12 @@ import time
 import traceback
 from pathlib import Path
 
+import torch
+
 from ..allocator import keep_freed_memory
 from ..errors import MapPruneError
+from ..jobs.attack import attack_run
+from ..jobs.defend import NothingToAdopt, defend_run
 from .grid import Grid
 from .plan import Cell
 
@@ -15,14 +19,10 @@ from .plan import Cell
 def run_cell(cell: dict, grid: Grid, threads: int | None, progress: bool, adopt_only: bool = False) -> dict:
     """Does one cell's work; returns {"key", "ok", "seconds", "error"} ("skipped": True where ``adopt_only`` found
     nothing to adopt and did nothing). Never raises."""
-    from ..jobs.defend import NothingToAdopt
-
     t0 = time.perf_counter()
     try:
         keep_freed_memory()  # a spawned worker does not inherit the command line's setting
         if threads:
-            import torch
-
             torch.set_num_threads(threads)
         c = Cell(**cell)
         if c.kind == "model":
@@ -44,8 +44,6 @@ def run_cell(cell: dict, grid: Grid, threads: int | None, progress: bool, adopt_
 
 
 def _run_model(c: Cell, grid: Grid, progress: bool) -> None:
-    from ..jobs.attack import attack_run
-
     if c.settings.get("source"):
         run = Path(c.path)
         partial = run.with_name(run.name + ".partial")
@@ -62,8 +60,6 @@ def _run_model(c: Cell, grid: Grid, progress: bool) -> None:
 
 
 def _run_defense(c: Cell, grid: Grid, progress: bool, adopt_only: bool = False) -> None:
-    from ..jobs.defend import defend_run
-
     s = c.settings
     path = Path(c.path)
     defend_run(path.parent.parent, s["defense"], clean_ratio=s["clean_ratio"], name=path.name,

@@ -1,6 +1,8 @@
 """Where cells run: in the bench process (``--jobs 1``), in a pool of spawned worker processes (``--jobs N``) or as
 Ray tasks (``--backend ray``); and how SIGTERM, ^C and a dead bench process stop them."""
 
+import concurrent.futures as cf
+import multiprocessing as mp
 import os
 import signal
 import threading
@@ -31,9 +33,6 @@ class LocalEngine:
     """--jobs N on the local backend: N spawned worker processes."""
 
     def __init__(self, jobs: int, threads: int | None):
-        import concurrent.futures as cf
-        import multiprocessing as mp
-
         self.cf = cf
         self.pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
                                            initializer=_worker_init, initargs=(os.getpid(),))
@@ -65,7 +64,7 @@ class RayEngine:
 
     def __init__(self, jobs: int, threads: int | None, address: str | None):
         try:
-            import ray
+            import ray  # lazy: Ray is optional (the ray extra)
         except ImportError:
             raise MapPruneError("--backend ray needs Ray: pip install 'mapprune[ray]'") from None
         self.ray = ray

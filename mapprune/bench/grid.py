@@ -6,7 +6,13 @@ import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..attacks import ATTACKS, create_attack, load_plugins
+from ..data import DATASETS, load_dataset
+from ..defenses import DEFENSES, create_defense
 from ..errors import MapPruneError, unknown_name
+from ..jobs.defend import DEFAULT_CLEAN_RATIO
+from ..models import MODELS
+from ..presets import PRESETS
 from .keys import attack_label, defense_identity, defense_label, model_settings, settings_hash
 
 GRID_KEYS = {"name", "dataset", "data_dir", "preset", "clean_ratio", "seeds", "model", "attack", "defense",
@@ -136,9 +142,6 @@ def load_reference(path) -> dict:
 def _expand_sweeps(grid: Grid, path) -> None:
     """Each ``sweep = {option = [values]}`` of a [[defense]] becomes one more [[defense]] per value, that one option
     changed from the entry's own settings; ``grid.sweeps`` remembers which entries form each curve."""
-    from ..defenses import create_defense
-    from ..jobs.defend import DEFAULT_CLEAN_RATIO
-
     expanded, sweeps = [], []
     for i, d in enumerate(grid.defenses):
         sweep = d.pop("sweep", None)
@@ -193,12 +196,6 @@ def _only(table: dict, allowed: set, where: str) -> None:
 
 
 def _check_names(grid: Grid, path) -> None:
-    from ..attacks import ATTACKS, load_plugins
-    from ..data import DATASETS
-    from ..defenses import DEFENSES, create_defense
-    from ..models import MODELS
-    from ..presets import PRESETS
-
     load_plugins()
 
     if grid.dataset not in DATASETS:
@@ -283,9 +280,6 @@ class _AttackProbe:
         self.shape: tuple | None = None
 
     def build(self, a: dict, where: str) -> None:
-        from ..attacks import create_attack
-        from ..data import load_dataset
-
         if self.shape is None:
             ds = load_dataset(self.grid.dataset, self.grid.data_dir)
             self.shape = (ds.image_shape, ds.num_classes)

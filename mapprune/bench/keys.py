@@ -6,6 +6,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from ..defenses import defense_class
+from ..migrate import format1_params
 from ..runs import read_manifest
 
 
@@ -19,9 +21,6 @@ def resolved_params(defense: str, opts: dict, dataset: str) -> dict:
     """Every hyperparameter the defense will run with (its recipe's and the dataset's defaults, then the grid's
     options): hashed into the cell's key, so a default changed in the code (a new recommended recipe) makes a new
     cell instead of passing off a result of the old one as current."""
-    from ..defenses import defense_class
-    from ..migrate import format1_params
-
     cls = defense_class(defense)
     # Hashed under the old option names (mapprune.migrate.format1_params), so finished cells keep their keys.
     out = {**format1_params(defense, cls.defaults(opts.get("recipe")), defaults=True),
@@ -37,8 +36,6 @@ def attack_label(a: dict) -> str:
 def defense_label(d: dict) -> str:
     """A [[defense]]'s label: its ``label``, else the defense's variant name of its options (and its own clean
     ratio, where it sets one)."""
-    from ..defenses import defense_class
-
     if d.get("label"):
         return d["label"]
     ratio = f"-ratio{d['clean_ratio']:g}" if "clean_ratio" in d else ""

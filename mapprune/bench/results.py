@@ -7,9 +7,11 @@ import json
 import warnings
 from pathlib import Path
 
+from ..defenses import FineTuning, defense_class
+from ..defenses.base import loss_divergence
 from ..errors import MapPruneError, MapPruneWarning
 from ..results import defense_row, model_row
-from ..runs import atomic_write_text, read_manifest
+from ..runs import atomic_write_text
 from .figures import grid_figures, sweep_figure
 from .grid import Grid
 from .plan import Cell
@@ -41,6 +43,35 @@ COLUMNS = ("attack", "defense", "seed", "key", "path", "acc", "asr", "ra", "trig
            "ra_before", "der", "wall_s", "timings", "peak_memory_mb", "settings", "adopted_from", "diverged")
 
 
+def read_results(path) -> list[dict]:
+    """The rows of a bench's results.csv (``path``: the file, or the bench folder holding it) as the bench wrote
+    them, numbers read back as numbers: ACC / ASR / RA and their ``_before`` values and DER as floats, ``seed`` and
+    ``diverged`` as ints (None where empty). A missing file, or one without results.csv's columns, is a
+    :class:`MapPruneError` naming it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.csv"
+    if not path.is_file():
+        raise MapPruneError(f"no results file {path} (a bench folder has one once a cell is done)")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        lacking = [c for c in ("attack", "defense", "seed", "acc", "asr", "ra") if c not in (reader.fieldnames or [])]
+        if lacking:
+            raise MapPruneError(f"{path} is not a bench's results.csv: it lacks the column(s) {', '.join(lacking)}")
+        raw = list(reader)
+    floats = ("acc", "asr", "ra", "acc_before", "asr_before", "ra_before", "der")
+    rows = []
+    for i, r in enumerate(raw, 2):
+        try:
+            rows.append({**r, **{k: float(r[k]) if r.get(k) else None for k in floats if k in r},
+                         **{k: int(r[k]) if r.get(k) else None for k in ("seed", "diverged") if k in r}})
+        except ValueError as e:
+            raise MapPruneError(f"{path}, line {i}: a number that does not read as one ({e})") from None
+        if None in (rows[-1]["acc"], rows[-1]["asr"], rows[-1]["ra"]):
+            raise MapPruneError(f"{path}, line {i}: no ACC, ASR or RA")
+    return rows
+
+
 def _row(c: Cell, obj: dict) -> dict:
     """The results row of a finished cell, from its manifest.json (model) or result.json (defense), by the columns'
     one definition (:mod:`mapprune.results`), named by the grid's labels."""
@@ -48,7 +79,7 @@ def _row(c: Cell, obj: dict) -> dict:
         row = model_row(obj)
         extra = {"settings": c.settings, "adopted_from": c.settings.get("source"), "diverged": None}
     else:
-        row = defense_row(read_manifest(Path(c.path).parent.parent), obj)
+        row = defense_row(obj, attack=c.attack, dataset=None)  # the grid's label; results.csv has no dataset
         extra = {"settings": {**c.settings, "params": obj["params"]}, "adopted_from": obj.get("adopted_from"),
                  "diverged": diverged_epoch(obj)}
     row.update(attack=c.attack, defense=c.defense or "none", seed=c.seed, key=c.key, path=c.path, **extra)
@@ -60,9 +91,6 @@ def diverged_epoch(result: dict) -> int | None:
     """The epoch where a fine-tuning defense's loss peaked, when its fine-tune diverged
     (:func:`~mapprune.defenses.base.loss_divergence`, read from the saved history, so results saved before the
     check existed are judged too); None otherwise."""
-    from ..defenses import FineTuning, defense_class
-    from ..defenses.base import loss_divergence
-
     if not issubclass(defense_class(result["defense"]), FineTuning):
         return None
     d = loss_divergence(result.get("history") or [])

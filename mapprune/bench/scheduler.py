@@ -8,6 +8,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from ..errors import MapPruneError, unknown_name
 from ..runs import atomic_write_text
 from .engines import BACKENDS, InlineEngine, LocalEngine, RayEngine, sigterm_raises
@@ -112,8 +114,6 @@ def _run_cells(cells: list[Cell], every: list[Cell], grid: Grid, out: Path, *, j
     try:
         if inline:
             if threads:
-                import torch
-
                 torch.set_num_threads(threads)
             while todo := ready():
                 c = todo[0]

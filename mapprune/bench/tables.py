@@ -5,6 +5,7 @@ import json
 import statistics
 
 from .. import results
+from ..defenses.base import DIVERGENCE_FACTOR
 from .grid import Sweep
 
 
@@ -23,15 +24,12 @@ def markdown(rows: list[dict], title: str, reference: dict | None = None) -> str
     parts = [f"# {title}", "", *_tables(summary, attacks, defenses, "(mean ± sd over defense seeds)"),
              *_trigger_table(rows, defenses)]
     if any(s["diverged"] for s in summary.values()):
-        from ..defenses.base import DIVERGENCE_FACTOR
-
         parts += [f"† the defense's fine-tune diverged (an epoch's loss over {DIVERGENCE_FACTOR:g}x the first's; "
                   "results.csv: `diverged`, the epoch of the peak) in at least one seed: it relearnt much of the model "
                   "from the clean subset, so what it removed may not be the defense's doing; a lower lr (`opts = {lr = "
                   "0.001}`) tells.", ""]
     if reference:
-        published = {(a, d): {"n": 1, **{m: results.spread([v[i] / 100]) for i, m in enumerate(results.METRICS)}}
-                     for a, row in reference["cells"].items() for d, v in row.items()}
+        published = published_cells(reference)
         cols = [d for d in defenses if any((a, d) in published for a in attacks)]
         if cols:
             parts += [f"# Published: {reference['name']}", "",
@@ -59,27 +57,119 @@ def _trigger_table(rows: list[dict], defenses: list[str]) -> list[str]:
     return parts + [""]
 
 
-def _tables(summary: dict, attacks: list[str], defenses: list[str], caption: str) -> list[str]:
+def published_cells(reference: dict) -> dict:
+    """A reference's published numbers (load_reference) as cells of :func:`summarise`'s shape, one seed each."""
+    return {(a, d): {"n": 1, **{m: results.spread([v[i] / 100]) for i, m in enumerate(results.METRICS)}}
+            for a, row in reference["cells"].items() for d, v in row.items()}
+
+
+# The kinds of :func:`grid_table`: what a cell shows, and the metrics of the average row.
+GRID_KINDS = {"asr-ra": ("asr", "ra"), "acc": ("acc",)}
+
+
+def grid_table(summary: dict, attacks: list[str], defenses: list[str], kind: str,
+               names: dict[str, str] | None = None) -> list[str]:
+    """The lines of one attacks x defenses markdown table of :func:`summarise` cells: ``kind`` "asr-ra" (ASR mean ±
+    sd over seeds / RA mean) or "acc" (ACC mean ± sd), † where a seed's fine-tune diverged, "-" where a cell is
+    missing, and the **average** row over the attacks (:func:`mapprune.results.mean_over`, "(k of n)" where a
+    column misses some). ``names`` shows a label under another name (rows and header only)."""
+    names = names or {}
+
     def mark(s):
         return " †" if s.get("diverged") else ""
 
+    if kind == "asr-ra":
+        def cell(s):
+            return f"{results.pm(s['asr'])} / {100 * s['ra']['mean']:.2f}{mark(s)}"
+    else:
+        def cell(s):
+            return results.pm(s["acc"]) + mark(s)
+    lines = ["| attack | " + " | ".join(names.get(d, d) for d in defenses) + " |", "|" + "---|" * (len(defenses) + 1)]
+    for a in attacks:
+        lines.append(f"| {names.get(a, a)} | " + " | ".join(cell(summary[(a, d)]) if (a, d) in summary else "-"
+                                                           for d in defenses) + " |")
+    avg = []
+    for d in defenses:
+        column = [summary.get((a, d)) for a in attacks]
+        means = [results.mean_over(column, m) for m in GRID_KINDS[kind]]
+        avg.append("-" if means[0][0] is None else " / ".join(f"{100 * v:.2f}" for v, _ in means) + means[0][1])
+    return lines + ["| **average** | " + " | ".join(avg) + " |"]
+
+
+def _tables(summary: dict, attacks: list[str], defenses: list[str], caption: str) -> list[str]:
     parts = []
-    for what, cell in (("ASR % / RA %", lambda s: f"{results.pm(s['asr'])} / {100 * s['ra']['mean']:.2f}{mark(s)}"),
-                       ("clean ACC %", lambda s: results.pm(s["acc"]) + mark(s))):
-        parts += [f"## {what} {caption}", "",
-                  "| attack | " + " | ".join(defenses) + " |", "|" + "---|" * (len(defenses) + 1)]
-        for a in attacks:
-            parts.append(f"| {a} | " + " | ".join(cell(summary[(a, d)]) if (a, d) in summary else "-"
-                                                  for d in defenses) + " |")
-        avg = []
-        for d in defenses:
-            column = [summary.get((a, d)) for a in attacks]
-            metrics = ("asr", "ra") if what.startswith("ASR") else ("acc",)
-            means = [results.mean_over(column, m) for m in metrics]
-            avg.append("-" if means[0][0] is None else
-                       " / ".join(f"{100 * v:.2f}" for v, _ in means) + means[0][1])
-        parts += ["| **average** | " + " | ".join(avg) + " |", ""]
+    for what, kind in (("ASR % / RA %", "asr-ra"), ("clean ACC %", "acc")):
+        parts += [f"## {what} {caption}", "", *grid_table(summary, attacks, defenses, kind), ""]
     return parts
+
+
+def cells_table(summary: dict, attacks: list[str], defenses: list[str], names: dict[str, str] | None = None
+                ) -> list[str]:
+    """The lines of an attacks x defenses markdown table whose cells are ACC / ASR / RA in % (means over seeds;
+    "(n seeds)" where more than one, † where a seed's fine-tune diverged, "-" where missing); no average row."""
+    names = names or {}
+
+    def cell(s):
+        seeds = f" ({s['n']} seeds)" if s["n"] > 1 else ""
+        return (" / ".join(f"{100 * s[m]['mean']:.2f}" for m in results.METRICS) + seeds
+                + (" †" if s.get("diverged") else ""))
+    lines = ["| attack | " + " | ".join(names.get(d, d) for d in defenses) + " |", "|" + "---|" * (len(defenses) + 1)]
+    for a in attacks:
+        lines.append(f"| {names.get(a, a)} | " + " | ".join(cell(summary[(a, d)]) if (a, d) in summary else "-"
+                                                           for d in defenses) + " |")
+    return lines
+
+
+def means_table(summary: dict, attacks: list[str], defenses: list[str], reference: dict | None = None,
+                names: dict[str, str] | None = None) -> tuple[list[str], dict]:
+    """Each defense's mean ACC / ASR / RA over ``attacks`` (seeds averaged within a cell first, then the cells over
+    the attacks: :func:`mapprune.results.mean_over`); with a ``reference`` (load_reference), a column of its
+    published means over the same attacks ("-" unless it has every one of them). A defense missing a cell on one
+    of the attacks gets no mean: its row names the attacks it lacks, so every mean is over the same models.
+    (lines, {defense: {metric: mean}})."""
+    names = names or {}
+    extra = "" if reference is None else " published ACC / ASR / RA |"
+    lines = ["| defense | ACC | ASR | RA |" + extra, "|---|---|---|---|" + ("---|" if extra else "")]
+    means = {}
+    for d in defenses:
+        column = [summary.get((a, d)) for a in attacks]
+        pub = ""
+        if reference is not None:
+            published = [reference["cells"].get(a, {}).get(d) for a in attacks]
+            pub = (" - |" if None in published else  # percentages as written in the reference
+                   " " + " / ".join(f"{statistics.fmean(p[i] for p in published):.2f}" for i in range(3)) + " |")
+        missing = [a for a, c in zip(attacks, column) if c is None]
+        if missing:
+            lines.append(f"| {names.get(d, d)} | missing {', '.join(missing)} | | |{pub}")
+            continue
+        means[d] = {m: results.mean_over(column, m)[0] for m in results.METRICS}
+        lines.append(f"| {names.get(d, d)} | " + " | ".join(f"{100 * v:.2f}" for v in means[d].values()) + f" |{pub}")
+    return lines, means
+
+
+def seeds_table(rows: list[dict], defense: str, attacks: list[str], names: dict[str, str] | None = None
+                ) -> list[str]:
+    """The lines of a markdown table of one defense seed by seed: per attack, ACC / ASR / RA of each seed ("-"
+    where a seed is missing), the mean ASR over its seeds, and the mean change of clean ACC from the undefended
+    model (``acc_before``)."""
+    names = names or {}
+    mine = [r for r in rows if r["defense"] == defense]
+    seeds = sorted({int(r["seed"]) for r in mine})
+    summary = summarise(mine)
+    lines = ["| attack | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ASR | mean ΔACC |",
+             "|" + "---|" * (len(seeds) + 3)]
+    for a in attacks:
+        by_seed = {int(r["seed"]): r for r in mine if r["attack"] == a}
+        if not by_seed:
+            lines.append(f"| {names.get(a, a)} | " + " | ".join("-" for _ in seeds) + " | - | - |")
+            continue
+        s = summary[(a, defense)]
+        before = results.spread([float(r["acc_before"]) for r in by_seed.values()])["mean"]
+        cells = [" / ".join(f"{100 * float(by_seed[k][m]):.2f}" for m in results.METRICS) if k in by_seed else "-"
+                 for k in seeds]
+        lines.append(f"| {names.get(a, a)} | " + " | ".join(cells)
+                     + f" | {100 * s['asr']['mean']:.2f} | {100 * (s['acc']['mean'] - before):+.2f} |")
+    return lines
 
 
 def sweep_points(rows: list[dict], sweep: Sweep) -> tuple[list, list[str], dict]:

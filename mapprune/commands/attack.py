@@ -3,16 +3,18 @@
 import argparse
 from pathlib import Path
 
+from ..errors import MapPruneError
+from ..presets import PRESETS
 from .common import add_common, add_poison_choice, finite, key_values
 
 NAME = "attack"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    # lazy: these import torch: kept out of `import mapprune.cli`, though build_parser still loads them for the help
     from ..attacks import ATTACKS
     from ..data import DATASETS
     from ..models import MODELS
-    from ..presets import PRESETS
 
     a = subparsers.add_parser(NAME, help="train a backdoored model and write a run folder")
     a.add_argument("attack", help=f"one of: {', '.join(ATTACKS)}")
@@ -55,8 +57,6 @@ def _position(value: str) -> list[int]:
 
 def trigger_opts(args) -> dict:
     """--attack-opt pairs plus the trigger flags (--pattern, --mask, --position, --random-position)."""
-    from ..errors import MapPruneError
-
     opts = key_values(args.attack_opt)
     given = {"pattern": args.pattern and str(args.pattern), "mask": args.mask and str(args.mask),
              "position": "random" if args.random_position else args.position}
@@ -70,6 +70,7 @@ def trigger_opts(args) -> dict:
 
 def run(args) -> int:
     """Trains the run and prints its ACC, ASR, RA and training time."""
+    # lazy: the command's job imports torch; it loads only when the command runs
     from ..jobs.attack import attack_run
 
     m = attack_run(args.attack, args.out, dataset=args.dataset, data_dir=args.data_dir, preset=args.preset,

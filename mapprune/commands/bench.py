@@ -1,6 +1,7 @@
 """``mapprune bench``: run an attack x defense x seed grid into a folder, resumably and in parallel."""
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -33,11 +34,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     """Runs the grid; SIGTERM exits with status 143 and ^C with 130 (workers stopped), each with one line; 1 when
     cells failed."""
+    # lazy: the grid runner imports torch; it loads only when the command runs
     from ..bench import Terminated, run_bench
 
     if args.data_dir:
-        import os
-
         os.environ["MAPPRUNE_DATA"] = str(args.data_dir)  # worker processes resolve the data the same way
     try:
         r = run_bench(args.grid, args.out, jobs=args.jobs, threads=args.threads, backend=args.backend,

@@ -24,6 +24,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     """Calibrates, prints the calibration as markdown and how to use the file."""
+    # lazy: the command's job imports torch; it loads only when the command runs
     from ..jobs.calibrate import calibrate, markdown
 
     cal = calibrate(args.paths, args.out, fpr=args.fpr, nc=not args.no_nc, mmbd=not args.no_mmbd,

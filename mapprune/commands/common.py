@@ -5,6 +5,8 @@ import argparse
 import json
 import math
 
+from ..errors import MapPruneError
+
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (what was wrong, and where the help is), not the whole usage."""
@@ -59,10 +61,9 @@ def set_threads(args: argparse.Namespace) -> None:
     threads = getattr(args, "threads", None)
     if threads is None:
         return
-    from ..errors import MapPruneError
-
     if threads < 1:
         raise MapPruneError(f"--threads must be >= 1, got {threads}")
+    # lazy: torch loads only when the command runs, after the arguments are checked
     import torch
 
     torch.set_num_threads(threads)
@@ -71,8 +72,6 @@ def set_threads(args: argparse.Namespace) -> None:
 def key_values(pairs: list[str], flag: str = "--attack-opt") -> dict:
     """``KEY=VALUE`` strings -> {KEY: VALUE}, dashes in KEY read as underscores, VALUE parsed as JSON where it is
     JSON (else kept as the string)."""
-    from ..errors import MapPruneError
-
     opts = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")

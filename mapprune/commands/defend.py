@@ -3,6 +3,7 @@
 import argparse
 from pathlib import Path
 
+from ..errors import MapPruneError, unknown_name
 from .common import add_common, finite, key_values, ratio
 from .lines import rejected_line, stimulation_line
 
@@ -20,6 +21,7 @@ SHARED = ("recipe", "epochs", "lr", "batch_size", "distill", "seed")
 
 def _recipes(name: str) -> str:
     """``name``'s value in FMT's two recipes, for the help: "recommended X; paper Y"."""
+    # lazy: mapprune.defenses imports torch: kept out of `import mapprune.cli`, though build_parser loads it for the help
     from ..defenses.fmt.config import PAPER, RECOMMENDED
 
     def show(v):
@@ -30,6 +32,7 @@ def _recipes(name: str) -> str:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    # lazy: these import torch: kept out of `import mapprune.cli`, though build_parser still loads them for the help
     from ..defenses import DEFENSES
 
     f = subparsers.add_parser(NAME, help="repair a run's model with a defense; writes RUN/defense/NAME/")
@@ -94,8 +97,8 @@ def _budget(value: str):
 
 def run(args) -> int:
     """Repairs the model and prints the before/after table, the detection lines, and where it was written."""
+    # lazy: the command's job imports torch; it loads only when the command runs
     from ..defenses import DEFENSES
-    from ..errors import MapPruneError, unknown_name
     from ..jobs.defend import defend_run
     from ..results import format_table
 
@@ -129,6 +132,7 @@ def detection_lines(r: dict) -> list[str]:
     """What a defense's result says about the backdoor, judged by the scan's own lines (jobs/scan.py): the probes'
     suspected class and pull, a class the incoming model rejects, the stimulation test's class and anomaly, and a
     fine-tune that diverged."""
+    # lazy: imports torch; loads only when the command runs (kept out of `import mapprune.cli`)
     from ..jobs.scan import THRESHOLD as PULL_THRESHOLD
 
     lines = []

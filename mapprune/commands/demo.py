@@ -17,6 +17,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     """Runs the demo (it prints its own steps and table)."""
+    # lazy: the command's job imports torch; it loads only when the command runs
     from ..jobs.demo import demo
 
     demo(out=args.out, device=args.device, progress=not args.no_progress)

@@ -4,6 +4,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..errors import MapPruneError
 from .common import add_common, key_values
 
 NAME = "diagnose"
@@ -11,6 +12,7 @@ SEEDS = [0]  # testing seeds unless --seeds says otherwise
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    # lazy: the job imports torch: kept out of `import mapprune.cli`, though build_parser still loads it for the help
     from ..jobs.diagnose import DEFAULT_SETTINGS
 
     defaults = " and ".join(f"{name}:{','.join(f'{k}={v}' for k, v in cfg.items())}"
@@ -38,7 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def settings(specs: list[str]) -> dict | None:
     """'NAME:KEY=VALUE,...' -> {NAME: {KEY: VALUE}}, values parsed as JSON where they are JSON; each setting's keys
     and values checked against what the diagnosis takes. None when no setting was given (the defaults)."""
-    from ..errors import MapPruneError
+    # lazy: imports torch; loads only when the command runs (kept out of `import mapprune.cli`)
     from ..jobs.diagnose import SETTING_KEYS
     from ..probes import OBJECTIVES
 
@@ -63,8 +65,9 @@ def settings(specs: list[str]) -> dict | None:
 
 def run(args) -> int:
     """Diagnoses the run and prints the orderings' table (or their summary as JSON) and the controls."""
-    from ..errors import MapPruneError
+    # lazy: the command's job imports torch; it loads only when the command runs
     from ..jobs.diagnose import diagnose_run
+    from ..results import format_table
 
     chosen = settings(args.setting)
     if args.n_eval < 1 or args.budget < 1:
@@ -78,8 +81,6 @@ def run(args) -> int:
     if args.json:
         print(json.dumps({"ground_truth": rep["ground_truth"], "orderings": rows, "controls": rep.get("controls")}))
         return 0
-    from ..results import format_table
-
     gt = rep["ground_truth"]
     print(f"before: ACC {100 * rep['before']['acc']:.2f}  ASR {100 * rep['before']['asr']:.2f}  "
           f"({rep['n_eval']} test images); {gt['n_causal']} of {rep['n_maps']} maps drop ASR by >= "

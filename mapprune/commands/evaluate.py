@@ -20,6 +20,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     """Evaluates and prints the rates (each trigger's too, and per class if asked), or one JSON object."""
+    # lazy: the command's job imports torch; it loads only when the command runs
     from ..evaluation import evaluate_run
     from ..runs import json_text
 

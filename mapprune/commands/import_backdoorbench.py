@@ -27,6 +27,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     """Imports the result and prints the run's ACC, ASR, RA and its number of poisoned training images."""
+    # lazy: the command's job imports torch; it loads only when the command runs
     from ..jobs.import_backdoorbench import import_backdoorbench
 
     kw = key_values(args.attack_opt)

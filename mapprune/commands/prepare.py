@@ -10,6 +10,7 @@ NAME = "prepare"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    # lazy: these import torch: kept out of `import mapprune.cli`, though build_parser still loads them for the help
     from ..attacks import ATTACKS
     from ..attacks.surrogate import SurrogateAttack
     from ..data import DATASETS
@@ -31,6 +32,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     """Prepares the attack's resources and prints the attack's config as JSON."""
+    # lazy: the command's job imports torch; it loads only when the command runs
     from ..jobs.prepare import prepare_attack
 
     cfg = prepare_attack(args.attack, args.dataset, args.data_dir, model=args.model, width=args.width,

@@ -22,6 +22,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     """Prints the runs' rows: per run and defense, per variant over seeds (--seeds), or attacks x variants
     (--compare); markdown, or JSON with --json."""
+    # lazy: mapprune.results imports torch; it loads only when the command runs
     from ..results import collect_rows, comparison_table, markdown_seed_table, markdown_table, seed_summary
 
     rows = collect_rows(args.runs)

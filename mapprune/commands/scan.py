@@ -3,6 +3,7 @@
 import argparse
 from pathlib import Path
 
+from ..errors import MapPruneError
 from .common import add_common, finite, key_values, ratio
 from .lines import rejected_line, stimulation_line
 
@@ -10,6 +11,7 @@ NAME = "scan"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    # lazy: these import torch: kept out of `import mapprune.cli`, though build_parser still loads them for the help
     from ..jobs.scan import PROBES, THRESHOLD
     from ..models import MODELS
 
@@ -45,7 +47,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     """Scans the model, writes the report, prints the verdict (or the report as JSON); the verdict's exit status."""
-    from ..errors import MapPruneError
+    # lazy: the command's job imports torch; it loads only when the command runs
     from ..jobs.scan import THRESHOLD, exit_status, load_calibration, scan_and_save
     from ..runs import json_text
 
@@ -68,8 +70,8 @@ def run(args) -> int:
 
 def _target(args):
     """(model, dataset, default report folder) for a run folder or a safetensors checkpoint."""
+    # lazy: these import torch; they load only when the command runs
     from ..data import load_dataset
-    from ..errors import MapPruneError
     from ..runs import load_run
 
     if args.model.is_dir():
@@ -81,6 +83,7 @@ def _target(args):
                             "where you trust it")
     if args.arch is None or args.num_classes is None:
         raise MapPruneError("a checkpoint needs --arch and --num-classes")
+    # lazy: these import torch; they load only when the command runs
     from ..checkpoint import load_state_into, load_tensors
     from ..models import create_model
 

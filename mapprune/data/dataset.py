@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..errors import MapPruneError
+
 
 @dataclass
 class ImageDataset:
@@ -59,8 +61,6 @@ class ImageDataset:
 
 def from_numpy(name, x_train, y_train, x_test, y_test, classes=None, **kw) -> ImageDataset:
     """Builds an ImageDataset from NHWC / NCHW / NHW uint8 arrays, checking shapes and labels."""
-    from ..errors import MapPruneError
-
     def images(x, split):
         x = np.asarray(x)
         if x.ndim == 3:

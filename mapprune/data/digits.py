@@ -8,6 +8,7 @@ from .dataset import ImageDataset, from_numpy
 
 def load_digits(test_fraction: float = 0.3, seed: int = 0) -> ImageDataset:
     try:
+        # lazy: scikit-learn takes about a second to import, and only the digits need it here
         from sklearn.datasets import load_digits as sk_load
     except ImportError:
         raise MapPruneError("the embedded digits need scikit-learn: pip install scikit-learn") from None

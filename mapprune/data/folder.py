@@ -2,10 +2,13 @@
 
 import hashlib
 import os
+import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import MapPruneError
 from ..resources import cache_dir
@@ -37,8 +40,6 @@ def _list_split(root: Path, split: str, classes: list[str]):
 
 def decode_images(files: list[Path], size: tuple[int, int] | None = None, mode: str = "RGB") -> np.ndarray:
     """Decodes image files to one uint8 array (N, H, W, C); resizes when ``size`` is given."""
-    from PIL import Image, UnidentifiedImageError
-
     def one(p):
         try:
             with Image.open(p) as im:
@@ -104,9 +105,6 @@ def _cached(key_parts: list[str], build):
 def _read_npz(path: Path) -> dict | None:
     """Every array of a cached npz file, or None where the file is damaged or lacks the decoded images (x_train and
     x_test, which every cached entry holds)."""
-    import zipfile
-    import zlib
-
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}

@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import split_holdout
 from ..device import peak_memory_mb, pick_device
 from ..errors import MapPruneError
 from ..images import as_uint8
-from ..metrics import predict
+from ..metrics import judged_class_accuracy, predict, rejected_classes
 from ..options import keyword_options
 from ..train import TrainConfig, train
 
@@ -103,8 +104,6 @@ def split_clean(x: torch.Tensor, y: torch.Tensor, held_out: float, seed: int) ->
     per class; with ``held_out`` 0 the selection part is empty)."""
     if held_out == 0:
         return CleanData(x, y, torch.arange(len(x)), torch.zeros(0, dtype=torch.long))
-    from ..data import split_holdout
-
     fit, sel = split_holdout(torch.arange(len(y)), y, held_out, seed)
     if len(fit) == 0:
         raise MapPruneError(f"a clean subset of {len(x)} images leaves nothing to fit on after holding out "
@@ -242,7 +241,7 @@ RUNTIME = ("device", "progress")  # how a defense runs, not what it computes: no
 # mapprune/defenses/fmt/config.py (FMTConfig). Read through :func:`finetunes` (config.py imports nothing of
 # mapprune, but mapprune.defenses.fmt imports this module).
 def finetunes() -> dict[str, dict]:
-    from .fmt.config import FINETUNES
+    from .fmt.config import FINETUNES  # lazy: import cycle (mapprune.defenses.fmt imports this module)
 
     return FINETUNES
 
@@ -293,8 +292,6 @@ class FineTuning(Defense):
         ``lr`` otherwise. Trigger-free: only the defender's clean images are used. Recorded in result.json."""
         if not self.relearn_lr:
             return self.lr
-        from ..metrics import judged_class_accuracy, rejected_classes
-
         class_acc = judged_class_accuracy(predict(incoming, x), y.cpu(), int(y.max()) + 1)
         rejected = rejected_classes(class_acc)
         lr = self.relearn_lr if rejected else self.lr

@@ -50,6 +50,7 @@ def _low_outliers_mad(s: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def _low_outliers_elliptic(s: np.ndarray, contamination: float, seed: int) -> np.ndarray:
+    # lazy: scikit-learn takes about a second to import, and only the elliptic selection needs it
     from sklearn.covariance import EllipticEnvelope
 
     if np.ptp(s) == 0 or len(s) < 4:

@@ -12,7 +12,7 @@ from ..attacks import ATTACKS, attack_class, create_attack, load_plugins
 from ..checkpoint import atomic_save, save_model
 from ..data import DATASETS, load_dataset
 from ..device import peak_memory_mb, pick_device
-from ..errors import MapPruneWarning
+from ..errors import MapPruneError, MapPruneWarning, unknown_name
 from ..figures import save_samples
 from ..metrics import evaluate
 from ..migrate import MANIFEST_VERSION
@@ -49,8 +49,6 @@ def _check_resumable(writer: RunWriter, overwrite: bool, settings: dict) -> None
     The training checkpoint only records the training settings, so without this check an interrupted BadNets
     run would silently be continued as, say, a Blended run with another target.
     """
-    from ..errors import MapPruneError
-
     settings = json.loads(json.dumps(settings))
     path = writer.path(SETTINGS)
     ckpt = writer.path("train_checkpoint.safetensors")
@@ -107,8 +105,6 @@ def attack_run(
     ``preset`` fills model, width and training settings; explicit arguments (not None) override it.
     ``eval_every`` sets how often the history records test metrics (the last epoch always does).
     """
-    from ..errors import MapPruneError, unknown_name
-
     if preset is not None and preset not in PRESETS:
         raise unknown_name("preset", preset, PRESETS)
     p = dict(PRESETS.get(preset or "paper"))

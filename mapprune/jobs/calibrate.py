@@ -9,12 +9,16 @@ Scans are written into each run's ``scan/`` folder and reused when their setting
 
 import json
 import time
+import warnings
 from pathlib import Path
 
+from ..data import clean_subset
 from ..detect.calibrate import Model, evaluate, signals
+from ..detect.mmbd import mmbd
+from ..device import pick_device
 from ..errors import MapPruneError, MapPruneWarning
 from ..runs import acquire_folder_lock, load_run, read_manifest, write_json
-from .scan import scan_and_save
+from .scan import neural_cleanse, scan_and_save
 
 MIN_ASR = 0.5
 FAMILIES = {"random-patch": "patch", "patch": "patch", "badnets": "patch", "blended": "blend", "wanet": "warp",
@@ -80,10 +84,6 @@ def _baseline(run: Path, name: str, report: dict | None) -> dict | None:
 
 def _compute(run: Path, stage: str, data_dir, device, progress) -> dict:
     """Runs one stage on ``run``: ``"scan"`` (FMT's signals, scan.json) or a baseline (its own file)."""
-    from ..data import clean_subset
-    from ..detect.mmbd import mmbd
-    from ..device import pick_device
-    from .scan import neural_cleanse
 
     r = load_run(run, data_dir)
     if stage == "scan":
@@ -158,8 +158,6 @@ def calibrate(paths, out: Path, *, fpr: float = 0.05, nc: bool = True, mmbd: boo
         report = {**report, **{REPORT_KEYS[b]: _baseline(run, b, report) for b in BASELINES}}
         models.append(Model(run.name, truth["poisoned"], truth["family"], truth["architecture"], signals(report)))
     if skipped:
-        import warnings
-
         why = "another calibrate is scanning them" if busy else "--no-scan"
         warnings.warn(f"{len(skipped)} runs have no scan yet and were left out ({why}): "
                       f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", MapPruneWarning, stacklevel=2)

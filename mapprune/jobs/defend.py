@@ -16,6 +16,7 @@ from ..data import clean_subset
 from ..defenses import create_defense, defense_class
 from ..device import pick_device
 from ..errors import MapPruneError
+from ..figures import save_defense_figures
 from ..metrics import der, evaluate
 from ..migrate import RESULT_VERSION, NewerFormat
 from ..runs import RunWriter, load_run, read_result, versions, write_json
@@ -26,8 +27,6 @@ DEFAULT_CLEAN_RATIO = {"gtsrb": 0.05}
 
 def variant_name(defense: str, kw: dict) -> str:
     """Folder name of a defense variant (see :meth:`Defense.variant_name`)."""
-    from ..defenses import defense_class
-
     return defense_class(defense).variant_name(kw)
 
 
@@ -45,8 +44,6 @@ def find_result(source, defense: str, params: dict, ratio: float, seed: int) -> 
     reads in the current format (:func:`mapprune.migrate.upgrade_result` gives an older result the options added
     since with the values it was made with); options that only change what is reported (``Defense.report_only``)
     are not compared. A damaged result.json is passed over; one written by a newer mapprune is an error."""
-    from ..defenses import defense_class
-
     report_only = defense_class(defense).report_only
     params = {k: v for k, v in params.items() if k not in report_only}
     for res in sorted(Path(source, "defense").glob("*/result.json")):
@@ -173,8 +170,6 @@ def defend_run(run, defense: str, *, clean_ratio: float | None = None, name: str
             save_model(result.model.cpu(), writer.path("model.safetensors"), {"defense": name})
         if result.tensors:
             atomic_save(result.tensors, writer.path("tensors.safetensors"), {"defense": name})
-        from ..figures import save_defense_figures
-
         save_defense_figures(writer.partial, r.manifest, report, result, d.split(x, y), d)
         write_json(writer.path("result.json"), report)
         writer.finish()

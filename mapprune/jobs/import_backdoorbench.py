@@ -22,12 +22,31 @@ are in the ``state_dict.pt`` its wanet.py writes beside it every ``frequency_sav
 configuration), or in the checkpoint of BackdoorBench's first release (``<dataset>_<mode>_morph.pth.tar``).
 """
 
+import pickle
 import time
+import warnings
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from ..attacks import attack_class, create_attack
+from ..attacks.wanet import WaNet
+from ..checkpoint import load_state_into
+from ..data import load_dataset
+from ..device import pick_device
 from ..errors import MapPruneError
+from ..metrics import evaluate
+from ..models import create_model
+from ..options import check_options
+from ..runs import RunWriter, versions, write_json
+from .attack import save_run_files
+
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # NumPy 1.x
+    from numpy.core.multiarray import _reconstruct
 
 # BackdoorBench's input normalisation per dataset (its models take normalised tensors; mapprune's take pixels and
 # normalise inside, so the imported model gets these in its wrapper).
@@ -71,14 +90,6 @@ DAMAGED_PICKLE = ("Unsupported operand", "String is too long", "persistent id")
 def _allowed_globals() -> list:
     """What the restricted unpickler accepts besides tensors and containers: NumPy arrays of numbers and booleans
     (the poison indicators), never object arrays."""
-    import numpy as np
-
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # NumPy 1.x
-        from numpy.core.multiarray import _reconstruct
-    from collections import Counter
-
     allowed = [_reconstruct, np.ndarray, np.dtype, Counter]  # Counter: MultiStepLR's milestones in state_dict.pt
     dtypes = getattr(np, "dtypes", None)
     if dtypes is not None:
@@ -99,9 +110,6 @@ def _restricted_load(path: Path):
     A file naming a class or function to load is refused; a truncated, damaged or foreign file (the unpickler's
     and the zip reader's errors: EOFError, KeyError, struct.error, an unsupported pickle operand, ...) is one error
     saying so."""
-    import pickle
-    import warnings
-
     try:
         with torch.serialization.safe_globals(_allowed_globals()), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a file it fails on is an error
@@ -224,9 +232,6 @@ def backdoorbench_model(data: dict, dataset: str, path="attack_result.pt"):
     ``dataset`` inside) and the model spec the run's manifest keeps. A model name without a mapprune
     architecture, or weights that do not fit it exactly (a missing, unexpected or misshapen tensor), is an error
     naming it."""
-    from ..checkpoint import load_state_into
-    from ..models import create_model
-
     name = str(data["model_name"])
     arch = _architecture(name)
     state = data["model"]
@@ -256,14 +261,6 @@ def import_backdoorbench(path, out, *, attack: str, attack_kw: dict | None = Non
     """Writes a mapprune run folder at ``out`` from BackdoorBench's attack result at ``path``; returns the
     manifest. ``attack`` is BackdoorBench's attack (badnet, blended, sig, wanet), ``attack_kw`` its settings (for
     wanet also ``grids``: the file holding its grids, see ``wanet_grids``)."""
-    from ..attacks import attack_class, create_attack
-    from ..data import load_dataset
-    from ..device import pick_device
-    from ..metrics import evaluate
-    from ..options import check_options
-    from ..runs import RunWriter, versions, write_json
-    from .attack import save_run_files
-
     name = ATTACK_NAMES.get(attack.lower())
     if name is None:
         raise MapPruneError(f"the {attack} trigger cannot be rebuilt from BackdoorBench's files (its test-time "
@@ -295,8 +292,6 @@ def import_backdoorbench(path, out, *, attack: str, attack_kw: dict | None = Non
     if grids is None:
         atk = create_attack(name, ds.image_shape, ds.num_classes, target=target, **kw)
     else:
-        from ..attacks.wanet import WaNet
-
         field = _wanet_grid(grids, "noise_grid", grids_file, ds.image_shape)
         identity = _wanet_grid(grids, "identity_grid", grids_file, ds.image_shape)
         atk = WaNet.from_grids(ds.image_shape, ds.num_classes, field, identity, target=target, **kw)

@@ -1,6 +1,10 @@
 """The ``mapprune prepare`` job: build and cache an attack's resources ahead of the attack run."""
 
-from ..errors import MapPruneError
+from ..attacks import ATTACKS, create_attack, load_plugins
+from ..attacks.surrogate import SurrogateAttack
+from ..data import load_dataset
+from ..device import pick_device
+from ..errors import MapPruneError, unknown_name
 
 
 def prepare_attack(attack: str, dataset: str = "cifar10", data_dir=None, *, model: str | None = None,
@@ -14,12 +18,6 @@ def prepare_attack(attack: str, dataset: str = "cifar10", data_dir=None, *, mode
     ``target``, ``poison_ratio`` and ``seed`` choose the poisoned images; they must match what the attack run will
     use (the defaults do), or the run builds its own.
     """
-    from ..attacks import ATTACKS, create_attack, load_plugins
-    from ..attacks.surrogate import SurrogateAttack
-    from ..data import load_dataset
-    from ..device import pick_device
-    from ..errors import unknown_name
-
     load_plugins()
 
     if attack not in ATTACKS:

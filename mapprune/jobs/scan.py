@@ -44,11 +44,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data import clean_subset
+from ..defenses import FMT, create_defense
+from ..detect.calibrate import Rule, signals
 from ..detect.mmbd import mmbd as run_mmbd
+from ..device import pick_device
 from ..errors import MapPruneError
+from ..figures import pyplot
 from ..images import as_uint8
-from ..metrics import rejected_classes
+from ..metrics import judged_class_accuracy, predict, rejected_classes
 from ..probes import ANOMALY_THRESHOLD, class_pull, estimate_target
+from ..runs import write_json
 
 THRESHOLD = 0.5
 PROBES = ("patch", "warp", "smooth")  # the recommended recipe's probes, tested in one shared pass
@@ -123,9 +129,6 @@ def scan(model: nn.Module, images, labels, *, threshold: float = THRESHOLD, n_ma
     the stimulation test (``stimulate``: its level, 0 to skip it; see the module's docstring) makes the verdict
     "backdoored" too. A degenerate model raises :class:`CannotJudge` before any probe runs. ``nc`` and ``mmbd``
     add Neural Cleanse's and MM-BD's detections beside the verdict (they do not change it)."""
-    from ..defenses import FMT, create_defense
-    from ..device import pick_device
-    from ..metrics import judged_class_accuracy, predict
 
     if not 0 < threshold < 1 or n_maps < 1:
         raise MapPruneError(f"threshold is a pull in (0, 1) and n_maps >= 1, got {threshold} and {n_maps}")
@@ -185,8 +188,6 @@ def scan(model: nn.Module, images, labels, *, threshold: float = THRESHOLD, n_ma
 def neural_cleanse(model: nn.Module, x: torch.Tensor, y: torch.Tensor, defense=None, device=None) -> dict:
     """Neural Cleanse's detection (its anomaly index over the K reversed triggers' mask norms) with the scan's clean
     images; ``defense``: an NC defense with its options (the defaults otherwise)."""
-    from ..defenses import create_defense
-    from ..device import pick_device
 
     dev = pick_device(device)
     defense = defense or create_defense("nc", seed=0, device=device)
@@ -197,7 +198,6 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, y: torch.Tensor, defense=N
 def save_scan_figure(path, result: ScanResult) -> None:
     """Per-class pull of FMT's probe (the suspected target in red), with the stimulation test its per-class pull,
     and with NC its mask norm per class."""
-    from ..figures import pyplot
 
     plt = pyplot()
     panels = 1 + bool(result.stimulation) + bool(result.nc)
@@ -236,7 +236,6 @@ def save_scan_figure(path, result: ScanResult) -> None:
 
 def load_calibration(path) -> dict:
     """A calibration file written by ``mapprune calibrate`` (its rule checked here, before any work)."""
-    from ..detect.calibrate import Rule
 
     path = Path(path)
     try:
@@ -256,7 +255,6 @@ def load_calibration(path) -> dict:
 def calibrated_verdict(report: dict, calibration: dict) -> dict:
     """The calibrated rule applied to a scan report's signals: {"verdict", "score", "threshold", "uncertain_from",
     "expected" (the error rates measured when the calibration was made), "file"}."""
-    from ..detect.calibrate import signals
 
     rule = calibration["_rule"]
     values = signals(report)
@@ -272,8 +270,6 @@ def scan_and_save(model: nn.Module, ds, out: Path, *, name: str, clean_ratio: fl
     returns the report. A model that cannot be judged gets the verdict "cannot judge" (no exception); with a
     ``calibration``, the calibrated rule's verdict ("backdoored", "uncertain", "no backdoor found") is the
     report's verdict, its error rates beside it."""
-    from ..data import clean_subset
-    from ..runs import write_json
 
     idx = clean_subset(ds.y_train, clean_ratio, seed)
     head = {"model": name, "dataset": ds.name, "clean_images": len(idx), "clean_ratio": clean_ratio, "seed": seed}

@@ -5,6 +5,7 @@ Every model returned by :func:`create_model` is wrapped in :class:`Normalized`, 
 
 from functools import partial
 
+from ..errors import MapPruneError
 from ..registry import Registry
 from .conv_guard import guard_strided_pointwise_convs
 from .preactresnet import PreActResNet18
@@ -56,8 +57,6 @@ def create_model(
     kw = {"num_classes": num_classes, "in_channels": in_channels}
     if width is not None:
         if width < 1:
-            from ..errors import MapPruneError
-
             raise MapPruneError(f"--width must be a positive integer, got {width}")
         kw["width"] = width
     # Built through the guard: a few tiny strided 1x1 convolutions crash PyTorch's CPU kernel (conv_guard.py).

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..errors import MapPruneError
 from ..images import as_unit
@@ -138,8 +139,6 @@ def probe_maps(
     bar = None
     per_probe = 1 if implementation == "fast" else len(probes)
     if progress is True:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=per_probe * sum(min(num_maps(m), max_maps) for m in all_layers.values()),
                    desc="testing feature maps", unit="map", leave=False, dynamic_ncols=True)
         tick = bar.update

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..errors import MapPruneError
 from ..images import as_unit
@@ -145,8 +146,6 @@ def _stimulate(model, images, labels, level, batch_images, layers, progress) -> 
     per_batch = max(1, batch_images // n)
     tick, bar = progress if callable(progress) else None, None
     if progress is True:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=sum(num_maps(m) for m in found.values()), desc="stimulating feature maps", unit="map",
                    leave=False, dynamic_ncols=True)
         tick = bar.update

@@ -12,12 +12,14 @@ from torch import nn
 
 from ...data import clean_subset
 from ...defenses.base import pick_images
+from ...defenses.ft import FineTune
 from ...defenses.pruning import prune
 from ...defenses.selection import select_rank
+from ...device import pick_device
 from ...errors import MapPruneError, MapPruneWarning
 from ...metrics import evaluate
 from ...probes import conv_layers, estimate_target, layer_z, probe_feature_maps, suspicion
-from ...runs import load_run, read_result, write_json
+from ...runs import load_model_file, load_run, read_result, write_json
 from .figures import save_diagnose_figures
 from .orderings import as_pruned, ordering, pruning_curve, scorer_metrics, spearman
 from .truth import evaluation_images, flat_index, flatten, ground_truth, rates
@@ -143,8 +145,6 @@ def finetune_controls(model, r, index, orders: dict[str, list[int]], budget: int
                       progress: bool) -> dict:
     """Prune the first ``budget`` maps of each ordering, then the defenses' fine-tune with the mask on (FT's
     settings, the same clean subset); ACC / ASR / RA on the full test sets. Also plain FT for reference."""
-    from ...defenses.ft import FineTune
-
     ft = FineTune(seed=seed, hflip=r.dataset.hflip, progress=progress)
     idx = clean_subset(r.dataset.y_train, clean_ratio, seed)
     x, y = r.dataset.x_train[idx], r.dataset.y_train[idx]
@@ -166,9 +166,6 @@ def diagnose_run(run, *, defense: str | None = None, data_dir=None, device=None,
     Also scores every FMT result already in the run (``defense/*/result.json`` with per-map scores) as a
     further ordering, so past defenses are judged without being re-run.
     """
-    from ...device import pick_device
-    from ...runs import load_model_file
-
     run = Path(run)
     r = load_run(run, data_dir)
     model = r.model

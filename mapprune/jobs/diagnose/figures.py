@@ -2,11 +2,11 @@
 
 from pathlib import Path
 
+from ...figures import pyplot
+
 
 def save_diagnose_figures(folder: Path, report: dict, flat: dict) -> None:
     """curves.png: ASR(k) and ACC(k) per ordering; scores_vs_truth.png: each scorer against the causal effect."""
-    from ...figures import pyplot
-
     plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     for key, res in report["orderings"].items():

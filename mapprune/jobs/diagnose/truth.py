@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ...checkpoint import atomic_save, load_tensors
 from ...defenses.pruning import PruneMask
@@ -91,8 +92,6 @@ def causal_effect(model: nn.Module, xc, yc, xt, yt, progress: bool = False) -> d
     layers = conv_layers(model)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=sum(m.out_channels for m in layers.values()), desc="ablating maps", unit="map", leave=False)
     out = {}
     for name, conv in layers.items():
