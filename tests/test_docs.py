@@ -390,3 +390,13 @@ def test_no_file_speaks_of_the_development_history():
                     hits.append(f"{_rel(path)}:{i}: {m.group(0)!r} in: {line.strip()[:140]}")
                     break
     assert not hits, f"{len(hits)} lines name the development history:\n" + "\n".join(hits)
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/results.md"])
+def test_the_pages_generated_tables_are_well_formed_regions(page):
+    """The tables README and the results page take from bench folders sit in regions the table script reads
+    (without the bench folders, each region is reported as not checked, and nothing fails)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "results_tables.py"
+    r = subprocess.run([sys.executable, str(script), "--doc", page, "--check"], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0 and "not checked" in r.stdout, r.stdout + r.stderr
