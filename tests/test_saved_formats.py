@@ -256,3 +256,24 @@ PINNED = {
 @pytest.mark.parametrize(("name", "recipe"), list(PINNED))
 def test_resolved_parameters_are_pinned(name, recipe):
     assert format1_params(name, defense_class(name).defaults(recipe), defaults=True) == PINNED[(name, recipe)]
+
+
+BENCH_FIXTURE = Path(__file__).parent / "fixtures" / "bench-digits-tiny-v0"
+
+
+def test_a_bench_folder_of_version_0_files_is_read_to_the_same_table(tmp_path):
+    """A digits-tiny bench folder written with version-0 manifests and results (its JSON, grid, results.csv and
+    table.md checked in; no weights) is recognised cell by cell by today's grid (the cell keys did not move), and
+    today's results pipeline writes the same table.md from it."""
+    from mapprune.bench import load_grid, plan, write_results
+
+    out = tmp_path / "bench"
+    shutil.copytree(BENCH_FIXTURE, out)
+    for manifest in (out / "runs").glob("*/manifest.json"):
+        (manifest.parent / "model.safetensors").touch()  # weights are never committed; only their presence counts
+    grid = load_grid(Path(__file__).resolve().parents[1] / "benchmarks" / "grids" / "digits-tiny.toml")
+    cells = plan(grid, out)
+    assert len(cells) == 14 and all(c.done() for c in cells), [c.label for c in cells if not c.done()]
+    (out / "table.md").unlink()
+    write_results(cells, grid, out)
+    assert (out / "table.md").read_text() == (BENCH_FIXTURE / "table.md").read_text()
