@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from mapprune.detect.scan import CannotJudge, check_judgeable, scan
 from mapprune.errors import MapPruneError
-from mapprune.jobs.scan import EXIT_CANNOT_JUDGE, CannotJudge, check_judgeable, scan
+from mapprune.jobs.scan import EXIT_CANNOT_JUDGE
 from mapprune.runs import json_text, load_run, write_json
 
 

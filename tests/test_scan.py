@@ -54,7 +54,7 @@ def test_a_class_the_model_never_predicts_is_flagged(digits_clean):
     """A clean-label attack that poisoned its whole target class leaves a model that never predicts that class
     without the trigger: no probe pulls there, but the scan flags the class from its clean accuracy alone."""
     from mapprune.data import clean_subset
-    from mapprune.jobs.scan import rejected_classes, scan
+    from mapprune.detect.scan import rejected_classes, scan
     from mapprune.runs import load_run
 
     run = load_run(digits_clean)
@@ -71,7 +71,7 @@ def test_a_class_the_model_never_predicts_is_flagged(digits_clean):
 
 def test_scan_api_with_neural_cleanse_on_any_module(digits_backdoor):
     from mapprune.data import clean_subset
-    from mapprune.jobs.scan import scan
+    from mapprune.detect.scan import scan
 
     _, run = digits_backdoor
     idx = clean_subset(run.dataset.y_train, 0.3, 0)
@@ -129,7 +129,7 @@ def test_the_shared_fine_tune_relearns_a_rejected_class_at_relearn_lr(digits_cle
 def test_the_stimulation_test_is_a_third_sign(digits_clean, monkeypatch):
     """The scan reports the stimulation test; its anomaly over the threshold alone makes the verdict "backdoored"
     and names its class (shown with the threshold lowered under a clean model's anomaly); level 0 skips it."""
-    import mapprune.jobs.scan as scan_job
+    import mapprune.detect.scan as scan_job
     from mapprune.data import clean_subset
     from mapprune.runs import load_run
 

@@ -133,7 +133,7 @@ def detection_lines(r: dict) -> list[str]:
     suspected class and pull, a class the incoming model rejects, the stimulation test's class and anomaly, and a
     fine-tune that diverged."""
     # lazy: imports torch; loads only when the command runs (kept out of `import mapprune.cli`)
-    from ..jobs.scan import THRESHOLD as PULL_THRESHOLD
+    from ..detect.scan import THRESHOLD as PULL_THRESHOLD
 
     lines = []
     if "suspected_target" in r:

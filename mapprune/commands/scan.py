@@ -12,7 +12,7 @@ NAME = "scan"
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     # lazy: these import torch: kept out of `import mapprune.cli`, though build_parser still loads them for the help
-    from ..jobs.scan import PROBES, THRESHOLD
+    from ..detect.scan import PROBES, THRESHOLD
     from ..models import MODELS
 
     sc = subparsers.add_parser(NAME, help="is this model backdoored? exit status 3 if the verdict is yes, 0 if not, "
@@ -48,7 +48,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     """Scans the model, writes the report, prints the verdict (or the report as JSON); the verdict's exit status."""
     # lazy: the command's job imports torch; it loads only when the command runs
-    from ..jobs.scan import THRESHOLD, exit_status, load_calibration, scan_and_save
+    from ..detect.scan import THRESHOLD
+    from ..jobs.scan import exit_status, load_calibration, scan_and_save
     from ..runs import json_text
 
     nc_options = key_values(args.nc_opt, "--nc-opt")

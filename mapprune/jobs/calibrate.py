@@ -15,10 +15,11 @@ from pathlib import Path
 from ..data import clean_subset
 from ..detect.calibrate import Model, evaluate, signals
 from ..detect.mmbd import mmbd
+from ..detect.scan import neural_cleanse
 from ..device import pick_device
 from ..errors import MapPruneError, MapPruneWarning
 from ..runs import acquire_folder_lock, load_run, read_manifest, write_json
-from .scan import neural_cleanse, scan_and_save
+from .scan import scan_and_save
 
 MIN_ASR = 0.5
 FAMILIES = {"random-patch": "patch", "patch": "patch", "badnets": "patch", "blended": "blend", "wanet": "warp",

@@ -163,11 +163,11 @@ class FMT(FineTuning):
         return FMTConfig(**{f: getattr(self, f) for f in FMTConfig.__dataclass_fields__})
 
     @property
-    def unlearn_warp(self) -> float:  # the warp probe's size under its name in mapprune.jobs.scan
+    def unlearn_warp(self) -> float:  # the warp probe's size under its name in mapprune.detect.scan
         return self.warp_px
 
     @property
-    def unlearn_smooth(self) -> float:  # the smooth probe's size under its name in mapprune.jobs.scan
+    def unlearn_smooth(self) -> float:  # the smooth probe's size under its name in mapprune.detect.scan
         return self.smooth_linf
 
     @classmethod
