@@ -15,6 +15,7 @@ from .commands import (
     evaluate,
     import_backdoorbench,
     prepare,
+    relapse,
     report,
     scan,
 )
@@ -22,7 +23,8 @@ from .commands.common import Parser, set_threads
 from .errors import MapPruneError, MapPruneWarning
 
 # Every command, in the order `mapprune --help` lists them.
-COMMANDS = (attack, scan, calibrate, import_backdoorbench, evaluate, defend, report, bench, diagnose, demo, prepare)
+COMMANDS = (attack, scan, calibrate, import_backdoorbench, evaluate, defend, relapse, report, bench, diagnose, demo,
+            prepare)
 
 
 def build_parser() -> Parser:

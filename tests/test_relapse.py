@@ -1,0 +1,68 @@
+"""`mapprune relapse`: the retuning attack (a few poisoned images, a short fine-tune) on a model, beside a clean
+control retuned the same way; settings and bad inputs refused in one line before any work."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mapprune.errors import MapPruneError
+from mapprune.jobs.relapse import Retuning, relapse, retuning_set
+from mapprune.runs import load_run
+
+
+@pytest.fixture(scope="module")
+def digits_control(tmp_path_factory):
+    """A clean small CNN on the digits: the control every retuning is compared with."""
+    from mapprune.jobs.attack import attack_run
+
+    out = tmp_path_factory.mktemp("digits") / "clean"
+    attack_run("badnets", out, dataset="digits", preset="demo", progress=False, poison_ratio=0.0)
+    return out
+
+
+def test_the_retuning_set_holds_exactly_the_poisoned_images_asked_for(digits_backdoor):
+    run = load_run(digits_backdoor[0])
+    x, y, poisoned = retuning_set(run, Retuning(images=300, poisoned=5), seed=3)
+    assert x.shape[0] == y.shape[0] == 300 and poisoned.tolist() == [0, 1, 2, 3, 4]
+    assert (y[:5] == run.attack.target).all()
+    # the poisoned images carry the trigger: triggering them again changes nothing
+    assert torch.equal(run.attack.apply(x[:5]), x[:5])
+    again, _, _ = retuning_set(run, Retuning(images=300, poisoned=5), seed=3)
+    assert torch.equal(again, x)  # seeded
+
+
+def test_a_backdoor_still_in_the_model_survives_retuning_and_the_clean_control_does_not_learn_it(
+        digits_backdoor, digits_control, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(digits_backdoor[0], run)
+    report = relapse(run, control=digits_control, settings=Retuning(images=300, poisoned=5), seeds=(0, 1))
+    undefended, control = report["models"]["undefended"], report["models"]["control"]
+    assert undefended["before"]["asr"] > 0.9 and control["before"]["asr"] < 0.05
+    assert undefended["asr_after_mean"] > 0.3  # the backdoor is still there after retuning
+    assert control["asr_after_mean"] < 0.05  # five poisoned images do not plant it in a clean model
+    assert json.loads((run / "relapse.json").read_text())["models"]["control"]["after"] == control["after"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--poisoned", "400", "--images", "300"], "--poisoned is how many of the 300 retuning images carry the trigger"),
+    (["--images", "0"], "--images is the retuning set's size"),
+    (["--epochs", "0"], "--epochs and --batch-size are at least 1"),
+    (["--lr", "0"], "--lr is a positive learning rate"),
+    (["--seeds", "1,1"], "--seeds are distinct seeds"),
+    (["--images", "100000"], "--images is the retuning set's size, 1 to the training set's"),
+    (["--defense", "nothing"], "does not exist; run `mapprune defend nothing"),
+])
+def test_bad_settings_are_one_line_before_any_work(digits_backdoor, args, message):
+    r = subprocess.run([sys.executable, "-m", "mapprune", "relapse", str(digits_backdoor[0]), *args, "--no-progress"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (digits_backdoor[0] / "relapse.json").exists()
+
+
+def test_a_backdoored_control_is_refused(digits_backdoor):
+    with pytest.raises(MapPruneError, match="is a backdoored run"):
+        relapse(digits_backdoor[0], control=digits_backdoor[0], settings=Retuning(images=100))
