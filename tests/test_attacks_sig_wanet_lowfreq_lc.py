@@ -79,11 +79,9 @@ def test_resource_cache_bad_input(tmp_path, monkeypatch):
 
 def test_clean_model_cached_by_everything_it_depends_on(tmp_path, monkeypatch, digits):
     monkeypatch.setenv("MAPPRUNE_CACHE", str(tmp_path))
-    import mapprune.train
-
     calls = []
-    real = mapprune.train.train
-    monkeypatch.setattr(mapprune.train, "train", lambda *a, **k: calls.append(k) or real(*a, **k))
+    real = clean_model.train  # the training loop as clean_model calls it
+    monkeypatch.setattr(clean_model, "train", lambda *a, **k: calls.append(k) or real(*a, **k))
     kw = dict(model="smallcnn", width=8, epochs=1, progress=False)
     a = clean_model.clean_model(digits, **kw)
     b = clean_model.clean_model(digits, **kw)
