@@ -14,6 +14,7 @@ from mapprune.detect.mmbd import mmbd
 from mapprune.errors import MapPruneError
 from mapprune.jobs.calibrate import calibrate, scan_settings
 from mapprune.jobs.scan import EXIT_BACKDOORED, EXIT_UNCERTAIN, calibrated_verdict, load_calibration, scan_and_save
+from mapprune.runs import load_run
 
 CLEAN = {"patch_pull": 0.3, "warp_pull": 0.2, "smooth_pull": 0.05, "stimulation_anomaly": 2.0, "rejection": 0.1}
 # Each family shows in one signal only, as a patch shows in the patch probe and a blend in the stimulation test.
@@ -213,3 +214,26 @@ def test_a_baseline_stage_runs_on_a_run_folder_with_the_default_device(digits_ba
     found = _compute(run, "mmbd", None, "auto", False)
     assert json.loads((run / "scan" / BASELINES["mmbd"]).read_text()) == found == _baseline(run, "mmbd", None)
     assert found["score"] >= 0 and 0 <= found["target"] < 10
+
+
+def test_a_model_of_a_kind_the_population_lacks_is_told_its_error_rates_were_not_measured(digits_backdoor, tmp_path):
+    """A calibration records the kinds of model it holds (dataset, architecture, width); a model of another kind
+    gets the rule's verdict with a caution, one of a held kind none."""
+    from mapprune.commands.scan import scan_lines
+    from mapprune.jobs.calibrate import model_kind
+
+    run, _ = digits_backdoor
+    path = _calibration_around(0.5, tmp_path, below=0.1, above=0.1)
+    cal = json.loads(path.read_text())
+    kind = model_kind(json.loads((run / "manifest.json").read_text()))
+    cal["population"] = {"kinds": [{**kind, "width": 999}]}
+    path.write_text(json.dumps(cal))
+    report = {"probes": {"patch": {"pull": 0.5, "anomaly_index": 1.0}}}
+    outside = calibrated_verdict(report, load_calibration(path), kind)["outside"]
+    assert f"{kind['architecture']} width {kind['width']} on digits" in outside and "width 999" in outside
+    cal["population"] = {"kinds": [kind]}
+    path.write_text(json.dumps(cal))
+    assert calibrated_verdict(report, load_calibration(path), kind)["outside"] is None
+    scanned = scan_and_save(load_run(run).model, load_run(run).dataset, tmp_path / "scan", name="m", nc=False,
+                            stimulate=0, calibration=load_calibration(path), kind={**kind, "width": 1})
+    assert any(line.startswith("  caution: this model (") for line in scan_lines(scanned, tmp_path / "scan"))

@@ -5,6 +5,7 @@ through the ``mapprune.attacks`` entry-point group), and its runs then reload by
 """
 
 from ..registry import Registry
+from .adap import AdapBlend, AdapPatch
 from .adaptive import DistributedAttack, FMTEvasiveAttack
 from .badnets import BadNets
 from .base import Attack
@@ -17,13 +18,14 @@ from .patch import PatchAttack
 from .random_patch import RandomPatch
 from .sig import SIG
 from .ssba import SSBA
+from .tact import TaCT
 from .wanet import WaNet
 
 ATTACKS = Registry("attack", "mapprune.attacks", base=Attack, decorator="register_attack")
 register_attack = ATTACKS.register  # class decorator: adds an Attack subclass under its ``name``
 
 for _cls in (BadNets, Blended, WaNet, LowFrequency, SSBA, InputAware, SIG, LabelConsistent, PatchAttack, RandomPatch,
-             MultiAttack, DistributedAttack, FMTEvasiveAttack):
+             MultiAttack, DistributedAttack, FMTEvasiveAttack, TaCT, AdapBlend, AdapPatch):
     register_attack(_cls)
 del _cls
 

@@ -56,12 +56,12 @@ def run(args) -> int:
     if nc_options and args.no_nc:
         raise MapPruneError("--nc-opt with --no-nc: Neural Cleanse is not run")
     calibration = load_calibration(args.calibration) if args.calibration else None
-    model, ds, default_out = _target(args)
+    model, ds, default_out, kind = _target(args)
     out = args.out or default_out
     report = scan_and_save(model, ds, out, name=str(args.model), clean_ratio=args.clean_ratio, seed=args.seed,
                            calibration=calibration, threshold=args.threshold or THRESHOLD, nc=not args.no_nc,
                            nc_options=nc_options, probes=tuple(args.probes), stimulate=args.stimulate,
-                           device=args.device, progress=not args.no_progress, mmbd=not args.no_mmbd)
+                           device=args.device, progress=not args.no_progress, mmbd=not args.no_mmbd, kind=kind)
     if args.json:
         print(json_text(report, indent=1))
     else:
@@ -70,14 +70,16 @@ def run(args) -> int:
 
 
 def _target(args):
-    """(model, dataset, default report folder) for a run folder or a safetensors checkpoint."""
+    """(model, dataset, default report folder, the model's kind: dataset, architecture, width) for a run folder
+    or a safetensors checkpoint."""
     # lazy: these import torch; they load only when the command runs
     from ..data import load_dataset
+    from ..jobs.calibrate import model_kind
     from ..runs import load_run
 
     if args.model.is_dir():
         run = load_run(args.model, args.data_dir)
-        return run.model, run.dataset, args.model / "scan"
+        return run.model, run.dataset, args.model / "scan", model_kind(run.manifest)
     if args.model.suffix != ".safetensors":
         raise MapPruneError(f"{args.model}: give a run folder or a .safetensors checkpoint; mapprune never unpickles "
                             "checkpoints (.pt/.pth can run code when loaded): convert it with safetensors' save_file "
@@ -95,7 +97,8 @@ def _target(args):
     wrapped = any(k.startswith("net.") for k in tensors)  # mapprune's own (normalisation inside) or a bare network
     load_state_into(model if wrapped else model.net, tensors, args.model,
                     what=f"{args.arch} with {args.num_classes} classes")
-    return model.eval(), ds, args.model.parent / f"scan-{args.model.stem}"
+    kind = {"dataset": ds.name, "architecture": args.arch, "width": args.width if args.width is not None else "default"}
+    return model.eval(), ds, args.model.parent / f"scan-{args.model.stem}", kind
 
 
 def scan_lines(report: dict, out: Path) -> list[str]:
@@ -111,6 +114,8 @@ def scan_lines(report: dict, out: Path) -> list[str]:
             lines.append(f"  calibrated to: {rate_text(exp.get('fpr'))} false positives on clean models, "
                          f"{rate_text(exp.get('tpr'))} of backdoored models found (held out by trigger family; "
                          f"{cal['file']})")
+        if cal.get("outside"):
+            lines.append(f"  caution: {cal['outside']}")
     else:
         lines = [f"{report['model']}: {report['verdict']} (FMT {report['probe']} probe pull {report['score']:.2f}, "
                  f"threshold {report['threshold']:g}; suspected target class {report['suspected_target']}, anomaly "

@@ -45,7 +45,18 @@ def ground_truth(manifest: dict) -> dict:
     asr = float(manifest.get("metrics", {}).get("asr", 0.0))
     return {"poisoned": poisoned, "implanted": poisoned and asr >= MIN_ASR, "asr": asr,
             "family": FAMILIES.get(attack.get("name"), attack.get("name")) if poisoned else "clean",
-            "architecture": manifest.get("model", {}).get("name"), "target": attack.get("target")}
+            "architecture": manifest.get("model", {}).get("name"), "target": attack.get("target"),
+            "kind": model_kind(manifest)}
+
+
+def model_kind(manifest: dict) -> dict:
+    """What a calibration's error rates are tied to: the dataset, the architecture and its width. A model of
+    another kind is judged by the same rule, but its error rates were not measured (a clean CIFAR-10
+    PreActResNet18 of width 16 scores above a threshold set on width-8 models: the single maps' pull grows with
+    the width)."""
+    model = manifest.get("model", {})
+    return {"dataset": manifest.get("dataset", {}).get("name"), "architecture": model.get("name"),
+            "width": model.get("width")}
 
 
 SCAN_SETTINGS = {"clean_ratio": 0.1, "seed": 0}  # the scans' clean images: the scan command's defaults
@@ -143,7 +154,7 @@ def calibrate(paths, out: Path, *, fpr: float = 0.05, nc: bool = True, mmbd: boo
                 log(f"[{stage} {i + 1}/{len(todo)}] {run.name} in {time.perf_counter() - t0:.0f} s: {what}")
             finally:
                 lock.release()
-    models, failed, skipped = [], [], []
+    models, failed, skipped, kinds = [], [], [], []
     for run in runs:
         truth = ground_truth(read_manifest(run))
         report = reports[run]
@@ -158,6 +169,7 @@ def calibrate(paths, out: Path, *, fpr: float = 0.05, nc: bool = True, mmbd: boo
             continue
         report = {**report, **{REPORT_KEYS[b]: _baseline(run, b, report) for b in BASELINES}}
         models.append(Model(run.name, truth["poisoned"], truth["family"], truth["architecture"], signals(report)))
+        kinds.append(truth["kind"])
     if skipped:
         why = "another calibrate is scanning them" if busy else "--no-scan"
         warnings.warn(f"{len(skipped)} runs have no scan yet and were left out ({why}): "
@@ -171,7 +183,8 @@ def calibrate(paths, out: Path, *, fpr: float = 0.05, nc: bool = True, mmbd: boo
         "population": {**result["population"], "models": [{"run": m.name, "backdoored": m.backdoored,
                                                             "family": m.family, "architecture": m.architecture}
                                                            for m in models],
-                       "left_out": failed},
+                       "left_out": failed,
+                       "kinds": [dict(k) for k in sorted({tuple(k.items()) for k in kinds}, key=str)]},
         "rule": result["rule"],
         "expected": {"fpr": result["by_family"]["fpr"], "tpr": result["by_family"]["tpr"],
                      "auroc": result["by_family"]["auroc"], "auroc_ci95": result["by_family"]["auroc_ci95"]},

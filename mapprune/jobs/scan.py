@@ -75,20 +75,32 @@ def load_calibration(path) -> dict:
     return cal
 
 
-def calibrated_verdict(report: dict, calibration: dict) -> dict:
+def calibrated_verdict(report: dict, calibration: dict, kind: dict | None = None) -> dict:
     """The calibrated rule applied to a scan report's signals: {"verdict", "score", "threshold", "uncertain_from",
-    "expected" (the error rates measured when the calibration was made), "file"}."""
+    "expected" (the error rates measured when the calibration was made), "file", "outside"}. ``kind`` (the
+    model's dataset, architecture and width, :func:`mapprune.jobs.calibrate.model_kind`): when the calibration's
+    population has no model of that kind, ``outside`` says so (the stated error rates were not measured on such
+    models); None when it has, or when either side does not say."""
 
     rule = calibration["_rule"]
     values = signals(report)
     score = rule.score(values)
     return {"verdict": rule.verdict(values), "score": round(score, 4), "threshold": round(rule.threshold, 4),
             "uncertain_from": round(rule.uncertain_from, 4), "signals": rule.signals,
-            "expected": calibration.get("expected"), "file": calibration["_path"]}
+            "expected": calibration.get("expected"), "file": calibration["_path"],
+            "outside": _outside(kind, calibration.get("population", {}).get("kinds"))}
+
+
+def _outside(kind: dict | None, kinds: list | None) -> str | None:
+    if not kind or not kinds or kind in kinds:
+        return None
+    seen = "; ".join(f"{k['architecture']} width {k['width']} on {k['dataset']}" for k in kinds)
+    return (f"this model ({kind['architecture']} width {kind['width']} on {kind['dataset']}) is of no kind the "
+            f"calibration's population holds ({seen}): its error rates were not measured on such models")
 
 
 def scan_and_save(model: nn.Module, ds, out: Path, *, name: str, clean_ratio: float = 0.1, seed: int = 0,
-                  calibration: dict | None = None, **scan_kw) -> dict:
+                  calibration: dict | None = None, kind: dict | None = None, **scan_kw) -> dict:
     """Scans ``model`` with the clean subset of ``ds``'s training set, writes ``out``/scan.json and scan.png, and
     returns the report. A model that cannot be judged gets the verdict "cannot judge" (no exception); with a
     ``calibration``, the calibrated rule's verdict ("backdoored", "uncertain", "no backdoor found") is the
@@ -105,7 +117,7 @@ def scan_and_save(model: nn.Module, ds, out: Path, *, name: str, clean_ratio: fl
         return report
     report = {**head, **result.to_json(), "calibration": None}
     if calibration is not None:
-        cal = calibrated_verdict(report, calibration)
+        cal = calibrated_verdict(report, calibration, kind)
         report.update({"calibration": cal, "verdict": cal["verdict"],
                        "backdoored": {"backdoored": True, "uncertain": None}.get(cal["verdict"], False),
                        "fixed_rule_verdict": result.to_json()["verdict"]})
