@@ -89,8 +89,12 @@ def test_adap_blend_pieces_scale_with_the_image():
     keep = atk.draw_pieces(5, torch.Generator().manual_seed(0))
     pixels = atk.piece_pixels(keep)[:, 0]
     assert torch.equal(pixels, keep.repeat_interleave(2, 1).repeat_interleave(2, 2))  # 2x2-pixel pieces
-    odd = create_attack("adap-blend", (3, 10, 14), 10)
-    assert odd.piece_pixels(torch.ones(1, 4, 4, dtype=torch.bool)).all()  # uneven pieces still tile the image
+    odd = create_attack("adap-blend", (3, 10, 14), 10)  # edges at i * side // 4: rows 0 2 5 7 10, cols 0 3 7 10 14
+    one = torch.zeros(1, 4, 4, dtype=torch.bool)
+    one[0, 1, 1] = True
+    pixels = odd.piece_pixels(one)[0, 0]
+    assert pixels[2:5, 3:7].all() and int(pixels.sum()) == 12
+    assert odd.piece_pixels(torch.ones(1, 4, 4, dtype=torch.bool)).all()  # the pieces tile the image
 
 
 def _box(mask):
@@ -170,25 +174,29 @@ def test_bad_adap_patch_settings_are_refused():
 
 
 @pytest.fixture(scope="module")
-def digits_runs(tmp_path_factory):
+def digits_run(tmp_path_factory):
+    """name -> (run folder, manifest) of that attack on the digits, trained once per module."""
     from mapprune.jobs.attack import attack_run
 
     runs = {}
-    for name in ("adap-blend", "adap-patch"):
-        out = tmp_path_factory.mktemp(name) / "run"
-        m = attack_run(name, out, dataset="digits", preset="demo", progress=False, poison_ratio=0.05,
-                       attack_kw={"cover_ratio": 0.05})
-        runs[name] = (out, m)
-    return runs
+
+    def get(name):
+        if name not in runs:
+            out = tmp_path_factory.mktemp(name) / "run"
+            m = attack_run(name, out, dataset="digits", preset="demo", progress=False, poison_ratio=0.05,
+                           attack_kw={"cover_ratio": 0.05})
+            runs[name] = (out, m)
+        return runs[name]
+    return get
 
 
 @pytest.mark.parametrize(("name", "asr_min"), [("adap-blend", 0.95), ("adap-patch", 0.7)])
 def test_the_backdoor_is_planted_and_fires_on_the_test_trigger_far_more_than_on_the_training_one(
-        digits_runs, name, asr_min):
+        digits_run, name, asr_min):
     from mapprune.metrics import accuracy, predict
     from mapprune.runs import load_run
 
-    out, m = digits_runs[name]
+    out, m = digits_run(name)
     run = load_run(out)
     xb, yt, _ = run.attack.training_backdoor_test(run.dataset.x_test, run.dataset.y_test)
     asr_training = accuracy(predict(run.model, xb), yt)
@@ -200,11 +208,11 @@ def test_the_backdoor_is_planted_and_fires_on_the_test_trigger_far_more_than_on_
 
 
 @pytest.mark.parametrize("name", ["adap-blend", "adap-patch"])
-def test_a_run_reloads_with_its_triggers_and_payload_and_cover_apart(digits_runs, name):
+def test_a_run_reloads_with_its_triggers_and_payload_and_cover_apart(digits_run, name):
     from mapprune.checkpoint import load_tensors
     from mapprune.runs import load_run
 
-    out, m = digits_runs[name]
+    out, m = digits_run(name)
     run = load_run(out)
     n = len(run.dataset.y_train)
     fresh = create_attack(name, (1, 8, 8), 10, poison_ratio=0.05, cover_ratio=0.05)

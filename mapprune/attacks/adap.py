@@ -254,7 +254,8 @@ class AdapPatch(CoverAttack):
     - the four patterns are the project's own, drawn from ``trigger_seed`` with the geometry above, not the
       authors' trigger images, which have no licence; each mask is explicit (the code takes a mask image where it
       has one and otherwise the trigger's non-black pixels);
-    - where the test trigger's two parts overlap (the bottom-right corner) the checkerboard is drawn last;
+    - where the test trigger's two parts overlap (the bottom-right corner) ours draws the checkerboard last (an
+      order the paper does not state);
     - counts are ``round(N * rate)`` where the code floors (the same at the CIFAR-10 defaults);
     - any image size (the code is for 32 x 32), as above;
     - the victim is trained with the project's recipe and presets (the paper: ResNet-20, 200 epochs), with the same

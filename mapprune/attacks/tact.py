@@ -21,7 +21,7 @@ axis on its own: side ``max(1, round(8 * H / 32))`` starting at row ``round(21 *
 leave the image), and the same with W for columns; 2x2 at rows/cols 5-6 on the 8x8 digits, 7x7 at 18-24 on 28x28.
 The drawn pattern and the mask are saved in the run's attack.safetensors.
 
-Evaluation: the backdoor test set (ASR, RA) holds the **source-class** test images only, as the authors' test does;
+Evaluation: the backdoor test set (ASR, RA) holds the **source-class** test images only, as the toolbox's test does;
 an ASR over every non-target class would understate the attack by about the number of classes. :meth:`test_sets`
 also carries ``"other_classes"``: the triggered test images of every class that is neither a source nor the target,
 labelled with the target, whose ASR is the *other-class flip rate* (low when the cover works; it climbs towards the
@@ -40,6 +40,8 @@ Where ours differs from the original code (TF/Keras, ``TDteach/Demon-in-the-Vari
   whose defaults are ours: source 1, target 0, cover classes 5 and 7, an 8x8 random-colour square at 21-28, also
   stamps and relabels the chosen images themselves);
 - the whole training set is used; the original script keeps a random half of it;
+- the defaults are the toolbox's (cover classes 5 and 7, rates 0.003 each); the original configuration caps payload
+  and cover at 1,000 images each and its checkpoint names suggest cover classes 2 and 3;
 - the trigger is drawn by the project from ``trigger_seed`` (no trigger image is shipped or downloaded);
 - counts are ``round(ratio * N)`` as for every attack here (the toolbox floors; identical at CIFAR-10's 0.003);
 - the images are poisoned once, before augmentation (a static poisoned set), and the model trains through the
@@ -55,6 +57,7 @@ import warnings
 import torch
 
 from ..errors import MapPruneError, MapPruneWarning
+from ..metrics import accuracy, predict
 from .base import Attack
 
 SIDE, START, REFERENCE = 8, 21, 32  # the 8x8 square at rows/cols 21-28 of a 32-pixel side
@@ -207,7 +210,5 @@ class TaCT(Attack):
 def other_class_flip_rate(model, test_sets: dict, **kw) -> float:
     """Share of the triggered non-source, non-target test images (``test_sets["other_classes"]``, from
     :meth:`TaCT.test_sets`) that ``model`` predicts as the target."""
-    from ..metrics import accuracy, predict
-
     x, target, _ = test_sets["other_classes"]
     return accuracy(predict(model, x, **kw), target)
