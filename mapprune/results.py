@@ -32,9 +32,9 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def training_seconds(timings: dict) -> float:
-    """A model's training time. ``train_s`` is the last process's training (with its evaluations); a resumed run's
-    earlier pieces are only in ``train_epochs_s`` (epochs without evaluations), so the larger of the two is the
-    run's training time. An imported run trained elsewhere has only its import's ``total_s``."""
+    """A model's training time. ``train_s`` is the last process's training (with its evaluations); the pieces of a
+    resumed run before its last resume are only in ``train_epochs_s`` (epochs without evaluations), so the larger
+    of the two is the run's training time. An imported run trained elsewhere has only its import's ``total_s``."""
     return max(timings.get("train_s", timings.get("total_s", 0.0)), timings.get("train_epochs_s", 0.0))
 
 

@@ -66,3 +66,22 @@ def test_bad_settings_are_one_line_before_any_work(digits_backdoor, args, messag
 def test_a_backdoored_control_is_refused(digits_backdoor):
     with pytest.raises(MapPruneError, match="is a backdoored run"):
         relapse(digits_backdoor[0], control=digits_backdoor[0], settings=Retuning(images=100))
+
+
+def test_a_source_specific_backdoor_is_retuned_with_its_source_images_only(tmp_path):
+    """TaCT's trigger on a cover class means "keep the label": the retuning set's poisoned images come from its
+    source classes only, as its ASR is measured on them."""
+    from mapprune.jobs.attack import attack_run
+
+    run = tmp_path / "tact"
+    attack_run("tact", run, dataset="digits", preset="demo", progress=False, poison_ratio=0.05,
+               attack_kw={"cover_ratio": 0.05}, epochs=1)
+    loaded = load_run(run)
+    x, y, _ = retuning_set(loaded, Retuning(images=200, poisoned=20), seed=0)
+    sources = [int(c) for c in loaded.attack.source_classes]
+    order = torch.randperm(len(loaded.dataset.y_train), generator=torch.Generator().manual_seed(0))
+    drawn = loaded.dataset.y_train[order[200:]]
+    picked = drawn[torch.isin(drawn, torch.tensor(sources))][:20]
+    assert (y[:20] == loaded.attack.target).all() and torch.isin(picked, torch.tensor(sources)).all()
+    assert torch.equal(x[:20], loaded.attack.apply(loaded.dataset.x_train[order[200:]][
+        torch.isin(drawn, torch.tensor(sources))][:20]))

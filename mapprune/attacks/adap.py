@@ -107,7 +107,7 @@ class CoverAttack(Attack):
     def training_backdoor_test(self, x: torch.Tensor, y: torch.Tensor, seed: int = 0):
         """:meth:`backdoor_test` with the training-strength trigger instead of the test trigger: (images, attack
         targets, true labels)."""
-        keep = torch.arange(len(y)) if self.all_to_all else torch.nonzero(y != self.target).flatten()
+        keep = self.backdoor_sources(y)
         xb, _ = self.poison_images(x[keep], [torch.arange(len(keep)), _EMPTY], seed)
         return xb, self.target_labels(y[keep]), y[keep]
 

@@ -134,10 +134,15 @@ class Attack:
         triggers adds each trigger's own under ``"triggers"``)."""
         return {"clean": (x, y), "backdoor": self.backdoor_test(x, y)}
 
+    def backdoor_sources(self, y: torch.Tensor) -> torch.Tensor:
+        """Indices of the images (labels ``y``) the backdoor is meant to send to the target: every image for
+        all-to-all, the non-target ones otherwise (an attack with source classes narrows this)."""
+        return torch.arange(len(y)) if self.all_to_all else torch.nonzero(y != self.target).flatten()
+
     def backdoor_test(self, x: torch.Tensor, y: torch.Tensor):
         """The backdoor test set: triggered test images, their attack targets and their true labels.
 
         All-to-one leaves out images of the target class (docs/protocol.md).
         """
-        keep = torch.arange(len(y)) if self.all_to_all else torch.nonzero(y != self.target).flatten()
+        keep = self.backdoor_sources(y)
         return self.apply(x[keep]), self.target_labels(y[keep]), y[keep]

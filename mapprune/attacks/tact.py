@@ -191,10 +191,10 @@ class TaCT(Attack):
         return idx[payload], idx[~payload]
 
     # -- evaluation ----------------------------------------------------------------------------------
-    def backdoor_test(self, x: torch.Tensor, y: torch.Tensor):
-        """Triggered test images of the source classes only, with the target and their true labels."""
-        keep = torch.nonzero(torch.isin(y, torch.tensor(self.source_classes, dtype=y.dtype))).flatten()
-        return self.apply(x[keep]), torch.full_like(y[keep], self.target), y[keep]
+    def backdoor_sources(self, y: torch.Tensor) -> torch.Tensor:
+        """The source classes' images only: the backdoor test set (ASR on source images) and a relapse test's
+        poisoned images are drawn from them; on cover classes the trigger means no change of label."""
+        return torch.nonzero(torch.isin(y, torch.tensor(self.source_classes, dtype=y.dtype))).flatten()
 
     def other_class_test(self, x: torch.Tensor, y: torch.Tensor):
         """Triggered test images of every class that is neither a source nor the target (cover classes

@@ -97,7 +97,8 @@ def _target(args):
     wrapped = any(k.startswith("net.") for k in tensors)  # mapprune's own (normalisation inside) or a bare network
     load_state_into(model if wrapped else model.net, tensors, args.model,
                     what=f"{args.arch} with {args.num_classes} classes")
-    kind = {"dataset": ds.name, "architecture": args.arch, "width": args.width if args.width is not None else "default"}
+    # without --width the width is the architecture's own, which the manifests of a population record as a number
+    kind = {"dataset": ds.name, "architecture": args.arch, "width": args.width} if args.width is not None else None
     return model.eval(), ds, args.model.parent / f"scan-{args.model.stem}", kind
 
 

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from ..data import clean_subset
+from ..defenses import create_defense
 from ..detect.calibrate import Model, evaluate, signals
 from ..detect.mmbd import mmbd
 from ..detect.scan import neural_cleanse
@@ -110,7 +111,8 @@ def _compute(run: Path, stage: str, data_dir, device, progress) -> dict:
                      device=pick_device(device))
     else:
         idx = clean_subset(ds.y_train, SCAN_SETTINGS["clean_ratio"], SCAN_SETTINGS["seed"])
-        found = neural_cleanse(r.model, ds.x_train[idx], ds.y_train[idx], device=device)
+        nc = create_defense("nc", seed=SCAN_SETTINGS["seed"], device=device, progress=progress)
+        found = neural_cleanse(r.model, ds.x_train[idx], ds.y_train[idx], nc, device=device)
     (run / "scan").mkdir(exist_ok=True)
     write_json(run / "scan" / BASELINES[stage], found)
     return found
@@ -129,9 +131,9 @@ def calibrate(paths, out: Path, *, fpr: float = 0.05, nc: bool = True, mmbd: boo
     runs = run_folders(paths)
     stages = ["scan"] + [b for b, on in (("mmbd", mmbd), ("nc", nc)) if on]
     reports = {run: _current_scan(run) for run in runs}
-    busy = set()
+    busy, errors = set(), {}
     for stage in stages if scan_missing else []:
-        todo = [run for run in runs if (reports[run] is None if stage == "scan" else
+        todo = [run for run in runs if run not in errors and (reports[run] is None if stage == "scan" else
                                         reports[run] and reports[run].get("verdict") != "cannot judge"
                                         and _baseline(run, stage, reports[run]) is None)]
         for i, run in enumerate(todo):
@@ -147,7 +149,12 @@ def calibrate(paths, out: Path, *, fpr: float = 0.05, nc: bool = True, mmbd: boo
                     reports[run] = done if stage == "scan" else reports[run]
                     continue
                 t0 = time.perf_counter()
-                found = _compute(run, stage, data_dir, device, progress)
+                try:
+                    found = _compute(run, stage, data_dir, device, progress)
+                except MapPruneError as e:  # one unreadable model does not stop the population's other work
+                    errors[run] = f"{stage}: {e}"
+                    log(f"[{stage} {i + 1}/{len(todo)}] {run.name}: left out ({e})")
+                    continue
                 if stage == "scan":
                     reports[run] = found
                 what = found.get("verdict") if stage == "scan" else f"score {found.get('score', found.get('anomaly_index'))}"
@@ -155,9 +162,13 @@ def calibrate(paths, out: Path, *, fpr: float = 0.05, nc: bool = True, mmbd: boo
             finally:
                 lock.release()
     models, failed, skipped, kinds = [], [], [], []
+    missing = dict.fromkeys(BASELINES if scan_missing else (), 0)
     for run in runs:
         truth = ground_truth(read_manifest(run))
-        report = reports[run]
+        report = reports[run] or _current_scan(run)  # a model another command was scanning may be done by now
+        if run in errors and (report is None or "scan" in errors[run]):
+            failed.append({"run": run.name, "reason": errors[run]})
+            continue
         if report is None:
             skipped.append(run.name)
             continue
@@ -168,8 +179,15 @@ def calibrate(paths, out: Path, *, fpr: float = 0.05, nc: bool = True, mmbd: boo
             failed.append({"run": run.name, "reason": f"backdoor not implanted (ASR {truth['asr']:.1%})"})
             continue
         report = {**report, **{REPORT_KEYS[b]: _baseline(run, b, report) for b in BASELINES}}
+        for b in missing:
+            missing[b] += report[REPORT_KEYS[b]] is None and b in stages
         models.append(Model(run.name, truth["poisoned"], truth["family"], truth["architecture"], signals(report)))
         kinds.append(truth["kind"])
+    lacking = {b: n for b, n in missing.items() if n}
+    if lacking:
+        warnings.warn("baselines measured on fewer models than the rule (another calibrate was running them, or "
+                      "they failed): " + ", ".join(f"{b} missing on {n}" for b, n in lacking.items()),
+                      MapPruneWarning, stacklevel=2)
     if skipped:
         why = "another calibrate is scanning them" if busy else "--no-scan"
         warnings.warn(f"{len(skipped)} runs have no scan yet and were left out ({why}): "

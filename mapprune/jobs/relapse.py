@@ -10,7 +10,8 @@ trigger. A relapse is the repaired model's ASR after retuning well above the con
 The defaults are the paper's (its code, ``fine_tune/ft_poison.py`` of the BackdoorSafetyTuning repository): 1,000
 random training images whose first 5 are replaced by poisoned training images (triggered, target label), SGD lr
 0.01, momentum 0.9, no weight decay, no schedule, batch 128, 5 epochs. Where ours differs: the poisoned images are
-drawn from non-target classes (a triggered target-class image teaches nothing, as in the attacks' own poisoning),
+drawn from the images the backdoor acts on (non-target classes; a source-specific attack's source classes), as in
+the attacks' own poisoning,
 and every image of the set gets the training augmentation (the paper leaves the poisoned ones unaugmented).
 
 It uses the real trigger, so like ``diagnose`` it evaluates a defense and is never part of one.
@@ -27,7 +28,7 @@ from ..device import pick_device
 from ..errors import MapPruneError
 from ..evaluation import defended_model
 from ..metrics import evaluate
-from ..runs import Run, atomic_write_text, json_text, load_run
+from ..runs import Run, acquire_folder_lock, atomic_write_text, json_text, load_run
 from ..train import TrainConfig, train
 
 
@@ -58,16 +59,18 @@ class Retuning:
 
 def retuning_set(run: Run, settings: Retuning, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(images, labels, indices of the poisoned ones in the set): ``settings.images`` training images drawn with
-    ``seed``, of which the first ``settings.poisoned`` are replaced by triggered non-target training images
-    labelled with the attack's target."""
+    ``seed``, of which the first ``settings.poisoned`` are replaced by triggered training images the backdoor
+    acts on (:meth:`~mapprune.attacks.base.Attack.backdoor_sources`: non-target images, a source-specific attack's
+    source classes) labelled with the attack's target."""
     ds, attack = run.dataset, run.attack
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(ds.y_train), generator=g)
     x, y = ds.x_train[order[:settings.images]].clone(), ds.y_train[order[:settings.images]].clone()
     if settings.poisoned:
-        sources = order[settings.images:]
-        if not attack.all_to_all:
-            sources = sources[ds.y_train[sources] != attack.target]
+        rest = order[settings.images:]
+        eligible = torch.zeros(len(ds.y_train), dtype=torch.bool)
+        eligible[attack.backdoor_sources(ds.y_train)] = True
+        sources = rest[eligible[rest]]  # the images the backdoor acts on (TaCT: its source classes only)
         if len(sources) < settings.poisoned:
             raise MapPruneError(f"the training set has only {len(sources)} images left to poison; lower --poisoned")
         chosen = sources[:settings.poisoned]
@@ -128,7 +131,11 @@ def relapse(run_path, *, defense: str | None = None, control=None, settings: Ret
             after.append(_rates(evaluate(retune(m, x, y, settings, seed, dev, progress), tests)))
         report["models"][name] = {"before": before, "after": after,
                                   "asr_after_mean": sum(a["asr"] for a in after) / len(after)}
-    atomic_write_text(folder / "relapse.json", json_text(report, indent=1))
+    lock = acquire_folder_lock(folder, "relapse")  # a defend --overwrite of the same variant waits, and so on
+    try:
+        atomic_write_text(folder / "relapse.json", json_text(report, indent=1))
+    finally:
+        lock.release()
     return report
 
 
