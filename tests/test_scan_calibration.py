@@ -237,3 +237,19 @@ def test_a_model_of_a_kind_the_population_lacks_is_told_its_error_rates_were_not
     scanned = scan_and_save(load_run(run).model, load_run(run).dataset, tmp_path / "scan", name="m", nc=False,
                             stimulate=0, calibration=load_calibration(path), kind={**kind, "width": 1})
     assert any(line.startswith("  caution: this model (") for line in scan_lines(scanned, tmp_path / "scan"))
+
+
+def test_a_model_that_cannot_be_scanned_is_left_out_with_its_reason_and_the_rest_go_on(digits_backdoor, tmp_path):
+    """One unreadable checkpoint in a population does not stop calibrate: it is listed with what was wrong."""
+    template, _ = digits_backdoor
+    runs = tmp_path / "bench" / "runs"
+    for m in population():
+        _fake_run(runs, template, m.name, poisoned=m.backdoored, asr=0.95 if m.backdoored else 0.01,
+                  attack={"clean": "badnets", "patch": "random-patch", "blend": "blended", "warp": "wanet"}[m.family],
+                  arch=m.architecture, signals_=m.signals)
+    broken = runs / "broken"
+    shutil.copytree(template, broken)
+    (broken / "model.safetensors").write_bytes(b"not a checkpoint")
+    cal = calibrate([tmp_path / "bench"], tmp_path / "cal.json", nc=False, mmbd=False, log=lambda *a: None)
+    reasons = {f["run"]: f["reason"] for f in cal["population"]["left_out"]}
+    assert reasons["broken"].startswith("scan: ") and cal["population"]["clean"] == 20
