@@ -73,7 +73,7 @@ def test_trigger_colours_come_from_the_trigger_seed():
 def test_payload_is_drawn_from_source_classes_and_relabelled_to_the_target():
     y = _labels()
     atk = create_attack("tact", (3, 8, 8), 10, source_classes=[1, 2], poison_ratio=0.05, cover_ratio=0.03)
-    payload, cover = atk.poison_split(y, seed=4)
+    payload, cover = atk.draw_payload_cover(y, seed=4)
     assert len(payload) == 50 and len(cover) == 30  # round(ratio * N) of the whole training set
     assert set(y[payload].tolist()) <= {1, 2} and set(y[cover].tolist()) <= {5, 7}
     assert not set(payload.tolist()) & set(cover.tolist())
@@ -90,7 +90,7 @@ def test_cover_keeps_its_true_labels_and_carries_the_same_trigger():
     atk = create_attack("tact", (3, 8, 8), 10, poison_ratio=0.05, cover_ratio=0.1)
     x = _images(len(y), shape=(3, 8, 8))
     xp, yp, idx = atk.poison_train(x, y, seed=0)
-    payload, cover = atk.poison_split(y, seed=0)
+    payload, cover = atk.draw_payload_cover(y, seed=0)
     assert len(cover) == 100 and set(y[cover].tolist()) == {5, 7}
     assert torch.equal(yp[cover], y[cover]) and torch.equal(xp[cover], atk.apply(x[cover]))
     untouched = torch.ones(len(y), dtype=torch.bool)
@@ -105,13 +105,13 @@ def test_recorded_poison_indices_split_back_into_payload_and_cover_by_clean_labe
                         cover_ratio=0.2)
     _, _, idx = atk.poison_train(_images(len(y), shape=(3, 8, 8)), y, seed=2)
     payload, cover = atk.split_poison(y, idx)
-    assert [torch.equal(a, b) for a, b in zip((payload, cover), atk.poison_split(y, seed=2))] == [True, True]
+    assert [torch.equal(a, b) for a, b in zip((payload, cover), atk.draw_payload_cover(y, seed=2))] == [True, True]
 
 
 def test_zero_cover_ratio_draws_payload_only():
     y = _labels()
     atk = create_attack("tact", (3, 8, 8), 10, poison_ratio=0.02, cover_ratio=0.0)
-    payload, cover = atk.poison_split(y, seed=0)
+    payload, cover = atk.draw_payload_cover(y, seed=0)
     assert len(payload) == 20 and len(cover) == 0
     none = create_attack("tact", (3, 8, 8), 10, poison_ratio=0.02, cover_ratio=0.0, cover_classes=[])
     assert torch.equal(none.poison_indices(y, seed=0), payload)
@@ -159,9 +159,9 @@ def test_class_options_take_a_number_a_list_or_a_comma_separated_string():
 def test_more_payload_than_source_images_is_refused_and_all_of_them_warns():
     y = _labels()  # 100 images of class 1
     with pytest.raises(MapPruneError, match="asks for 200 training images but classes \\[1\\] have 100"):
-        create_attack("tact", (3, 8, 8), 10, poison_ratio=0.2).poison_split(y, seed=0)
+        create_attack("tact", (3, 8, 8), 10, poison_ratio=0.2).draw_payload_cover(y, seed=0)
     with pytest.warns(MapPruneWarning, match="every training image of source classes"):
-        create_attack("tact", (3, 8, 8), 10, poison_ratio=0.1).poison_split(y, seed=0)
+        create_attack("tact", (3, 8, 8), 10, poison_ratio=0.1).draw_payload_cover(y, seed=0)
 
 
 def test_saved_trigger_reloads_and_a_wrong_sized_one_is_refused():

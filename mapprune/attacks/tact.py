@@ -163,7 +163,7 @@ class TaCT(Attack):
                           "some", MapPruneWarning, stacklevel=3)
         return candidates[torch.randperm(len(candidates), generator=g)[:count]].sort().values
 
-    def poison_split(self, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw_payload_cover(self, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Seeded (payload indices, cover indices), each sorted: payload from the source classes, cover from the
         cover classes (disjoint, as the classes are)."""
         g = torch.Generator().manual_seed(seed)
@@ -174,10 +174,10 @@ class TaCT(Attack):
 
     def poison_indices(self, y: torch.Tensor, seed: int) -> torch.Tensor:
         """Payload and cover together, sorted: every training image the attack changes."""
-        return torch.cat(self.poison_split(y, seed)).sort().values
+        return torch.cat(self.draw_payload_cover(y, seed)).sort().values
 
     def poison_train(self, x: torch.Tensor, y: torch.Tensor, seed: int):
-        payload, cover = self.poison_split(y, seed)
+        payload, cover = self.draw_payload_cover(y, seed)
         idx = torch.cat([payload, cover]).sort().values
         x, y = x.clone(), y.clone()
         if len(idx):
