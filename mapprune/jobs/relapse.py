@@ -131,7 +131,7 @@ def relapse(run_path, *, defense: str | None = None, control=None, settings: Ret
             after.append(_rates(evaluate(retune(m, x, y, settings, seed, dev, progress), tests)))
         report["models"][name] = {"before": before, "after": after,
                                   "asr_after_mean": sum(a["asr"] for a in after) / len(after)}
-    lock = acquire_folder_lock(folder, "relapse")  # a defend --overwrite of the same variant waits, and so on
+    lock = acquire_folder_lock(folder, "relapse")  # refused in one line while another command writes the folder
     try:
         atomic_write_text(folder / "relapse.json", json_text(report, indent=1))
     finally:
