@@ -85,3 +85,17 @@ def test_a_source_specific_backdoor_is_retuned_with_its_source_images_only(tmp_p
     assert (y[:20] == loaded.attack.target).all() and torch.isin(picked, torch.tensor(sources)).all()
     assert torch.equal(x[:20], loaded.attack.apply(loaded.dataset.x_train[order[200:]][
         torch.isin(drawn, torch.tensor(sources))][:20]))
+
+
+def test_a_folder_another_command_writes_is_refused_before_any_retuning(digits_backdoor, tmp_path):
+    from mapprune.runs import acquire_folder_lock
+
+    run = tmp_path / "run"
+    shutil.copytree(digits_backdoor[0], run)
+    lock = acquire_folder_lock(run, "attack")
+    try:
+        with pytest.raises(MapPruneError, match="is being written by another mapprune"):
+            relapse(run, settings=Retuning(images=100, epochs=50))
+    finally:
+        lock.release()
+    assert not (run / "relapse.json").exists()

@@ -118,6 +118,16 @@ def relapse(run_path, *, defense: str | None = None, control=None, settings: Ret
     models = {"repaired" if defense else "undefended": model}
     if control is not None:
         models["control"] = _clean_control(Path(control), run, data_dir).model
+    # taken before the work: refused in one line while another command writes the folder
+    lock = acquire_folder_lock(folder, "relapse")
+    try:
+        return _retune_all(run, run_path, folder, models, defense, control, settings, seeds, device, progress)
+    finally:
+        lock.release()
+
+
+def _retune_all(run: Run, run_path: Path, folder: Path, models: dict, defense, control, settings: Retuning,
+                seeds, device, progress) -> dict:
     dev = pick_device(device)
     tests = run.test_sets()
     report = {"kind": "relapse", "run": str(run_path), "defense": defense, "control": None if control is None
@@ -131,11 +141,7 @@ def relapse(run_path, *, defense: str | None = None, control=None, settings: Ret
             after.append(_rates(evaluate(retune(m, x, y, settings, seed, dev, progress), tests)))
         report["models"][name] = {"before": before, "after": after,
                                   "asr_after_mean": sum(a["asr"] for a in after) / len(after)}
-    lock = acquire_folder_lock(folder, "relapse")  # refused in one line while another command writes the folder
-    try:
-        atomic_write_text(folder / "relapse.json", json_text(report, indent=1))
-    finally:
-        lock.release()
+    atomic_write_text(folder / "relapse.json", json_text(report, indent=1))
     return report
 
 
