@@ -131,10 +131,14 @@ def calibrate(paths, out: Path, *, fpr: float = 0.05, nc: bool = True, mmbd: boo
     runs = run_folders(paths)
     stages = ["scan"] + [b for b, on in (("mmbd", mmbd), ("nc", nc)) if on]
     reports = {run: _current_scan(run) for run in runs}
+    truths = {run: ground_truth(read_manifest(run)) for run in runs}
+    # the baselines are not run on a model whose backdoor did not take: it is left out of every measurement
+    judged = {run for run in runs if not truths[run]["poisoned"] or truths[run]["implanted"]}
     busy, errors = set(), {}
     for stage in stages if scan_missing else []:
         todo = [run for run in runs if run not in errors and (reports[run] is None if stage == "scan" else
-                                        reports[run] and reports[run].get("verdict") != "cannot judge"
+                                        run in judged and reports[run]
+                                        and reports[run].get("verdict") != "cannot judge"
                                         and _baseline(run, stage, reports[run]) is None)]
         for i, run in enumerate(todo):
             try:
@@ -164,7 +168,7 @@ def calibrate(paths, out: Path, *, fpr: float = 0.05, nc: bool = True, mmbd: boo
     models, failed, skipped, kinds = [], [], [], []
     missing = dict.fromkeys(BASELINES if scan_missing else (), 0)
     for run in runs:
-        truth = ground_truth(read_manifest(run))
+        truth = truths[run]
         report = reports[run] or _current_scan(run)  # a model another command was scanning may be done by now
         if run in errors and (report is None or "scan" in errors[run]):
             failed.append({"run": run.name, "reason": errors[run]})
