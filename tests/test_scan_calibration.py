@@ -89,12 +89,17 @@ def _fake_run(root, template, name, *, poisoned, asr, attack="random-patch", arc
     (run / "scan" / "scan.json").write_text(json.dumps(scan))
 
 
+def _fake_population(runs, template) -> None:
+    """Run folders of :func:`population`'s models, each with its scan.json."""
+    for m in population():
+        _fake_run(runs, template, m.name, poisoned=m.backdoored, asr=0.95 if m.backdoored else 0.01,
+                  attack={"clean": "badnets", "patch": "random-patch", "blend": "blended", "warp": "wanet"}[m.family],
+                  arch=m.architecture, signals_=m.signals)
+
+
 def test_calibrate_reads_a_population_of_run_folders(digits_backdoor, tmp_path):
     template, _ = digits_backdoor
-    for m in population():
-        family = {"clean": "badnets", "patch": "random-patch", "blend": "blended", "warp": "wanet"}[m.family]
-        _fake_run(tmp_path / "bench" / "runs", template, m.name, poisoned=m.backdoored, asr=0.95 if m.backdoored else 0.01,
-                  attack=family, arch=m.architecture, signals_=m.signals)
+    _fake_population(tmp_path / "bench" / "runs", template)
     _fake_run(tmp_path / "bench" / "runs", template, "failed", poisoned=True, asr=0.2)
     _fake_run(tmp_path / "bench" / "runs", template, "broken", poisoned=False, asr=0.0, verdict="cannot judge")
     out = tmp_path / "cal" / "population.json"
@@ -119,10 +124,8 @@ def test_baselines_are_read_from_their_own_files_and_a_model_being_scanned_elsew
 
     template, _ = digits_backdoor
     runs = tmp_path / "bench" / "runs"
+    _fake_population(runs, template)
     for m in population():
-        _fake_run(runs, template, m.name, poisoned=m.backdoored, asr=0.95 if m.backdoored else 0.01,
-                  attack={"clean": "badnets", "patch": "random-patch", "blend": "blended", "warp": "wanet"}[m.family],
-                  arch=m.architecture, signals_=m.signals)
         # MM-BD's score follows the ground truth loosely: a backdoored model scores higher than most clean ones
         score = (3.0 if m.backdoored else 1.0) + (0.5 if m.name in ("clean1", "patch3") else 0.0)
         (runs / m.name / "scan" / "mmbd.json").write_text(json.dumps({"score": score, "target": 0}))
@@ -243,10 +246,7 @@ def test_a_model_that_cannot_be_scanned_is_left_out_with_its_reason_and_the_rest
     """One unreadable checkpoint in a population does not stop calibrate: it is listed with what was wrong."""
     template, _ = digits_backdoor
     runs = tmp_path / "bench" / "runs"
-    for m in population():
-        _fake_run(runs, template, m.name, poisoned=m.backdoored, asr=0.95 if m.backdoored else 0.01,
-                  attack={"clean": "badnets", "patch": "random-patch", "blend": "blended", "warp": "wanet"}[m.family],
-                  arch=m.architecture, signals_=m.signals)
+    _fake_population(runs, template)
     broken = runs / "broken"
     shutil.copytree(template, broken)
     (broken / "model.safetensors").write_bytes(b"not a checkpoint")
