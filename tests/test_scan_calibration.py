@@ -114,6 +114,37 @@ def test_calibrate_reads_a_population_of_run_folders(digits_backdoor, tmp_path):
     assert isinstance(loaded["_rule"], Rule)
 
 
+def test_a_calibration_file_carries_its_population_to_the_next_calibration(digits_backdoor, tmp_path):
+    """The calibration records every model's ground truth and signals, so a population outlives its weights: the
+    file alone calibrates to the same rule, and new run folders extend it (one of the same name replaces the
+    recorded model)."""
+    template, _ = digits_backdoor
+    _fake_population(tmp_path / "bench" / "runs", template)
+    _fake_run(tmp_path / "bench" / "runs", template, "failed", poisoned=True, asr=0.2)
+    first = calibrate([tmp_path / "bench"], tmp_path / "first.json", nc=False, mmbd=False, scan_missing=False)
+    again = calibrate([tmp_path / "first.json"], tmp_path / "again.json", nc=False, mmbd=False, scan_missing=False)
+    first, again = (json.loads((tmp_path / f).read_text()) for f in ("first.json", "again.json"))
+    assert again["rule"] == first["rule"] and again["held_out"] == first["held_out"]
+    assert again["population"] == first["population"]
+    # A new model joins; a model measured again replaces its record (clean0 now looks like a patch backdoor).
+    patchy = dict(CLEAN, patch_pull=0.9)
+    _fake_run(tmp_path / "new" / "runs", template, "clean-new", poisoned=False, asr=0.01)
+    _fake_run(tmp_path / "new" / "runs", template, "clean0", poisoned=True, asr=0.99, signals_=patchy)
+    extended = calibrate([tmp_path / "first.json", tmp_path / "new"], tmp_path / "ext.json", nc=False, mmbd=False,
+                         scan_missing=False)
+    recorded = {m["run"]: m for m in extended["population"]["models"]}
+    assert extended["population"]["clean"] == 20 and extended["population"]["backdoored"] == 31
+    assert recorded["clean0"]["backdoored"] and recorded["clean0"]["signals"]["patch_pull"] == 0.9
+    assert recorded["clean0"]["asr"] == 0.99 and recorded["clean-new"]["kind"]["dataset"] == "digits"
+    # A file that does not record its models' signals is refused before any work.
+    old = json.loads((tmp_path / "first.json").read_text())
+    for m in old["population"]["models"]:
+        del m["signals"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(MapPruneError, match="does not record its models' signals"):
+        calibrate([tmp_path / "old.json"], tmp_path / "x.json", nc=False, mmbd=False, scan_missing=False)
+
+
 
 def test_baselines_are_read_from_their_own_files_and_a_model_being_scanned_elsewhere_is_passed_over(
         digits_backdoor, tmp_path):

@@ -11,7 +11,8 @@ NAME = "calibrate"
 def add_parser(subparsers) -> argparse.ArgumentParser:
     cal = subparsers.add_parser(NAME, help="scan a population of models (run or bench folders) and calibrate the "
                                 "scan's rule on it, with held-out error rates")
-    cal.add_argument("paths", nargs="+", type=Path, help="run folders, or bench folders holding runs/")
+    cal.add_argument("paths", nargs="+", type=Path, help="run folders, bench folders holding runs/, or calibration "
+                     "JSONs whose recorded models join the population (a run folder of the same name replaces one)")
     cal.add_argument("--out", type=Path, required=True, help="the calibration JSON to write (and a .md beside it)")
     cal.add_argument("--fpr", type=finite, default=0.05, help="the false-positive rate the threshold is set at "
                      "on the clean models (default %(default)s)")

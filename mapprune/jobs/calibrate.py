@@ -20,7 +20,7 @@ from ..detect.scan import neural_cleanse
 from ..device import pick_device
 from ..errors import MapPruneError, MapPruneWarning
 from ..runs import acquire_folder_lock, load_run, read_manifest, write_json
-from .scan import scan_and_save
+from .scan import load_calibration, scan_and_save
 
 MIN_ASR = 0.5
 FAMILIES = {"random-patch": "patch", "patch": "patch", "badnets": "patch", "blended": "blend", "wanet": "warp",
@@ -28,16 +28,39 @@ FAMILIES = {"random-patch": "patch", "patch": "patch", "badnets": "patch", "blen
 
 
 def run_folders(paths) -> list[Path]:
-    """Run folders named directly, and those of bench folders (``DIR/runs/*``), sorted, unfinished ones left out."""
+    """Run folders named directly, and those of bench folders (``DIR/runs/*``), sorted, unfinished ones left out.
+    Calibration files among ``paths`` are passed over (:func:`calibration_files` reads them)."""
     found = []
     for p in map(Path, paths):
         if (p / "manifest.json").is_file():
             found.append(p)
         elif (p / "runs").is_dir():
             found += sorted(r for r in (p / "runs").iterdir() if (r / "manifest.json").is_file())
-        else:
-            raise MapPruneError(f"{p} is neither a run folder nor a bench folder with runs/")
+        elif not _is_calibration_file(p):
+            raise MapPruneError(f"{p} is neither a run folder, a bench folder with runs/, nor a calibration JSON")
     return found
+
+
+def _is_calibration_file(path: Path) -> bool:
+    return path.suffix == ".json" and path.is_file()
+
+
+def calibration_files(paths) -> tuple[list[dict], list[dict]]:
+    """The models (name, ground truth, signals, kind) and the left-out models recorded in the calibration files
+    among ``paths``: a population's measurements outlive its weights, so a calibration can be extended with new
+    models without scanning the old ones again. Checked before any work."""
+    models, left_out = [], []
+    for p in map(Path, paths):
+        if not _is_calibration_file(p):
+            continue
+        cal = load_calibration(p)
+        recorded = cal.get("population", {}).get("models") or []
+        if any("signals" not in m for m in recorded):
+            raise MapPruneError(f"{p} does not record its models' signals (written by an older mapprune): "
+                                "calibrate again from its run folders")
+        models += recorded
+        left_out += cal.get("population", {}).get("left_out") or []
+    return models, left_out
 
 
 def ground_truth(manifest: dict) -> dict:
@@ -129,6 +152,7 @@ def calibrate(paths, out: Path, *, fpr: float = 0.05, nc: bool = True, mmbd: boo
     if not 0 < fpr < 0.5:
         raise MapPruneError(f"--fpr is a false-positive rate in (0, 0.5), got {fpr}")
     runs = run_folders(paths)
+    recorded, recorded_left_out = calibration_files(paths)
     stages = ["scan"] + [b for b, on in (("mmbd", mmbd), ("nc", nc)) if on]
     reports = {run: _current_scan(run) for run in runs}
     truths = {run: ground_truth(read_manifest(run)) for run in runs}
@@ -165,7 +189,7 @@ def calibrate(paths, out: Path, *, fpr: float = 0.05, nc: bool = True, mmbd: boo
                 log(f"[{stage} {i + 1}/{len(todo)}] {run.name} in {time.perf_counter() - t0:.0f} s: {what}")
             finally:
                 lock.release()
-    models, failed, skipped, kinds = [], [], [], []
+    models, failed, skipped, kinds, asrs = [], [], [], [], {}
     missing = dict.fromkeys(BASELINES if scan_missing else (), 0)
     for run in runs:
         truth = truths[run]
@@ -187,6 +211,16 @@ def calibrate(paths, out: Path, *, fpr: float = 0.05, nc: bool = True, mmbd: boo
             missing[b] += report[REPORT_KEYS[b]] is None and b in stages
         models.append(Model(run.name, truth["poisoned"], truth["family"], truth["architecture"], signals(report)))
         kinds.append(truth["kind"])
+        asrs[run.name] = truth["asr"]
+    # models measured before and recorded in a calibration file; a run folder of the same name is the newer word
+    have = {run.name for run in runs}
+    for m in recorded:
+        if m["run"] not in have:
+            have.add(m["run"])
+            models.append(Model(m["run"], m["backdoored"], m["family"], m["architecture"], m["signals"]))
+            kinds.append(m.get("kind") or {})
+            asrs[m["run"]] = m.get("asr")
+    failed += [f for f in recorded_left_out if f["run"] not in have and not have.add(f["run"])]
     lacking = {b: n for b, n in missing.items() if n}
     if lacking:
         warnings.warn("baselines measured on fewer models than the rule (another calibrate was running them, or "
@@ -199,14 +233,15 @@ def calibrate(paths, out: Path, *, fpr: float = 0.05, nc: bool = True, mmbd: boo
     result = evaluate(models, fpr)
     calibration = {
         "kind": "scan-calibration",
-        "schema_version": 1,
+        "schema_version": 2,
         "fpr": fpr,
         "scan_settings": scan_settings(),
-        "population": {**result["population"], "models": [{"run": m.name, "backdoored": m.backdoored,
-                                                            "family": m.family, "architecture": m.architecture}
-                                                           for m in models],
+        "population": {**result["population"],
+                       "models": [{"run": m.name, "backdoored": m.backdoored, "family": m.family,
+                                   "architecture": m.architecture, "kind": kind, "asr": asrs[m.name],
+                                   "signals": m.signals} for m, kind in zip(models, kinds)],
                        "left_out": failed,
-                       "kinds": [dict(k) for k in sorted({tuple(k.items()) for k in kinds}, key=str)]},
+                       "kinds": [dict(k) for k in sorted({tuple(k.items()) for k in kinds if k}, key=str)]},
         "rule": result["rule"],
         "expected": {"fpr": result["by_family"]["fpr"], "tpr": result["by_family"]["tpr"],
                      "auroc": result["by_family"]["auroc"], "auroc_ci95": result["by_family"]["auroc_ci95"]},
