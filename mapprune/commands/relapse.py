@@ -1,5 +1,6 @@
 """``mapprune relapse``: does a repaired model relearn its backdoor from a few poisoned images faster than a clean
-model learns it? The retuning attack beside its clean control (an evaluation: it uses the real trigger)."""
+model learns it, and does a small universal perturbation of triggered images bring it back? The retuning and the
+reactivation attacks beside their clean control (an evaluation: it uses the real trigger)."""
 
 import argparse
 from pathlib import Path
@@ -32,6 +33,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     rl.add_argument("--batch-size", type=int, default=128, help="(default %(default)s)")
     rl.add_argument("--seeds", type=_seeds, default=(0,), help="retuning seeds, e.g. 0,1,2: which images and the "
                     "training order (default 0)")
+    rl.add_argument("--reactivation-eps", type=finite, default=0.05, help="the reactivation perturbation's "
+                    "L-infinity bound on [0, 1] pixels (default %(default)s)")
+    rl.add_argument("--reactivation-steps", type=int, default=100, help="its search's sign-gradient steps "
+                    "(default %(default)s)")
+    rl.add_argument("--reactivation-images", type=int, default=500, help="the triggered training images it is "
+                    "searched on (default %(default)s)")
+    rl.add_argument("--no-reactivation", action="store_true", help="retune only; search no reactivation")
     rl.add_argument("--json", action="store_true", help="print the report as JSON")
     add_common(rl)
     return rl
@@ -40,12 +48,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     """Retunes, writes relapse.json beside the repaired model, prints ASR before and after per model."""
     # lazy: the command's job imports torch; it loads only when the command runs
-    from ..jobs.relapse import Retuning, relapse
+    from ..jobs.relapse import Reactivation, Retuning, relapse
     from ..runs import json_text
 
     settings = Retuning(images=args.images, poisoned=args.poisoned, epochs=args.epochs, lr=args.lr,
                         batch_size=args.batch_size)
-    report = relapse(args.run, defense=args.defense, control=args.control, settings=settings, seeds=args.seeds,
+    reactivation = None if args.no_reactivation else Reactivation(
+        eps=args.reactivation_eps, steps=args.reactivation_steps, images=args.reactivation_images)
+    report = relapse(args.run, defense=args.defense, control=args.control, settings=settings,
+                     reactivation=reactivation, seeds=args.seeds,
                      data_dir=args.data_dir, device=args.device, progress=not args.no_progress)
     if args.json:
         print(json_text(report, indent=1))
@@ -57,4 +68,9 @@ def run(args) -> int:
         after = " / ".join(f"{100 * a['asr']:.2f}" for a in m["after"])
         print(f"  {name:<10} ACC {100 * m['before']['acc']:.2f}%  ASR {100 * m['before']['asr']:.2f}% -> {after}% "
               f"(ACC after {100 * m['after'][-1]['acc']:.2f}%)")
+        if "reactivation" in m:
+            found = " / ".join(f"{100 * r['asr']:.2f}" for r in m["reactivation"])
+            generic = " / ".join(f"{100 * r['generic']:.2f}" for r in m["reactivation"])
+            print(f"  {'':<10} reactivated by a universal perturbation (L-inf {reactivation.eps:g}): ASR {found}%; "
+                  f"the same search without the trigger: {generic}%")
     return 0

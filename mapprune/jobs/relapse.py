@@ -14,6 +14,13 @@ drawn from the images the backdoor acts on (non-target classes; a source-specifi
 the attacks' own poisoning,
 and every image of the set gets the training augmentation (the paper leaves the poisoned ones unaugmented).
 
+The **reactivation by input** of Zhu et al. (NeurIPS 2024, "Breaking the False Sense of Security in Backdoor
+Defense through Re-Activation Attack", :mod:`mapprune.attacks.reactivation`) asks the same question without
+touching the weights: one universal perturbation of L-infinity norm at most ``eps`` (the paper's 0.05), searched on
+the model with ``images`` triggered training images, added to the triggered test images. Beside it, the same
+search on the same images without the trigger (the paper's generic universal adversarial perturbation), which
+tells a dormant backdoor from a plain adversarial weakness; and both on the clean control.
+
 It uses the real trigger, so like ``diagnose`` it evaluates a defense and is never part of one.
 """
 
@@ -24,10 +31,11 @@ from pathlib import Path
 
 import torch
 
+from ..attacks.reactivation import perturbed, universal_perturbation
 from ..device import pick_device
 from ..errors import MapPruneError
 from ..evaluation import defended_model
-from ..metrics import evaluate
+from ..metrics import accuracy, evaluate, predict
 from ..runs import Run, acquire_folder_lock, atomic_write_text, json_text, load_run
 from ..train import TrainConfig, train
 
@@ -55,6 +63,58 @@ class Retuning:
             raise MapPruneError(f"--epochs and --batch-size are at least 1; got {self.epochs} and {self.batch_size}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise MapPruneError(f"--lr is a positive learning rate; got {self.lr}")
+
+
+@dataclass(frozen=True)
+class Reactivation:
+    """The reactivation search's settings (the paper's budget by default)."""
+
+    eps: float = 0.05  # the perturbation's L-infinity bound on [0, 1] pixels
+    steps: int = 100  # sign-gradient steps of eps / 10, one mini-batch each
+    images: int = 500  # the attacker's triggered training images the perturbation is searched on
+    batch_size: int = 128
+
+    def check(self, train_size: int | None = None) -> None:
+        """One line naming what is wrong, before any work."""
+        if not (math.isfinite(self.eps) and 0 < self.eps <= 1):
+            raise MapPruneError(f"--reactivation-eps is an L-infinity bound on [0, 1] pixels, in (0, 1]; got "
+                                f"{self.eps}")
+        if self.steps < 1:
+            raise MapPruneError(f"--reactivation-steps is at least 1; got {self.steps}")
+        if self.images < 1 or (train_size is not None and self.images > train_size):
+            raise MapPruneError(f"--reactivation-images is the search set's size, 1 to the training set's "
+                                f"{train_size}; got {self.images}")
+
+
+def reactivation_set(run: Run, settings: Reactivation, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clean images, their attack targets): ``settings.images`` training images the backdoor acts on, drawn
+    with ``seed``. The search triggers them with the run's attack (reactivation) or leaves them clean (the
+    generic perturbation)."""
+    y_train = run.dataset.y_train
+    sources = run.attack.backdoor_sources(y_train)
+    g = torch.Generator().manual_seed(10_000 + seed)  # not the retuning set's draw
+    chosen = sources[torch.randperm(len(sources), generator=g)[:settings.images]]
+    return run.dataset.x_train[chosen], run.attack.target_labels(y_train[chosen])
+
+
+def reactivate(model: torch.nn.Module, run: Run, settings: Reactivation, seed: int, device) -> dict:
+    """The target rate on the test set of the model's reactivation: ``asr`` (triggered test images plus the
+    perturbation searched on triggered images) beside ``generic`` (clean test images of the backdoor's sources
+    plus a perturbation searched on the same images without the trigger) and ``asr_without`` (the triggered
+    test images with no perturbation)."""
+    x, target = reactivation_set(run, settings, seed)
+    kw = {"eps": settings.eps, "steps": settings.steps, "batch_size": settings.batch_size, "seed": seed,
+          "device": device}
+    delta = universal_perturbation(model, run.attack.apply(x), target, **kw)
+    generic = universal_perturbation(model, x, target, **kw)
+    ds = run.dataset
+    keep = run.attack.backdoor_sources(ds.y_test)
+    x_bd, y_target, _ = run.test_sets()["backdoor"]
+    return {"asr": accuracy(predict(model, perturbed(x_bd, delta)), y_target),
+            "generic": accuracy(predict(model, perturbed(ds.x_test[keep], generic)),
+                                run.attack.target_labels(ds.y_test[keep])),
+            "asr_without": accuracy(predict(model, x_bd), y_target),
+            "delta_linf": float(delta.abs().max())}
 
 
 def retuning_set(run: Run, settings: Retuning, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -103,16 +163,23 @@ def _clean_control(path: Path, run: Run, data_dir) -> Run:
 
 
 def relapse(run_path, *, defense: str | None = None, control=None, settings: Retuning = Retuning(),
-            seeds: tuple[int, ...] = (0,), data_dir=None, device=None, progress: bool = False) -> dict:
+            reactivation: Reactivation | None = Reactivation(), seeds: tuple[int, ...] = (0,), data_dir=None,
+            device=None, progress: bool = False) -> dict:
     """Retunes the run's model repaired by ``defense`` (its own model when None) and, with ``control`` (a clean run
-    folder), the control, once per seed; writes ``relapse.json`` into the defense's folder (the run's for the
-    undefended model) and returns it: the settings, and per model and seed ACC / ASR / RA before and after."""
+    folder), the control, once per seed, and (unless ``reactivation`` is None) searches each model's reactivation
+    perturbation once per seed; writes ``relapse.json`` into the defense's folder (the run's for the undefended
+    model) and returns it: the settings, and per model and seed ACC / ASR / RA before and after retuning, and the
+    reactivation's target rates."""
     if not seeds or len(set(seeds)) != len(seeds):
         raise MapPruneError(f"--seeds are distinct seeds, at least one; got {list(seeds)}")
     settings.check()
+    if reactivation is not None:
+        reactivation.check()
     run_path = Path(run_path)
     run = load_run(run_path, data_dir)
     settings.check(len(run.dataset.y_train))
+    if reactivation is not None:
+        reactivation.check(len(run.dataset.y_train))
     model, folder = (run.model, run_path) if defense is None else (defended_model(run, run_path, defense),
                                                                    run_path / "defense" / defense)
     models = {"repaired" if defense else "undefended": model}
@@ -121,17 +188,19 @@ def relapse(run_path, *, defense: str | None = None, control=None, settings: Ret
     # taken before the work: refused in one line while another command writes the folder
     lock = acquire_folder_lock(folder, "relapse")
     try:
-        return _retune_all(run, run_path, folder, models, defense, control, settings, seeds, device, progress)
+        return _retune_all(run, run_path, folder, models, defense, control, settings, reactivation, seeds, device,
+                           progress)
     finally:
         lock.release()
 
 
 def _retune_all(run: Run, run_path: Path, folder: Path, models: dict, defense, control, settings: Retuning,
-                seeds, device, progress) -> dict:
+                reactivation: Reactivation | None, seeds, device, progress) -> dict:
     dev = pick_device(device)
     tests = run.test_sets()
     report = {"kind": "relapse", "run": str(run_path), "defense": defense, "control": None if control is None
               else str(control), "attack": run.manifest["attack"]["name"], "settings": asdict(settings),
+              "reactivation_settings": None if reactivation is None else asdict(reactivation),
               "seeds": list(seeds), "models": {}}
     for name, m in models.items():
         before = _rates(evaluate(m.to(dev), tests))
@@ -141,6 +210,11 @@ def _retune_all(run: Run, run_path: Path, folder: Path, models: dict, defense, c
             after.append(_rates(evaluate(retune(m, x, y, settings, seed, dev, progress), tests)))
         report["models"][name] = {"before": before, "after": after,
                                   "asr_after_mean": sum(a["asr"] for a in after) / len(after)}
+        if reactivation is not None:
+            found = [reactivate(m, run, reactivation, seed, dev) for seed in seeds]
+            report["models"][name].update(reactivation=found,
+                                          reactivation_asr_mean=sum(r["asr"] for r in found) / len(found),
+                                          generic_mean=sum(r["generic"] for r in found) / len(found))
     atomic_write_text(folder / "relapse.json", json_text(report, indent=1))
     return report
 
