@@ -9,12 +9,12 @@ import sys
 import pytest
 import torch
 
-from mapprune.errors import MapPruneError
 from mapprune.attacks.reactivation import perturbed, universal_perturbation
+from mapprune.errors import MapPruneError
 from mapprune.jobs.relapse import Reactivation, Retuning, reactivate, relapse, retuning_set
 from mapprune.metrics import evaluate
-from mapprune.train import TrainConfig, train
 from mapprune.runs import load_run
+from mapprune.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
