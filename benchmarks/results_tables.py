@@ -10,7 +10,8 @@ A generated table sits between two HTML comments (invisible on the page), each o
     <!-- end table -->
 
 BENCH names a bench folder given as ``--bench BENCH=DIR`` (a folder ``mapprune bench GRID --out DIR`` wrote; its
-results.csv is read). KIND is one of:
+results.csv is read), or a scan calibration given as ``--bench BENCH=FILE.json`` (written by ``mapprune
+calibrate``). KIND is one of:
 
 - ``asr-ra``: attacks x defenses, ASR (mean ± sd over seeds) / RA, with the average row (table.md's table);
 - ``acc``: attacks x defenses, clean ACC (mean ± sd over seeds), with the average row (table.md's table);
@@ -18,7 +19,9 @@ results.csv is read). KIND is one of:
 - ``means``: each defense's mean ACC / ASR / RA over the attacks, with ``reference`` a column of its published
   means over the same attacks (what benchmarks/analysis/bench_average.py prints);
 - ``seeds``: one defense (``defenses=`` names exactly one), ACC / ASR / RA seed by seed, the mean ASR and the
-  mean change of clean ACC.
+  mean change of clean ACC;
+- ``calibration``: of a calibration file, the scan's held-out TPR and FPR by trigger family and by architecture,
+  the AUROC, and the baselines' AUROC on the same models (mapprune.jobs.calibrate.held_out_tables).
 
 ``attacks`` and ``defenses`` select and order rows and columns by their labels in results.csv (all of them, in the
 bench's order, when left out); ``label:Shown name`` shows a label under another name (no comma in it; quote the
@@ -40,10 +43,12 @@ from mapprune.bench.grid import load_reference
 from mapprune.bench.results import read_results
 from mapprune.bench.tables import cells_table, grid_table, means_table, seeds_table, summarise
 from mapprune.errors import MapPruneError
+from mapprune.jobs.calibrate import held_out_tables
+from mapprune.jobs.scan import load_calibration
 from mapprune.runs import atomic_write_text
 
 REFERENCES = Path(__file__).resolve().parent / "reference"
-KINDS = ("asr-ra", "acc", "acc-asr-ra", "means", "seeds")
+KINDS = ("asr-ra", "acc", "acc-asr-ra", "means", "seeds", "calibration")
 OPTIONS = ("attacks", "defenses", "reference")
 # a region's opening comment (its spec may run over lines) or its end
 MARKER = re.compile(r"<!--\s*(?:table:(?P<spec>.*?)|(?P<end>end table)\s*)-->", re.S)
@@ -96,8 +101,15 @@ class Region:
     def __str__(self) -> str:
         return f"line {self.line} ({self.bench} {self.kind})"
 
-    def table(self, rows: list[dict], folder: str) -> str:
-        """The region's table from the bench's rows."""
+    def table(self, rows: list[dict] | dict, folder: str) -> str:
+        """The region's table from the bench's rows (a calibration's content for a calibration table)."""
+        if self.kind != "calibration" and isinstance(rows, dict):
+            raise BadInput(f"{self}: {folder} is a calibration file; its tables are of kind calibration")
+        if self.kind == "calibration" and not isinstance(rows, dict):
+            raise BadInput(f"{self}: {folder} is a bench folder; a calibration table reads a calibration file "
+                           "(--bench NAME=FILE.json)")
+        if self.kind == "calibration":
+            return held_out_tables(rows)
         attacks = self._labels(rows, "attack", folder)
         defenses = self._labels(rows, "defense", folder)
         if self.kind == "seeds":
@@ -182,6 +194,11 @@ def benches(specs: list[str]) -> dict[str, str]:
             raise BadInput(f"--bench {spec!r}: give it as NAME=DIR, e.g. cifar10-cpu=bench/cifar10-cpu")
         if name in out:
             raise BadInput(f"--bench {name} is given twice")
+        if folder.endswith(".json"):
+            if not Path(folder).is_file():
+                raise BadInput(f"--bench {name}={folder}: no such calibration file")
+            out[name] = folder
+            continue
         if not Path(folder).is_dir():
             raise BadInput(f"--bench {name}={folder}: no such folder")
         if not (Path(folder) / "results.csv").is_file():
@@ -189,6 +206,11 @@ def benches(specs: list[str]) -> dict[str, str]:
                            "is done yet)")
         out[name] = folder
     return out
+
+
+def _calibration(path: str) -> dict:
+    cal = load_calibration(path)
+    return {k: v for k, v in cal.items() if not k.startswith("_")}
 
 
 def run(doc: Path, bench_args: list[str], check: bool) -> dict:
@@ -207,7 +229,7 @@ def run(doc: Path, bench_args: list[str], check: bool) -> dict:
     rows = {}
     for name, folder in folders.items():
         try:
-            rows[name] = read_results(folder)
+            rows[name] = _calibration(folder) if folder.endswith(".json") else read_results(folder)
         except MapPruneError as e:
             raise BadInput(str(e)) from None
     done, differs, not_checked, pieces, at, shift = [], [], [], [], 0, 0

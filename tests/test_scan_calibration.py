@@ -6,6 +6,7 @@ import random
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,7 @@ from mapprune.jobs.calibrate import calibrate, scan_settings
 from mapprune.jobs.scan import EXIT_BACKDOORED, EXIT_UNCERTAIN, calibrated_verdict, load_calibration, scan_and_save
 from mapprune.runs import load_run
 
+REPO = Path(__file__).resolve().parents[1]
 CLEAN = {"patch_pull": 0.3, "warp_pull": 0.2, "smooth_pull": 0.05, "stimulation_anomaly": 2.0, "rejection": 0.1}
 # Each family shows in one signal only, as a patch shows in the patch probe and a blend in the stimulation test.
 SHOWS_IN = {"patch": ("patch_pull", 0.4), "blend": ("stimulation_anomaly", 8.0), "warp": ("warp_pull", 0.3)}
@@ -284,3 +286,31 @@ def test_a_model_that_cannot_be_scanned_is_left_out_with_its_reason_and_the_rest
     cal = calibrate([tmp_path / "bench"], tmp_path / "cal.json", nc=False, mmbd=False, log=lambda *a: None)
     reasons = {f["run"]: f["reason"] for f in cal["population"]["left_out"]}
     assert reasons["broken"].startswith("scan: ") and cal["population"]["clean"] == 20
+
+
+def test_the_results_pages_calibration_tables_are_written_from_the_calibration_file(digits_backdoor, tmp_path):
+    """benchmarks/results_tables.py writes a ``calibration`` table from a calibration file and --check fails once
+    a number in it is edited."""
+    from mapprune.jobs.calibrate import held_out_tables
+
+    template, _ = digits_backdoor
+    _fake_population(tmp_path / "bench" / "runs", template)
+    cal = calibrate([tmp_path / "bench"], tmp_path / "cal.json", nc=False, mmbd=False, scan_missing=False)
+    doc = tmp_path / "page.md"
+    doc.write_text("Before.\n\n<!-- table: population calibration -->\n<!-- end table -->\n\nAfter.\n")
+    script = [sys.executable, str(REPO / "benchmarks" / "results_tables.py"), "--doc", str(doc), "--bench",
+              f"population={tmp_path / 'cal.json'}"]
+    assert subprocess.run(script, capture_output=True, text=True).returncode == 0
+    text = doc.read_text()
+    assert held_out_tables(json.loads((tmp_path / "cal.json").read_text())) in text
+    assert "| warp | 100% (10/10" in text and "**Trigger family held out**" in text
+    assert text.startswith("Before.") and text.endswith("After.\n")
+    assert subprocess.run([*script, "--check"], capture_output=True, text=True).returncode == 0
+    doc.write_text(text.replace("| warp | 100% (10/10", "| warp | 90% (9/10"))
+    checked = subprocess.run([*script, "--check"], capture_output=True, text=True)
+    assert checked.returncode == 1 and "differs from" in checked.stdout
+    assert cal["population"]["clean"] == 20
+    # A bench table cannot read a calibration file: one line, exit 2.
+    doc.write_text("<!-- table: population acc -->\n<!-- end table -->\n")
+    refused = subprocess.run(script, capture_output=True, text=True)
+    assert refused.returncode == 2 and "its tables are of kind calibration" in refused.stderr

@@ -263,27 +263,38 @@ def _pct(rate: dict) -> str:
 
 
 def markdown(cal: dict) -> str:
-    """The calibration's tables: held-out TPR and FPR by family and by architecture, AUROC beside the baselines'."""
+    """The calibration's report: its rule, :func:`held_out_tables`, and the models left out with their reasons."""
     pop = cal["population"]
     lines = [f"# Scan calibration: {pop['clean']} clean and {pop['backdoored']} backdoored models, FPR target "
              f"{cal['fpr']:g}", "",
              f"Rule: the largest robust z over {', '.join(cal['rule']['signals'])}; backdoored above "
-             f"{cal['rule']['threshold']:.2f}, uncertain above {cal['rule']['uncertain_from']:.2f}.", ""]
-    for key, title in (("by_family", "trigger family held out"), ("by_architecture", "architecture held out")):
+             f"{cal['rule']['threshold']:.2f}, uncertain above {cal['rule']['uncertain_from']:.2f}.", "",
+             held_out_tables(cal, "##"), ""]
+    if pop["left_out"]:
+        lines += ["## Left out", ""] + [f"- {f['run']}: {f['reason']}" for f in pop["left_out"]] + [""]
+    return "\n".join(lines)
+
+
+def held_out_tables(cal: dict, heading: str = "**") -> str:
+    """Held-out TPR and FPR by trigger family and by architecture, with the AUROC, and the baselines' AUROC on
+    the same models (what the results pages show; ``heading`` "##" makes each table's title a heading, "**" bold)."""
+    def title(text: str) -> str:
+        return f"{heading} {text}" if heading.startswith("#") else f"{heading}{text}{heading}"
+
+    lines = []
+    for key, name in (("by_family", "Trigger family held out"), ("by_architecture", "Architecture held out")):
         part = cal["held_out"].get(key)
         if not part:
             continue
-        lines += [f"## {title}", "", "| group | TPR (95% CI) | FPR (95% CI) | uncertain |", "|---|---|---|---|"]
+        lines += [title(name), "", "| group | TPR (95% CI) | FPR (95% CI) | uncertain |", "|---|---|---|---|"]
         for g, row in part["groups"].items():
             lines.append(f"| {g} | {_pct(row['tpr'])} | {_pct(row['fpr'])} | {row['uncertain']} |")
         lines += [f"| **all** | {_pct(part['tpr'])} | {_pct(part['fpr'])} | |", "",
                   f"AUROC {part['auroc']:.3f} (95% CI {part['auroc_ci95'][0]:.3f}-{part['auroc_ci95'][1]:.3f})", ""]
     if cal["baselines"]:
-        lines += ["## Baselines on the same models", "", "| detector | models | AUROC (95% CI) |", "|---|---|---|"]
+        lines += [title("Baselines on the same models"), "", "| detector | models | AUROC (95% CI) |", "|---|---|---|"]
         for b, row in cal["baselines"].items():
             lines.append(f"| {b} | {row['models']} | {row['auroc']:.3f} ({row['auroc_ci95'][0]:.3f}-"
                          f"{row['auroc_ci95'][1]:.3f}) |")
         lines.append("")
-    if pop["left_out"]:
-        lines += ["## Left out", ""] + [f"- {f['run']}: {f['reason']}" for f in pop["left_out"]] + [""]
-    return "\n".join(lines)
+    return "\n".join(lines).rstrip("\n")
