@@ -49,6 +49,10 @@ def test_a_backdoor_still_in_the_model_survives_retuning_and_the_clean_control_d
     assert undefended["asr_after_mean"] > 0.3  # the backdoor is still there after retuning
     assert control["asr_after_mean"] < 0.05  # five poisoned images do not plant it in a clean model
     assert json.loads((run / "relapse.json").read_text())["models"]["control"]["after"] == control["after"]
+    # ASR after every retuning epoch, the last one the reported "after", and the figure of it
+    assert [len(h) for h in undefended["by_epoch"]] == [5, 5]
+    assert [h[-1]["asr"] for h in undefended["by_epoch"]] == [a["asr"] for a in undefended["after"]]
+    assert (run / "relapse.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("args, message", [

@@ -35,6 +35,7 @@ from ..attacks.reactivation import perturbed, universal_perturbation
 from ..device import pick_device
 from ..errors import MapPruneError
 from ..evaluation import defended_model
+from ..figures import pyplot
 from ..metrics import accuracy, evaluate, predict
 from ..runs import Run, acquire_folder_lock, atomic_write_text, json_text, load_run
 from ..train import TrainConfig, train
@@ -140,14 +141,16 @@ def retuning_set(run: Run, settings: Retuning, seed: int) -> tuple[torch.Tensor,
 
 
 def retune(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Retuning, seed: int, device,
-           progress: bool = False) -> torch.nn.Module:
+           progress: bool = False, tests: dict | None = None) -> tuple[torch.nn.Module, list[dict]]:
     """A copy of ``model`` fine-tuned on the retuning set (the paper's optimiser: SGD, momentum 0.9, no weight
-    decay, constant lr); ``model`` itself is left as it was."""
+    decay, constant lr), and with ``tests`` its ACC / ASR / RA after each epoch; ``model`` itself is left as it
+    was."""
     tuned = copy.deepcopy(model)
     cfg = TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, momentum=0.9,
                       weight_decay=0.0, schedule="constant", seed=seed)
-    train(tuned, x, y, cfg, device=device, progress=progress, desc="retune")
-    return tuned.eval()
+    history = train(tuned, x, y, cfg, device=device, progress=progress, desc="retune",
+                    eval_fn=None if tests is None else (lambda m: _rates(evaluate(m, tests))))
+    return tuned.eval(), [{k: h[k] for k in ("epoch", "acc", "asr", "ra")} for h in history if "asr" in h]
 
 
 def _clean_control(path: Path, run: Run, data_dir) -> Run:
@@ -204,11 +207,13 @@ def _retune_all(run: Run, run_path: Path, folder: Path, models: dict, defense, c
               "seeds": list(seeds), "models": {}}
     for name, m in models.items():
         before = _rates(evaluate(m.to(dev), tests))
-        after = []
+        after, by_epoch = [], []
         for seed in seeds:
             x, y, _ = retuning_set(run, settings, seed)
-            after.append(_rates(evaluate(retune(m, x, y, settings, seed, dev, progress), tests)))
-        report["models"][name] = {"before": before, "after": after,
+            _, history = retune(m, x, y, settings, seed, dev, progress, tests=tests)
+            after.append({k: history[-1][k] for k in ("acc", "asr", "ra")})
+            by_epoch.append(history)
+        report["models"][name] = {"before": before, "after": after, "by_epoch": by_epoch,
                                   "asr_after_mean": sum(a["asr"] for a in after) / len(after)}
         if reactivation is not None:
             found = [reactivate(m, run, reactivation, seed, dev) for seed in seeds]
@@ -216,7 +221,29 @@ def _retune_all(run: Run, run_path: Path, folder: Path, models: dict, defense, c
                                           reactivation_asr_mean=sum(r["asr"] for r in found) / len(found),
                                           generic_mean=sum(r["generic"] for r in found) / len(found))
     atomic_write_text(folder / "relapse.json", json_text(report, indent=1))
+    save_relapse_figure(folder / "relapse.png", report)
     return report
+
+
+def save_relapse_figure(path: Path, report: dict) -> None:
+    """ASR against retuning epochs, one line per model and seed (the repaired or undefended model beside the
+    control), each starting from the model's ASR before retuning."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for (name, m), colour in zip(report["models"].items(), ("tab:red", "tab:blue", "tab:green")):
+        for i, history in enumerate(m["by_epoch"]):
+            ax.plot([0] + [h["epoch"] for h in history], [100 * m["before"]["asr"]] + [100 * h["asr"] for h in history],
+                    color=colour, marker="o", ms=3, alpha=0.8, label=name if i == 0 else None)
+    ax.set_xlabel("retuning epoch")
+    ax.set_ylabel("ASR (%)")
+    ax.set_ylim(-2, 102)
+    s = report["settings"]
+    ax.set_title(f"{report['defense'] or 'undefended'}: {s['poisoned']} poisoned of {s['images']} images, lr {s['lr']:g}",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _rates(metrics: dict) -> dict:
