@@ -10,6 +10,7 @@ from .adaptive import DistributedAttack, FMTEvasiveAttack
 from .badnets import BadNets
 from .base import Attack
 from .blended import Blended
+from .bpp import Bpp
 from .inputaware import InputAware
 from .lc import LabelConsistent
 from .lowfreq import LowFrequency
@@ -25,7 +26,7 @@ ATTACKS = Registry("attack", "mapprune.attacks", base=Attack, decorator="registe
 register_attack = ATTACKS.register  # class decorator: adds an Attack subclass under its ``name``
 
 for _cls in (BadNets, Blended, WaNet, LowFrequency, SSBA, InputAware, SIG, LabelConsistent, PatchAttack, RandomPatch,
-             MultiAttack, DistributedAttack, FMTEvasiveAttack, TaCT, AdapBlend, AdapPatch):
+             MultiAttack, DistributedAttack, FMTEvasiveAttack, TaCT, AdapBlend, AdapPatch, Bpp):
     register_attack(_cls)
 del _cls
 
