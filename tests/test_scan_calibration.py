@@ -12,7 +12,7 @@ import pytest
 
 from mapprune.detect.calibrate import Model, Rule, auroc, choose_signals, clopper_pearson, evaluate, fit_rule
 from mapprune.detect.mmbd import mmbd
-from mapprune.errors import MapPruneError
+from mapprune.errors import MapPruneError, MapPruneWarning
 from mapprune.jobs.calibrate import calibrate, scan_settings
 from mapprune.jobs.scan import EXIT_BACKDOORED, EXIT_UNCERTAIN, calibrated_verdict, load_calibration, scan_and_save
 from mapprune.runs import load_run
@@ -314,3 +314,23 @@ def test_the_results_pages_calibration_tables_are_written_from_the_calibration_f
     doc.write_text("<!-- table: population acc -->\n<!-- end table -->\n")
     refused = subprocess.run(script, capture_output=True, text=True)
     assert refused.returncode == 2 and "its tables are of kind calibration" in refused.stderr
+
+
+def test_a_population_too_small_for_a_rule_is_recorded_for_the_next_calibration(digits_backdoor, tmp_path):
+    template, _ = digits_backdoor
+    models = population()
+    first, rest = models[:2] + models[20:22], models[2:20] + models[22:]
+    for part, folder in ((first, "a"), (rest, "b")):
+        for m in part:
+            _fake_run(tmp_path / folder / "runs", template, m.name, poisoned=m.backdoored,
+                      asr=0.95 if m.backdoored else 0.01, attack="random-patch" if m.backdoored else "badnets",
+                      arch=m.architecture, signals_=m.signals)
+    with pytest.warns(MapPruneWarning, match="too few to set a rule"):
+        small = calibrate([tmp_path / "a"], tmp_path / "small.json", nc=False, mmbd=False, scan_missing=False)
+    assert small["rule"] is None and small["population"]["clean"] == 2 and len(small["population"]["models"]) == 4
+    with pytest.raises(MapPruneError, match="too few to set a rule; calibrate again with more models"):
+        load_calibration(tmp_path / "small.json")
+    whole = calibrate([tmp_path / "small.json", tmp_path / "b"], tmp_path / "whole.json", nc=False, mmbd=False,
+                      scan_missing=False)
+    assert whole["rule"] is not None and whole["population"]["clean"] == 20
+    assert whole["population"]["backdoored"] == 30

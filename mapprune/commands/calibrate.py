@@ -32,5 +32,9 @@ def run(args) -> int:
                     scan_missing=not args.no_scan, data_dir=args.data_dir, device=args.device,
                     progress=not args.no_progress)
     print(markdown(cal))
-    print(f"calibration: {args.out} (use it: mapprune scan MODEL --calibration {args.out})")
+    if cal["rule"] is None:
+        print(f"population record: {args.out} (calibrate again with it and more models: mapprune calibrate "
+              f"{args.out} MORE_RUNS --out NEW.json)")
+    else:
+        print(f"calibration: {args.out} (use it: mapprune scan MODEL --calibration {args.out})")
     return 0

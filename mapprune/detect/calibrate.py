@@ -236,13 +236,21 @@ def held_out_scores(models: list[Model], fpr: float, by: str, selection: str = "
     return out
 
 
+MIN_CLEAN = 4  # clean models a rule and its leave-one-out false-positive rate need at the least
+
+
+def enough_models(models: list[Model]) -> bool:
+    """Whether :func:`evaluate` can set a rule on ``models``: at least ``MIN_CLEAN`` clean and one backdoored."""
+    return sum(not m.backdoored for m in models) >= MIN_CLEAN and any(m.backdoored for m in models)
+
+
 def evaluate(models: list[Model], fpr: float = 0.05, selection: str = "all") -> dict:
     """The calibration report: the rule fitted on every model, and held-out error rates by family and by
     architecture, with the baselines' AUROC on the same models."""
     clean = [m for m in models if not m.backdoored]
     backdoored = [m for m in models if m.backdoored]
-    if len(clean) < 4 or not backdoored:
-        raise MapPruneError(f"calibration needs at least 4 clean and 1 backdoored model, got {len(clean)} and "
+    if not enough_models(models):
+        raise MapPruneError(f"calibration needs at least {MIN_CLEAN} clean and 1 backdoored model, got {len(clean)} and "
                             f"{len(backdoored)}")
     rule = fit_rule(models, choose_signals(models, fpr, selection), fpr)
     report = {"rule": rule.to_json(), "selection": selection,

@@ -14,13 +14,13 @@ from pathlib import Path
 
 from ..data import clean_subset
 from ..defenses import create_defense
-from ..detect.calibrate import Model, evaluate, signals
+from ..detect.calibrate import Model, enough_models, evaluate, signals
 from ..detect.mmbd import mmbd
 from ..detect.scan import neural_cleanse
 from ..device import pick_device
 from ..errors import MapPruneError, MapPruneWarning
 from ..runs import acquire_folder_lock, load_run, read_manifest, write_json
-from .scan import load_calibration, scan_and_save
+from .scan import read_calibration, scan_and_save
 
 MIN_ASR = 0.5
 FAMILIES = {"random-patch": "patch", "patch": "patch", "badnets": "patch", "blended": "blend", "wanet": "warp",
@@ -53,7 +53,7 @@ def calibration_files(paths) -> tuple[list[dict], list[dict]]:
     for p in map(Path, paths):
         if not _is_calibration_file(p):
             continue
-        cal = load_calibration(p)
+        cal = read_calibration(p)
         recorded = cal.get("population", {}).get("models") or []
         if any("signals" not in m for m in recorded):
             raise MapPruneError(f"{p} does not record its models' signals (written by an older mapprune): "
@@ -230,7 +230,16 @@ def calibrate(paths, out: Path, *, fpr: float = 0.05, nc: bool = True, mmbd: boo
         why = "another calibrate is scanning them" if busy else "--no-scan"
         warnings.warn(f"{len(skipped)} runs have no scan yet and were left out ({why}): "
                       f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", MapPruneWarning, stacklevel=2)
-    result = evaluate(models, fpr)
+    if enough_models(models):
+        result = evaluate(models, fpr)
+    else:  # the models measured so far are kept for the next calibration; no rule is set on them
+        result = {"population": {"clean": sum(not m.backdoored for m in models),
+                                 "backdoored": sum(m.backdoored for m in models)},
+                  "rule": None, "by_family": None, "baselines": {}}
+        warnings.warn(f"{result['population']['clean']} clean and {result['population']['backdoored']} backdoored "
+                      "models are too few to set a rule (at least 4 clean and 1 backdoored); the file records them "
+                      "for the next calibration", MapPruneWarning, stacklevel=2)
+    by_family = result["by_family"] or {}
     calibration = {
         "kind": "scan-calibration",
         "schema_version": 2,
@@ -243,9 +252,8 @@ def calibrate(paths, out: Path, *, fpr: float = 0.05, nc: bool = True, mmbd: boo
                        "left_out": failed,
                        "kinds": [dict(k) for k in sorted({tuple(k.items()) for k in kinds if k}, key=str)]},
         "rule": result["rule"],
-        "expected": {"fpr": result["by_family"]["fpr"], "tpr": result["by_family"]["tpr"],
-                     "auroc": result["by_family"]["auroc"], "auroc_ci95": result["by_family"]["auroc_ci95"]},
-        "held_out": {k: result[k] for k in ("by_family", "by_architecture") if k in result},
+        "expected": {k: by_family[k] for k in ("fpr", "tpr", "auroc", "auroc_ci95")} if by_family else None,
+        "held_out": {k: result[k] for k in ("by_family", "by_architecture") if result.get(k)},
         "baselines": result["baselines"],
     }
     out = Path(out)
@@ -266,10 +274,13 @@ def markdown(cal: dict) -> str:
     """The calibration's report: its rule, :func:`held_out_tables`, and the models left out with their reasons."""
     pop = cal["population"]
     lines = [f"# Scan calibration: {pop['clean']} clean and {pop['backdoored']} backdoored models, FPR target "
-             f"{cal['fpr']:g}", "",
-             f"Rule: the largest robust z over {', '.join(cal['rule']['signals'])}; backdoored above "
-             f"{cal['rule']['threshold']:.2f}, uncertain above {cal['rule']['uncertain_from']:.2f}.", "",
-             held_out_tables(cal, "##"), ""]
+             f"{cal['fpr']:g}", ""]
+    if cal["rule"] is None:
+        lines += ["Too few models to set a rule; the file records them for the next calibration.", ""]
+    else:
+        lines += [f"Rule: the largest robust z over {', '.join(cal['rule']['signals'])}; backdoored above "
+                  f"{cal['rule']['threshold']:.2f}, uncertain above {cal['rule']['uncertain_from']:.2f}.", "",
+                  held_out_tables(cal, "##"), ""]
     if pop["left_out"]:
         lines += ["## Left out", ""] + [f"- {f['run']}: {f['reason']}" for f in pop["left_out"]] + [""]
     return "\n".join(lines)

@@ -60,6 +60,20 @@ def save_scan_figure(path, result: ScanResult) -> None:
 def load_calibration(path) -> dict:
     """A calibration file written by ``mapprune calibrate`` (its rule checked here, before any work)."""
 
+    cal = read_calibration(path)
+    if cal.get("rule") is None:
+        pop = cal.get("population", {})
+        raise MapPruneError(f"{path} records {pop.get('clean', 0)} clean and {pop.get('backdoored', 0)} backdoored "
+                            "models, too few to set a rule; calibrate again with more models (give it the file and "
+                            "their run folders)")
+    cal["_rule"] = Rule.from_json(cal["rule"])
+    cal["_path"] = str(path)
+    return cal
+
+
+def read_calibration(path) -> dict:
+    """A calibration file's content, checked to be one (a population too small for a rule included)."""
+
     path = Path(path)
     try:
         cal = json.loads(path.read_text())
@@ -70,8 +84,6 @@ def load_calibration(path) -> dict:
                             "calibrate") from None
     if not isinstance(cal, dict) or cal.get("kind") != "scan-calibration":
         raise MapPruneError(f"{path} is not a scan calibration (written by mapprune calibrate)")
-    cal["_rule"] = Rule.from_json(cal.get("rule") or {})
-    cal["_path"] = str(path)
     return cal
 
 
