@@ -9,10 +9,12 @@ from .commands import (
     attack,
     bench,
     calibrate,
+    cleanse,
     defend,
     demo,
     diagnose,
     evaluate,
+    guard,
     import_backdoorbench,
     prepare,
     relapse,
@@ -23,8 +25,8 @@ from .commands.common import Parser, set_threads
 from .errors import MapPruneError, MapPruneWarning
 
 # Every command, in the order `mapprune --help` lists them.
-COMMANDS = (attack, scan, calibrate, import_backdoorbench, evaluate, defend, relapse, report, bench, diagnose, demo,
-            prepare)
+COMMANDS = (attack, scan, guard, cleanse, calibrate, import_backdoorbench, evaluate, defend, relapse, report, bench,
+            diagnose, demo, prepare)
 
 
 def build_parser() -> Parser:

@@ -136,7 +136,8 @@ def scanned(runs) -> dict[str, dict]:
 def test_the_scripts_are_the_listed_ones():
     """A new script gets a smoke test here and a line in benchmarks/README.md."""
     assert SCRIPTS == sorted(["adaptive_digits.py", "allocator.py", "bench_jobs.py", "fmt_recipe_cost.py",
-                              "fmt_speed.py", "population_grid.py", "results_tables.py", "train_throughput.py",
+                              "fmt_speed.py", "guard_overhead.py", "population_grid.py", "results_tables.py",
+                              "train_throughput.py",
                               "analysis/bench_average.py", "analysis/field_null.py", "analysis/scan_population.py",
                               "analysis/stimulation_table.py", "analysis/trigger_spread.py"])
 
@@ -557,6 +558,23 @@ def test_fmt_speed_extrapolates_per_map(capsys):
     assert "must be >= 1" in refused("fmt_speed.py", ["--maps", "0"], capsys)
     if not torch.cuda.is_available():
         assert "no CUDA GPU" in refused("fmt_speed.py", ["--device", "cuda"], capsys)
+
+
+def test_guard_overhead_times_the_guarded_model_beside_the_bare_one(digits_backdoor, capsys):
+    results, out = run("guard_overhead.py", ["--run", digits_backdoor[0], "--detectors", "fmt", "ibd-psc", "--images",
+                                             "64", "--batch-size", "32", "--repeats", "1", "--device", "cpu"], capsys)
+    rows = table(out)
+    assert [r["detector"] for r in rows] == ["fmt", "ibd-psc"] and results["fmt"]["forward_passes"] == 1
+    for row in rows:
+        r = results[row["detector"]]
+        assert r["bare_ms"] > 0 and r["guarded_ms"] > 0 and row["passes/image"] == str(r["forward_passes"])
+        assert row["guarded / bare"] == f"{r['guarded_ms'] / r['bare_ms']:.2f}x"
+    assert out.startswith(f"{digits_backdoor[0]}: 64 clean test images in batches of 32")
+    results, out = run("guard_overhead.py", ["--detectors", "scale-up", "--images", "16", "--repeats", "1",
+                                             "--epochs", "1", "--device", "cpu"], capsys)
+    assert out.startswith("clean smallcnn on the digits (epochs: 1)") and results["scale-up"]["forward_passes"] == 6
+    assert "must be >= 1" in refused("guard_overhead.py", ["--images", "0"], capsys)
+    assert "unknown detector 'nope'" in refused("guard_overhead.py", ["--detectors", "nope"], capsys)
 
 
 def test_train_throughput_compares_loop_and_bare(capsys):

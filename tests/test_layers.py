@@ -7,10 +7,10 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mapprune"
 LOWER = ("attacks", "defenses", "probes", "detect", "data", "models", "train", "metrics", "checkpoint", "images",
-         "options", "errors", "device", "presets", "resources", "allocator", "clean_model")
+         "options", "errors", "device", "presets", "resources", "allocator", "clean_model", "guard", "cleanse")
 UPPER = ("results", "figures", "jobs", "cli", "commands", "bench")
 # FMT's per-map tests sit below everything that uses them (defenses, the scan, diagnose, the adaptive attacks).
-ABOVE_PROBES = ("defenses", "attacks", "detect", *UPPER)
+ABOVE_PROBES = ("defenses", "attacks", "detect", "guard", "cleanse", *UPPER)
 
 
 def _module(path: Path) -> str:

@@ -33,6 +33,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="record test ACC/ASR in the history every N epochs (default %(default)s; the last epoch "
                         "always)")
     a.add_argument("--overwrite", action="store_true", help="replace a run already at --out")
+    a.add_argument("--exclude", type=Path, metavar="FILE",
+                   help="leave these training indices out of training (the same images are poisoned): a JSON list, or "
+                        "a flagged.json written by mapprune cleanse; recorded in the manifest")
     a.add_argument("--attack-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="an attack hyperparameter, e.g. --attack-opt alpha=0.1 (repeatable; values parsed as JSON)")
     a.add_argument("--pattern", type=Path, metavar="IMG",
@@ -77,8 +80,13 @@ def run(args) -> int:
                    model=args.model, width=args.width, target=args.target, all_to_all=args.all_to_all,
                    poison_ratio=args.poison_ratio, seed=args.seed, device=args.device, overwrite=args.overwrite,
                    progress=not args.no_progress, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                   schedule=args.schedule, eval_every=args.eval_every, attack_kw=trigger_opts(args))
+                   schedule=args.schedule, eval_every=args.eval_every, attack_kw=trigger_opts(args),
+                   exclude=args.exclude)
     r = m["metrics"]
     print(f"{args.out}: ACC {100 * r['acc']:.2f}%  ASR {100 * r['asr']:.2f}%  RA {100 * r['ra']:.2f}%  "
           f"(train {m['timings']['train_s']:.0f} s)")
+    if "exclude" in m:
+        e = m["exclude"]
+        print(f"  excluded {e['count']} training images, {e['poisons']} of them poisoned; "
+              f"{e['poisons_trained']} poisoned images trained on")
     return 0

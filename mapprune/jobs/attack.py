@@ -67,6 +67,25 @@ def _check_resumable(writer: RunWriter, overwrite: bool, settings: dict) -> None
     write_json(path, settings)
 
 
+def read_exclusion(path) -> list[int]:
+    """The training indices in ``path``: a JSON list of whole numbers, or an object whose ``indices`` is one (the
+    ``flagged.json`` that ``mapprune cleanse`` writes). Sorted, each once; anything else is refused in one line. JSON
+    only: the file is never unpickled or executed."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MapPruneError(f"--exclude {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise MapPruneError(f"--exclude {path} is not readable JSON ({e}); give a JSON list of training indices or a "
+                            "flagged.json written by mapprune cleanse") from None
+    indices = obj.get("indices") if isinstance(obj, dict) else obj
+    if not isinstance(indices, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+        raise MapPruneError(f"--exclude {path} holds no list of whole numbers (a JSON list of training indices, or an "
+                            "object with an \"indices\" list such as cleanse's flagged.json)")
+    return sorted(set(indices))
+
+
 def save_run_files(writer: RunWriter, model, spec: dict, atk, poison_indices: torch.Tensor, ds, dataset: str) -> dict:
     """A run's files beside its manifest: model.safetensors, attack.safetensors (the trigger's state and the
     poison indices) and samples.png (the first test image of each of eight classes, clean and triggered).
@@ -98,12 +117,15 @@ def attack_run(
     progress: bool = True,
     eval_every: int = 1,
     attack_kw: dict | None = None,
+    exclude=None,
     **train_kw,
 ) -> dict:
     """Trains a backdoored model and writes a complete run folder at ``out``; returns the manifest.
 
     ``preset`` fills model, width and training settings; explicit arguments (not None) override it.
     ``eval_every`` sets how often the history records test metrics (the last epoch always does).
+    ``exclude``: a file of training indices (:func:`read_exclusion`) left out of training after the poisoning (the
+    same images are poisoned as without it), recorded in the manifest: retraining on a cleansed training set.
     """
     if preset is not None and preset not in PRESETS:
         raise unknown_name("preset", preset, PRESETS)
@@ -125,6 +147,7 @@ def attack_run(
         if name not in registry:
             raise unknown_name(kind, name, registry)
     attack_kw = check_options(attack_class(attack), attack_kw or {}, attack)  # each value of the type it takes
+    excluded = read_exclusion(exclude) if exclude is not None else None
     writer = RunWriter(out, overwrite)  # refuses an existing run before any work is done
     try:
         dev = pick_device(device)
@@ -138,7 +161,21 @@ def attack_run(
         cfg = TrainConfig(seed=seed, hflip=ds.hflip, **p)
         cfg.validate()
         atk.prepare(ds, device=dev, progress=progress)
+        if excluded and not 0 <= excluded[0] <= excluded[-1] < len(ds.y_train):
+            bad = next(i for i in excluded if not 0 <= i < len(ds.y_train))
+            raise MapPruneError(f"--exclude {exclude} names training index {bad}; {dataset} has {len(ds.y_train)} "
+                                f"training images (0 to {len(ds.y_train) - 1})")
+        if excluded and len(excluded) == len(ds.y_train):
+            raise MapPruneError(f"--exclude {exclude} names every training image; nothing would be left to train on")
         x_train, y_train, poison_idx = atk.poison_train(ds.x_train, ds.y_train, seed)
+        exclusion = None
+        if excluded is not None:
+            keep = torch.ones(len(y_train), dtype=torch.bool)
+            keep[excluded] = False
+            x_train, y_train = x_train[keep], y_train[keep]
+            hit = int((~keep[poison_idx]).sum()) if len(poison_idx) else 0
+            exclusion = {"file": str(Path(exclude)), "count": len(excluded), "poisons": hit,
+                         "poisons_trained": len(poison_idx) - hit, "indices": excluded}
         target_share = _warn_if_target_class_consumed(atk, ds.y_train, len(poison_idx), ds.num_classes)
         test_sets = atk.test_sets(ds.x_test, ds.y_test)
         t_data = time.perf_counter() - t_start
@@ -147,7 +184,8 @@ def attack_run(
         net = create_model(model, ds.num_classes, width=width, in_channels=ds.image_shape[0], mean=ds.mean,
                            std=ds.std)
         _check_resumable(writer, overwrite, {"attack": atk.config(), "dataset": ds.fingerprint(), "model": model,
-                                             "width": width, "train": asdict(cfg), "seed": seed})
+                                             "width": width, "train": asdict(cfg), "seed": seed,
+                                             **({"exclude": excluded} if excluded is not None else {})})
         t0 = time.perf_counter()
         history = train(net, x_train, y_train, cfg, device=dev, checkpoint=writer.path("train_checkpoint.safetensors"),
                         loss_fn=atk.training_loss(net),
@@ -175,6 +213,7 @@ def attack_run(
             "peak_memory_mb": peak_memory_mb(dev),
             "metrics": metrics,
             "history": history,
+            **({"exclude": exclusion} if exclusion is not None else {}),
         }
         writer.path("train_checkpoint.safetensors").unlink(missing_ok=True)
         writer.path(SETTINGS).unlink(missing_ok=True)
