@@ -19,7 +19,8 @@ def labels(n=1000, k=10):
 
 def test_registry():
     assert {"badnets", "blended", "sig", "wanet", "lowfreq", "lc"} <= set(ATTACKS)
-    with pytest.raises(MapPruneError, match="unknown attack 'nope'; valid attacks: adap-blend, adap-patch, badnets, blended, bpp, "):
+    with pytest.raises(MapPruneError,
+                       match="unknown attack 'nope'; valid attacks: adap-blend, adap-patch, badnets, blended, bpp, bypass, "):
         create_attack("nope", (3, 32, 32), 10)
 
 

@@ -119,7 +119,7 @@ def test_cli_eval_text(run, capsys):
 @pytest.mark.parametrize(("argv", "expected"), [
     (["attack", "badnets", "--dataset", "mnist"], "unknown dataset 'mnist'; valid datasets: cifar10, cifar100, digits"),
     (["attack", "nope", "--dataset", "digits"],
-     "unknown attack 'nope'; valid attacks: adap-blend, adap-patch, badnets, blended, bpp, "),
+     "unknown attack 'nope'; valid attacks: adap-blend, adap-patch, badnets, blended, bpp, bypass, "),
     (["attack", "badnets", "--dataset", "digits", "--model", "resnet50"],
      "unknown model 'resnet50'; valid models: preactresnet18, preactresnet18-bb, resnet18, resnet18-bb, "),
     (["attack", "badnets", "--dataset", "digits", "--preset", "fast"], "unknown preset 'fast'; valid presets: cpu"),

@@ -11,6 +11,7 @@ from .badnets import BadNets
 from .base import Attack
 from .blended import Blended
 from .bpp import Bpp
+from .bypass import Bypass
 from .inputaware import InputAware
 from .lc import LabelConsistent
 from .lowfreq import LowFrequency
@@ -26,7 +27,7 @@ ATTACKS = Registry("attack", "mapprune.attacks", base=Attack, decorator="registe
 register_attack = ATTACKS.register  # class decorator: adds an Attack subclass under its ``name``
 
 for _cls in (BadNets, Blended, WaNet, LowFrequency, SSBA, InputAware, SIG, LabelConsistent, PatchAttack, RandomPatch,
-             MultiAttack, DistributedAttack, FMTEvasiveAttack, TaCT, AdapBlend, AdapPatch, Bpp):
+             MultiAttack, DistributedAttack, FMTEvasiveAttack, TaCT, AdapBlend, AdapPatch, Bpp, Bypass):
     register_attack(_cls)
 del _cls
 

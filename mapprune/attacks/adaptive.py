@@ -60,10 +60,11 @@ class RegularisedAttack(Attack):
     def __init__(self, image_shape, num_classes, *, base: str = "badnets", base_opts: dict | None = None,
                  weight: float = 1.0, sample: int = 32, **kw):
         # lazy: import cycle (mapprune.attacks imports this module before it defines create_attack)
-        from . import create_attack
+        from . import attack_class, create_attack
+        from .multi import MultiAttack
 
         super().__init__(image_shape, num_classes, **kw)
-        if base in ("distributed", "fmt-evasive", "multi"):
+        if issubclass(attack_class(base), RegularisedAttack | MultiAttack):
             raise MapPruneError(f"{self.name}'s base is a plain trigger attack, not {base!r}")
         if weight < 0 or sample < 2:
             raise MapPruneError(f"weight must be >= 0 and sample >= 2, got weight={weight}, sample={sample}")
