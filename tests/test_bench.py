@@ -433,3 +433,80 @@ def test_report_and_bench_give_the_same_numbers_for_the_same_folders(tiny):
     walls = {r["path"]: float(r["wall_s"]) for r in bench_rows if r["defense"] == "none"}
     assert {str(out / "runs" / r["run"]): r["wall_s"] for r in report_rows if r["defense"] == "none"} == \
         pytest.approx(walls)
+
+
+RELAPSE_GRID = """
+name = "digits-relapse"
+dataset = "digits"
+preset = "demo"
+seeds = [0]
+
+[[attack]]
+name = "badnets"
+
+[[attack]]
+label = "clean"
+name = "badnets"
+poison_ratio = 0.0
+
+[[defense]]
+label = "ft"
+name = "ft"
+opts = {batch_size = 32, epochs = 2}
+
+[relapse]
+control = "clean"
+images = 200
+epochs = 1
+reactivation_steps = 10
+reactivation_images = 100
+"""
+
+
+def test_relapse_adds_its_columns_to_every_model_and_defended_model(tmp_path):
+    """[relapse]: `mapprune relapse` on the backdoored model and on each of its defenses, beside the clean
+    control, its ASRs in results.csv and table.md; the defense cells are not redone when only the relapse settings
+    change, the relapse cells are."""
+    grid = tmp_path / "grid.toml"
+    grid.write_text(RELAPSE_GRID)
+    out = tmp_path / "out"
+    cells = plan(load_grid(grid), out)
+    relapse_cells = [c for c in cells if c.kind == "relapse"]
+    assert [(c.attack, c.defense) for c in relapse_cells] == [("badnets", "none"), ("badnets", "ft")]
+    r = run_bench(grid, out, progress=False, log=_quiet)
+    assert not r["failed"] and r["done"] == len(cells) == 2 + 2 + 2
+    with open(out / "results.csv") as f:
+        rows = {(row["attack"], row["defense"]): row for row in csv.DictReader(f)}
+    for key in (("badnets", "none"), ("badnets", "ft")):
+        report = json.loads((Path(rows[key]["path"]) / "relapse.json").read_text())
+        assert float(rows[key]["relapse_asr"]) == report["models"]["repaired" if key[1] != "none" else "undefended"][
+            "asr_after_mean"]
+        assert float(rows[key]["control_relapse_asr"]) < 0.1 and rows[key]["reactivated_asr"] != ""
+    assert rows[("clean", "ft")]["relapse_asr"] == ""  # the control's own cells are not retuned
+    # the undefended backdoor survives one epoch of retuning; the clean control does not learn it from 5 images
+    assert float(rows[("badnets", "none")]["relapse_asr"]) > 0.5
+    table = (out / "table.md").read_text()
+    assert "## ASR % after retuning / after reactivation" in table and "| badnets |" in table.split("retuning")[1]
+    # other relapse settings: only the relapse cells run again
+    grid.write_text(RELAPSE_GRID.replace("epochs = 1\n", "epochs = 2\n"))
+    again = run_bench(grid, out, progress=False, log=_quiet, update=True)
+    assert sorted(again["ran"]) == sorted(c.key for c in plan(load_grid(grid), out) if c.kind == "relapse")
+
+
+@pytest.mark.parametrize("edit, msg", [
+    ('control = "clean"', "control names the grid's clean model"),
+    ('label = "clean"\nname = "badnets"\npoison_ratio = 0.0', "is a backdoored model; give it poison_ratio = 0"),
+    ("images = 200", "is a whole number"),
+    ("epochs = 1\n", "--epochs and --batch-size are at least 1"),
+    ("reactivation_steps = 10", "unknown key 'reactivation_step'"),
+])
+def test_a_bad_relapse_table_fails_before_any_work(tmp_path, edit, msg):
+    replacement = {'control = "clean"': 'control = "nope"',
+                   'label = "clean"\nname = "badnets"\npoison_ratio = 0.0': 'label = "clean"\nname = "badnets"\npoison_ratio = 0.05',
+                   "images = 200": "images = 200.5", "epochs = 1\n": "epochs = 0\n",
+                   "reactivation_steps = 10": "reactivation_step = 10"}[edit]
+    bad = tmp_path / "bad.toml"
+    bad.write_text(RELAPSE_GRID.replace(edit, replacement, 1))
+    with pytest.raises(MapPruneError, match=msg):
+        run_bench(bad, tmp_path / "out", progress=False, log=_quiet)
+    assert not (tmp_path / "out").exists()

@@ -12,7 +12,9 @@ from ..allocator import keep_freed_memory
 from ..errors import MapPruneError
 from ..jobs.attack import attack_run
 from ..jobs.defend import NothingToAdopt, defend_run
-from .grid import Grid
+from ..jobs.relapse import relapse
+from ..runs import atomic_write_text, json_text
+from .grid import Grid, relapse_settings
 from .plan import Cell
 
 
@@ -29,6 +31,10 @@ def run_cell(cell: dict, grid: Grid, threads: int | None, progress: bool, adopt_
             if adopt_only and not c.settings.get("source"):
                 raise NothingToAdopt(f"{c.label} is trained, not adopted")
             _run_model(c, grid, progress)
+        elif c.kind == "relapse":
+            if adopt_only:
+                raise NothingToAdopt(f"{c.label} is measured, not adopted")
+            _run_relapse(c, grid, progress)
         else:
             _run_defense(c, grid, progress, adopt_only)
         return {"key": c.key, "ok": True, "seconds": time.perf_counter() - t0, "error": None}
@@ -65,3 +71,12 @@ def _run_defense(c: Cell, grid: Grid, progress: bool, adopt_only: bool = False) 
     defend_run(path.parent.parent, s["defense"], clean_ratio=s["clean_ratio"], name=path.name,
                data_dir=grid.data_dir, progress=progress, seed=s["seed"], adopt_from=s.get("adopt_from"),
                adopt_only=adopt_only, **s["opts"])
+
+
+def _run_relapse(c: Cell, grid: Grid, progress: bool) -> None:
+    s = c.settings
+    retuning, reactivation, seeds = relapse_settings(s["relapse"])
+    report = relapse(s["run"], defense=s["defense"], control=s["control_run"], settings=retuning,
+                     reactivation=reactivation, seeds=tuple(seeds), data_dir=grid.data_dir, progress=progress)
+    # the key marks relapse.json as this cell's: a report made by hand or with other settings is redone
+    atomic_write_text(c.marker(), json_text({**report, "bench_key": c.key}, indent=1))

@@ -11,18 +11,22 @@ from ..data import DATASETS, load_dataset
 from ..defenses import DEFENSES, create_defense
 from ..errors import MapPruneError, unknown_name
 from ..jobs.defend import DEFAULT_CLEAN_RATIO
+from ..jobs.relapse import Reactivation, Retuning
 from ..models import MODELS
 from ..presets import PRESETS
 from .keys import attack_label, defense_identity, defense_label, model_settings, settings_hash
 
 GRID_KEYS = {"name", "dataset", "data_dir", "preset", "clean_ratio", "seeds", "model", "attack", "defense",
-             "reference"}
+             "reference", "relapse"}
 # What only changes how results are shown: not part of the grid's identity (bench.json's hash).
 PRESENTATION_KEYS = {"reference", "_reference"}
 ATTACK_KEYS = {"name", "opts", "poison_ratio", "target", "all_to_all", "train_seed", "run", "label", "adopt_defenses",
                "model"}
 DEFENSE_KEYS = {"name", "opts", "label", "clean_ratio", "sweep"}
 MODEL_KEYS = {"model", "width", "epochs", "batch_size", "lr", "schedule", "eval_every"}
+# [relapse]: `mapprune relapse` on every model and defended model of the grid, beside the clean control's
+RELAPSE_KEYS = {"control", "seeds", "images", "poisoned", "epochs", "lr", "batch_size", "reactivation",
+                "reactivation_eps", "reactivation_steps", "reactivation_images"}
 
 
 @dataclass
@@ -51,6 +55,7 @@ class Grid:
     model: dict = field(default_factory=dict)
     reference_file: str | None = None
     reference: dict | None = None
+    relapse: dict | None = None  # the [relapse] table, validated; None: no relapse cells
     sweeps: list[Sweep] = field(default_factory=list)
     file_keys: tuple[str, ...] = ()  # the file's top-level keys in the file's order (``seeds``, ``defense`` added)
 
@@ -59,7 +64,7 @@ class Grid:
         (the expanded sweeps and the published numbers) where the grid has them."""
         values = {"name": self.name, "dataset": self.dataset, "data_dir": self.data_dir, "preset": self.preset,
                   "clean_ratio": self.clean_ratio, "seeds": self.seeds, "model": self.model, "attack": self.attacks,
-                  "defense": self.defenses, "reference": self.reference_file}
+                  "defense": self.defenses, "reference": self.reference_file, "relapse": self.relapse}
         out = {k: values[k] for k in self.file_keys}
         if self.sweeps:
             out["_sweeps"] = [asdict(s) for s in self.sweeps]
@@ -97,10 +102,12 @@ def load_grid(path) -> Grid:
     grid = Grid(name=table["name"], dataset=table["dataset"], seeds=seeds, attacks=table["attack"],
                 defenses=table["defense"], data_dir=table.get("data_dir"), preset=table.get("preset"),
                 clean_ratio=table.get("clean_ratio"), model=table.get("model", {}),
-                reference_file=table.get("reference"), file_keys=tuple(table))
+                reference_file=table.get("reference"), relapse=table.get("relapse"), file_keys=tuple(table))
     _expand_sweeps(grid, path)
     _check_names(grid, path)
     _check_duplicates(grid, path)
+    if grid.relapse is not None:
+        _check_relapse(grid, path)
     if "reference" in table:
         if not isinstance(grid.reference_file, str) or not grid.reference_file:
             raise MapPruneError(f"{path}: reference must be the path of a TOML file of published numbers")
@@ -250,6 +257,48 @@ def _check_names(grid: Grid, path) -> None:
         if label in labels:
             raise MapPruneError(f"{where}: two defenses are labelled {label!r}; give one a distinct label")
         labels.add(label)
+
+
+def relapse_settings(table: dict) -> tuple[Retuning, Reactivation | None, list[int]]:
+    """The retuning and reactivation settings and the seeds of a validated [relapse] table."""
+    retuning = Retuning(**{k: table[k] for k in ("images", "poisoned", "epochs", "lr", "batch_size") if k in table})
+    reactivation = None if not table.get("reactivation", True) else Reactivation(
+        **{k.removeprefix("reactivation_"): table[k] for k in ("reactivation_eps", "reactivation_steps",
+                                                               "reactivation_images") if k in table})
+    return retuning, reactivation, list(table.get("seeds", [0]))
+
+
+def _check_relapse(grid: Grid, path) -> None:
+    table, where = grid.relapse, f"{path} [relapse]"
+    if not isinstance(table, dict):
+        raise MapPruneError(f"{where}: relapse is a table, e.g. [relapse] control = \"clean\"")
+    _only(table, RELAPSE_KEYS, where)
+    control = table.get("control")
+    by_label = {attack_label(a): a for a in grid.attacks}
+    if control not in by_label:
+        raise MapPruneError(f"{where}: control names the grid's clean model by its [[attack]] label; got {control!r} "
+                            f"(labels: {', '.join(by_label)})")
+    if "run" not in by_label[control] and by_label[control].get("poison_ratio", 0.1) != 0:
+        raise MapPruneError(f"{where}: the control {control!r} is a backdoored model; give it poison_ratio = 0")
+    seeds = table.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds) or \
+            not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in seeds):
+        raise MapPruneError(f"{where}: seeds is a list of distinct non-negative whole numbers, got {seeds!r}")
+    for k in ("images", "poisoned", "epochs", "batch_size", "reactivation_steps", "reactivation_images"):
+        if k in table and (not isinstance(table[k], int) or isinstance(table[k], bool)):
+            raise MapPruneError(f"{where}: {k} is a whole number, got {table[k]!r}")
+    for k in ("lr", "reactivation_eps"):
+        if k in table and (not isinstance(table[k], int | float) or isinstance(table[k], bool)):
+            raise MapPruneError(f"{where}: {k} is a number, got {table[k]!r}")
+    if "reactivation" in table and not isinstance(table["reactivation"], bool):
+        raise MapPruneError(f"{where}: reactivation is true or false, got {table['reactivation']!r}")
+    retuning, reactivation, _ = relapse_settings(table)
+    try:
+        retuning.check()
+        if reactivation is not None:
+            reactivation.check()
+    except MapPruneError as e:
+        raise MapPruneError(f"{where}: {e}") from None
 
 
 def _check_duplicates(grid: Grid, path) -> None:

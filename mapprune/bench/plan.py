@@ -13,10 +13,11 @@ from .keys import attack_label, defense_label, defense_settings, model_settings,
 
 @dataclass
 class Cell:
-    """One unit of work: ``kind`` "model" (train or adopt a backdoored model) or "defense"."""
+    """One unit of work: ``kind`` "model" (train or adopt a backdoored model), "defense", or "relapse" (``mapprune
+    relapse`` on a model or a defended model, beside the grid's clean control)."""
 
-    kind: str
-    label: str  # attack label, or "attack label / defense label / seed N"
+    kind: str  # "model", "defense" or "relapse"
+    label: str  # attack label, or "attack label / defense label / seed N" (+ " / relapse")
     key: str
     settings: dict
     path: str  # the run folder (model) or the defense folder (defense)
@@ -26,8 +27,8 @@ class Cell:
     seed: int | None = None
 
     def marker(self) -> Path:
-        """The file that says the cell is finished: manifest.json (model) or result.json (defense)."""
-        return Path(self.path) / ("manifest.json" if self.kind == "model" else "result.json")
+        """The file that says the cell is finished: manifest.json (model), result.json (defense) or relapse.json."""
+        return Path(self.path) / {"model": "manifest.json", "defense": "result.json", "relapse": "relapse.json"}[self.kind]
 
     def verify(self) -> tuple[dict | None, str | None]:
         """(the marker's content, None) when the cell's files verify: the marker parses as a JSON object and a
@@ -46,6 +47,8 @@ class Cell:
             return None, f"{marker} is not a JSON object"
         if self.kind == "model" and not (folder / "model.safetensors").is_file():
             return None, f"{folder / 'model.safetensors'} is missing"
+        if self.kind == "relapse" and obj.get("bench_key") != self.key:
+            return None, None  # made by hand or with other settings: not this cell's, run it (again)
         return obj, None
 
     def done(self) -> bool:
@@ -75,7 +78,29 @@ def plan(grid: Grid, out: Path) -> list[Cell]:
                 cells.append(Cell("defense", f"{label} / {dlabel} / seed {seed}", settings_hash({**dset, "seed": seed}),
                                   {**dset, "seed": seed, **adopt}, str(run / "defense" / folder), [key],
                                   attack=label, defense=dlabel, seed=seed))
+    if grid.relapse is not None:
+        cells += _relapse_cells(grid, cells)
     return cells
+
+
+def _relapse_cells(grid: Grid, cells: list[Cell]) -> list[Cell]:
+    """One relapse cell per model and defended model of the grid, the control's own excepted: each depends on its
+    cell and on the control model's, and is keyed by both keys and the [relapse] settings."""
+    control_label = grid.relapse["control"]
+    control = next(c for c in cells if c.kind == "model" and c.attack == control_label)
+    settings = {k: v for k, v in grid.relapse.items() if k != "control"}
+    out = []
+    for c in cells:
+        if c.attack == control_label:
+            continue
+        run = c.path if c.kind == "model" else str(Path(c.path).parent.parent)
+        rset = {"relapse": settings, "of": c.key, "control": control.key}
+        out.append(Cell("relapse", f"{c.label} / relapse", settings_hash(rset),
+                        {**rset, "run": run, "defense": None if c.kind == "model" else Path(c.path).name,
+                         "control_run": control.path},
+                        c.path, sorted({c.key, control.key}), attack=c.attack,
+                        defense=c.defense or "none", seed=c.seed))
+    return out
 
 
 def select(cells: list[Cell], grid: Grid, labels: list[str] | None) -> list[Cell]:
@@ -87,4 +112,8 @@ def select(cells: list[Cell], grid: Grid, labels: list[str] | None) -> list[Cell
     unknown = [x for x in labels if x not in valid]
     if unknown:
         raise MapPruneError(f"--only: the grid has no attack labelled {unknown[0]!r}; valid labels: {', '.join(valid)}")
-    return [c for c in cells if c.attack in labels]
+    chosen = [c for c in cells if c.attack in labels]
+    if grid.relapse is not None and any(c.kind == "relapse" for c in chosen):
+        # the relapse cells need the control model: its cell comes along (done at once when it is trained)
+        chosen += [c for c in cells if c.kind == "model" and c.attack == grid.relapse["control"] and c not in chosen]
+    return chosen

@@ -22,8 +22,11 @@ def collect(cells: list[Cell]) -> list[dict]:
     """One row per finished cell: settings, metrics before and after (and per trigger where a model has several),
     DER, wall time per phase, peak memory. A damaged cell (files that do not verify, or lack a field) is left out
     with a warning naming its file."""
+    relapses = {c.path: obj for c in cells if c.kind == "relapse" for obj in [c.verify()[0]] if obj is not None}
     rows = []
     for c in cells:
+        if c.kind == "relapse":  # its figures join its model's or defense's row
+            continue
         obj, problem = c.verify()
         if obj is None:
             if problem:
@@ -31,7 +34,7 @@ def collect(cells: list[Cell]) -> list[dict]:
                               MapPruneWarning, stacklevel=2)
             continue
         try:
-            rows.append(_row(c, obj))
+            rows.append({**_row(c, obj), **relapse_columns(relapses.get(c.path))})
         except (KeyError, TypeError, ValueError, MapPruneError) as e:
             warnings.warn(f"{c.marker()} lacks an expected field or value ({type(e).__name__}: {e}): {c.label} is "
                           "left out of the results", MapPruneWarning, stacklevel=2)
@@ -40,7 +43,22 @@ def collect(cells: list[Cell]) -> list[dict]:
 
 # results.csv's columns, in order; dict-valued ones are written as JSON
 COLUMNS = ("attack", "defense", "seed", "key", "path", "acc", "asr", "ra", "triggers", "acc_before", "asr_before",
-           "ra_before", "der", "wall_s", "timings", "peak_memory_mb", "settings", "adopted_from", "diverged")
+           "ra_before", "der", "wall_s", "timings", "peak_memory_mb", "settings", "adopted_from", "diverged",
+           "relapse_asr", "reactivated_asr", "control_relapse_asr", "control_reactivated_asr")
+# [relapse] grids: the mean ASR over the retuning seeds after retuning, and after the reactivation perturbation,
+# of the row's model and of the clean control (empty without relapse)
+RELAPSE_COLUMNS = COLUMNS[-4:]
+
+
+def relapse_columns(report: dict | None) -> dict:
+    """The relapse columns of a row from its relapse.json (empty strings when there is none)."""
+    if report is None:
+        return dict.fromkeys(RELAPSE_COLUMNS, "")
+    own = next(m for name, m in report["models"].items() if name != "control")
+    control = report["models"].get("control") or {}
+    return {"relapse_asr": own["asr_after_mean"], "reactivated_asr": own.get("reactivation_asr_mean", ""),
+            "control_relapse_asr": control.get("asr_after_mean", ""),
+            "control_reactivated_asr": control.get("reactivation_asr_mean", "")}
 
 
 def read_results(path) -> list[dict]:
@@ -59,7 +77,7 @@ def read_results(path) -> list[dict]:
         if lacking:
             raise MapPruneError(f"{path} is not a bench's results.csv: it lacks the column(s) {', '.join(lacking)}")
         raw = list(reader)
-    floats = ("acc", "asr", "ra", "acc_before", "asr_before", "ra_before", "der")
+    floats = ("acc", "asr", "ra", "acc_before", "asr_before", "ra_before", "der", *RELAPSE_COLUMNS)
     rows = []
     for i, r in enumerate(raw, 2):
         try:
@@ -84,7 +102,7 @@ def _row(c: Cell, obj: dict) -> dict:
                  "diverged": diverged_epoch(obj)}
     row.update(attack=c.attack, defense=c.defense or "none", seed=c.seed, key=c.key, path=c.path, **extra)
     return {k: (json.dumps(row[k]) if isinstance(row[k], dict) else row[k]) if k != "triggers" else
-            (json.dumps(row[k]) if row[k] else "") for k in COLUMNS}
+            (json.dumps(row[k]) if row[k] else "") for k in COLUMNS if k not in RELAPSE_COLUMNS}
 
 
 def diverged_epoch(result: dict) -> int | None:

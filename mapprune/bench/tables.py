@@ -22,7 +22,7 @@ def markdown(rows: list[dict], title: str, reference: dict | None = None) -> str
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
     defenses = list(dict.fromkeys(r["defense"] for r in rows))
     parts = [f"# {title}", "", *_tables(summary, attacks, defenses, "(mean ± sd over defense seeds)"),
-             *_trigger_table(rows, defenses)]
+             *_trigger_table(rows, defenses), *relapse_table(rows, attacks, defenses)]
     if any(s["diverged"] for s in summary.values()):
         parts += [f"† the defense's fine-tune diverged (an epoch's loss over {DIVERGENCE_FACTOR:g}x the first's; "
                   "results.csv: `diverged`, the epoch of the peak) in at least one seed: it relearnt much of the model "
@@ -36,6 +36,45 @@ def markdown(rows: list[dict], title: str, reference: dict | None = None) -> str
                       "The same cells as published (`-`: not published); averages over the published cells.", "",
                       *_tables(published, attacks, cols, "(published)")]
     return "\n".join(parts)
+
+
+def _relapse_value(r: dict, key: str) -> float | None:
+    v = r.get(key)
+    return None if v in (None, "") else float(v)
+
+
+def relapse_table(rows: list[dict], attacks: list[str], defenses: list[str], names: dict | None = None) -> list[str]:
+    """Of a grid with [relapse]: per attack and defense, the ASR after retuning / after the reactivation
+    perturbation (means over defense seeds of the means over retuning seeds), and the clean control's beside them
+    ("-": not measured). Empty when no row has relapse figures."""
+    per: dict = {}
+    for r in rows:
+        own = _relapse_value(r, "relapse_asr")
+        if own is not None:
+            per.setdefault((r["attack"], r["defense"]), []).append(
+                (own, _relapse_value(r, "reactivated_asr"), _relapse_value(r, "control_relapse_asr"),
+                 _relapse_value(r, "control_reactivated_asr")))
+    if not per:
+        return []
+    names = names or {}
+
+    def pct(values):
+        values = [v for v in values if v is not None]
+        return f"{100 * statistics.fmean(values):.2f}" if values else "-"
+
+    cols = [d for d in defenses if any((a, d) in per for a in attacks)]
+    parts = ["## ASR % after retuning / after reactivation (relapse; mean over seeds)", "",
+             "| attack | " + " | ".join(names.get(d, d) for d in cols) + " | clean control |",
+             "|" + "---|" * (len(cols) + 2)]
+    for a in attacks:
+        if not any((a, d) in per for d in cols):
+            continue
+        cells = [f"{pct(v[0] for v in per[(a, d)])} / {pct(v[1] for v in per[(a, d)])}" if (a, d) in per else "-"
+                 for d in cols]
+        control = [v for d in cols for v in per.get((a, d), [])]
+        parts.append(f"| {names.get(a, a)} | " + " | ".join(cells) +
+                     f" | {pct(v[2] for v in control)} / {pct(v[3] for v in control)} |")
+    return parts + [""]
 
 
 def _trigger_table(rows: list[dict], defenses: list[str]) -> list[str]:
