@@ -510,3 +510,56 @@ def test_a_bad_relapse_table_fails_before_any_work(tmp_path, edit, msg):
     with pytest.raises(MapPruneError, match=msg):
         run_bench(bad, tmp_path / "out", progress=False, log=_quiet)
     assert not (tmp_path / "out").exists()
+
+
+DETECT_GRID = """
+name = "digits-detect"
+dataset = "digits"
+preset = "demo"
+
+[[attack]]
+name = "badnets"
+
+[cleanse]
+detectors = ["fmt", "ss"]
+
+[guard]
+detectors = ["fmt", "ibd-psc"]
+test_images = 200
+"""
+
+
+def test_cleanse_and_guard_cells_write_the_detection_tables(tmp_path):
+    """[cleanse] and [guard]: each model's training set cleansed and its inputs guarded, every detector's AUROC,
+    TPR and FPR in detection.csv and in table.md, read from the files the commands wrote."""
+    grid = tmp_path / "grid.toml"
+    grid.write_text(DETECT_GRID)
+    out = tmp_path / "out"
+    r = run_bench(grid, out, progress=False, log=_quiet)
+    assert not r["failed"] and r["done"] == 3
+    with open(out / "detection.csv") as f:
+        rows = {(row["kind"], row["detector"]): row for row in csv.DictReader(f)}
+    assert set(rows) == {("cleanse", "fmt"), ("cleanse", "ss"), ("guard", "fmt"), ("guard", "ibd-psc")}
+    run = Path(rows[("cleanse", "fmt")]["path"])
+    written = json.loads((run / "cleanse" / "fmt" / "result.json").read_text())
+    assert float(rows[("cleanse", "fmt")]["auroc"]) == written["evaluation"]["auroc"] > 0.9
+    guarded = json.loads((run / "guard" / "model" / "fmt.json").read_text())
+    assert float(rows[("guard", "fmt")]["auroc"]) == guarded["all"]["auroc"] > 0.9
+    table = (out / "table.md").read_text()
+    assert "## Poisoned training images found (cleanse)" in table and "## Triggered inputs flagged (guard)" in table
+    assert "| **mean AUROC** |" in table
+    # done cells are not measured again
+    assert run_bench(grid, out, progress=False, log=_quiet)["ran"] == []
+
+
+@pytest.mark.parametrize("edit, msg", [
+    ('detectors = ["fmt", "ss"]', "unknown sample detector|unknown"),
+    ("test_images = 200", "test_images is a whole number of at least 1"),
+])
+def test_a_bad_detection_table_fails_before_any_work(tmp_path, edit, msg):
+    replacement = {'detectors = ["fmt", "ss"]': 'detectors = ["fmt", "nope"]', "test_images = 200": "test_images = 0"}
+    bad = tmp_path / "bad.toml"
+    bad.write_text(DETECT_GRID.replace(edit, replacement[edit], 1))
+    with pytest.raises(MapPruneError, match=msg):
+        run_bench(bad, tmp_path / "out", progress=False, log=_quiet)
+    assert not (tmp_path / "out").exists()

@@ -11,11 +11,13 @@ import torch
 from ..allocator import keep_freed_memory
 from ..errors import MapPruneError
 from ..jobs.attack import attack_run
+from ..jobs.cleanse import cleanse
 from ..jobs.defend import NothingToAdopt, defend_run
+from ..jobs.guard import guard
 from ..jobs.relapse import relapse
 from ..runs import atomic_write_text, json_text
 from .grid import Grid, relapse_settings
-from .plan import Cell
+from .plan import MEASUREMENTS, Cell
 
 
 def run_cell(cell: dict, grid: Grid, threads: int | None, progress: bool, adopt_only: bool = False) -> dict:
@@ -31,10 +33,10 @@ def run_cell(cell: dict, grid: Grid, threads: int | None, progress: bool, adopt_
             if adopt_only and not c.settings.get("source"):
                 raise NothingToAdopt(f"{c.label} is trained, not adopted")
             _run_model(c, grid, progress)
-        elif c.kind == "relapse":
+        elif c.kind in MEASUREMENTS:
             if adopt_only:
                 raise NothingToAdopt(f"{c.label} is measured, not adopted")
-            _run_relapse(c, grid, progress)
+            {"relapse": _run_relapse, "cleanse": _run_cleanse, "guard": _run_guard}[c.kind](c, grid, progress)
         else:
             _run_defense(c, grid, progress, adopt_only)
         return {"key": c.key, "ok": True, "seconds": time.perf_counter() - t0, "error": None}
@@ -80,3 +82,23 @@ def _run_relapse(c: Cell, grid: Grid, progress: bool) -> None:
                      reactivation=reactivation, seeds=tuple(seeds), data_dir=grid.data_dir, progress=progress)
     # the key marks relapse.json as this cell's: a report made by hand or with other settings is redone
     atomic_write_text(c.marker(), json_text({**report, "bench_key": c.key}, indent=1))
+
+
+def _run_cleanse(c: Cell, grid: Grid, progress: bool) -> None:
+    t = c.settings["cleanse"]
+    results = cleanse(c.path, detectors=t.get("detectors", ["all"]), expected=t.get("expected", 0.1),
+                      layer=t.get("layer", "penultimate"), data_dir=grid.data_dir)
+    summary = {name: {k: r.get(k) for k in ("rule", "flagged", "evaluation", "suspected_target")}
+               for name, r in results.items()}
+    atomic_write_text(c.marker(), json_text({"kind": "cleanse-bench", "bench_key": c.key, "detectors": summary},
+                                            indent=1))
+
+
+def _run_guard(c: Cell, grid: Grid, progress: bool) -> None:
+    t = c.settings["guard"]
+    out = guard(c.path, detectors=t.get("detectors", ["all"]), fpr=t.get("fpr", 0.05),
+                test_images=t.get("test_images"), data_dir=grid.data_dir, log=None)
+    summary = {name: {k: r[k] for k in ("all", "effective", "cost", "threshold")}
+               for name, r in out["detectors"].items()}
+    atomic_write_text(c.marker(), json_text({"kind": "guard-bench", "bench_key": c.key, "detectors": summary},
+                                            indent=1))

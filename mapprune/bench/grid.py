@@ -10,14 +10,16 @@ from ..attacks import ATTACKS, create_attack, load_plugins
 from ..data import DATASETS, load_dataset
 from ..defenses import DEFENSES, create_defense
 from ..errors import MapPruneError, unknown_name
+from ..jobs.cleanse import detector_names
 from ..jobs.defend import DEFAULT_CLEAN_RATIO
+from ..jobs.guard import detectors_from
 from ..jobs.relapse import Reactivation, Retuning
 from ..models import MODELS
 from ..presets import PRESETS
 from .keys import attack_label, defense_identity, defense_label, model_settings, settings_hash
 
 GRID_KEYS = {"name", "dataset", "data_dir", "preset", "clean_ratio", "seeds", "model", "attack", "defense",
-             "reference", "relapse"}
+             "reference", "relapse", "cleanse", "guard"}
 # What only changes how results are shown: not part of the grid's identity (bench.json's hash).
 PRESENTATION_KEYS = {"reference", "_reference"}
 ATTACK_KEYS = {"name", "opts", "poison_ratio", "target", "all_to_all", "train_seed", "run", "label", "adopt_defenses",
@@ -25,6 +27,9 @@ ATTACK_KEYS = {"name", "opts", "poison_ratio", "target", "all_to_all", "train_se
 DEFENSE_KEYS = {"name", "opts", "label", "clean_ratio", "sweep"}
 MODEL_KEYS = {"model", "width", "epochs", "batch_size", "lr", "schedule", "eval_every"}
 # [relapse]: `mapprune relapse` on every model and defended model of the grid, beside the clean control's
+# [cleanse] and [guard]: `mapprune cleanse` on every model's training set, `mapprune guard` on every model
+CLEANSE_KEYS = {"detectors", "expected", "layer"}
+GUARD_KEYS = {"detectors", "fpr", "test_images"}
 RELAPSE_KEYS = {"control", "seeds", "images", "poisoned", "epochs", "lr", "batch_size", "reactivation",
                 "reactivation_eps", "reactivation_steps", "reactivation_images"}
 
@@ -56,6 +61,8 @@ class Grid:
     reference_file: str | None = None
     reference: dict | None = None
     relapse: dict | None = None  # the [relapse] table, validated; None: no relapse cells
+    cleanse: dict | None = None  # the [cleanse] table, validated; None: no cleanse cells
+    guard: dict | None = None  # the [guard] table, validated; None: no guard cells
     sweeps: list[Sweep] = field(default_factory=list)
     file_keys: tuple[str, ...] = ()  # the file's top-level keys in the file's order (``seeds``, ``defense`` added)
 
@@ -64,7 +71,8 @@ class Grid:
         (the expanded sweeps and the published numbers) where the grid has them."""
         values = {"name": self.name, "dataset": self.dataset, "data_dir": self.data_dir, "preset": self.preset,
                   "clean_ratio": self.clean_ratio, "seeds": self.seeds, "model": self.model, "attack": self.attacks,
-                  "defense": self.defenses, "reference": self.reference_file, "relapse": self.relapse}
+                  "defense": self.defenses, "reference": self.reference_file, "relapse": self.relapse,
+                  "cleanse": self.cleanse, "guard": self.guard}
         out = {k: values[k] for k in self.file_keys}
         if self.sweeps:
             out["_sweeps"] = [asdict(s) for s in self.sweeps]
@@ -102,12 +110,17 @@ def load_grid(path) -> Grid:
     grid = Grid(name=table["name"], dataset=table["dataset"], seeds=seeds, attacks=table["attack"],
                 defenses=table["defense"], data_dir=table.get("data_dir"), preset=table.get("preset"),
                 clean_ratio=table.get("clean_ratio"), model=table.get("model", {}),
-                reference_file=table.get("reference"), relapse=table.get("relapse"), file_keys=tuple(table))
+                reference_file=table.get("reference"), relapse=table.get("relapse"), cleanse=table.get("cleanse"),
+                guard=table.get("guard"), file_keys=tuple(table))
     _expand_sweeps(grid, path)
     _check_names(grid, path)
     _check_duplicates(grid, path)
     if grid.relapse is not None:
         _check_relapse(grid, path)
+    if grid.cleanse is not None:
+        _check_detection(grid.cleanse, CLEANSE_KEYS, f"{path} [cleanse]")
+    if grid.guard is not None:
+        _check_detection(grid.guard, GUARD_KEYS, f"{path} [guard]")
     if "reference" in table:
         if not isinstance(grid.reference_file, str) or not grid.reference_file:
             raise MapPruneError(f"{path}: reference must be the path of a TOML file of published numbers")
@@ -297,6 +310,31 @@ def _check_relapse(grid: Grid, path) -> None:
         retuning.check()
         if reactivation is not None:
             reactivation.check()
+    except MapPruneError as e:
+        raise MapPruneError(f"{where}: {e}") from None
+
+
+def _check_detection(table, keys: set, where: str) -> None:
+    """A [cleanse] or [guard] table: its detectors known, its numbers in range (as the commands check them)."""
+    if not isinstance(table, dict):
+        raise MapPruneError(f"{where}: a table of settings, e.g. detectors = [\"all\"]")
+    _only(table, keys, where)
+    detectors = table.get("detectors", ["all"])
+    if not isinstance(detectors, list) or not detectors or not all(isinstance(d, str) for d in detectors):
+        raise MapPruneError(f"{where}: detectors is a list of detector names (or [\"all\"]), got {detectors!r}")
+    for k in ("expected", "fpr"):
+        if k in table and (isinstance(table[k], bool) or not isinstance(table[k], int | float) or not 0 < table[k] < 1):
+            raise MapPruneError(f"{where}: {k} is a fraction in (0, 1), got {table[k]!r}")
+    if "test_images" in table and (isinstance(table["test_images"], bool) or not isinstance(table["test_images"], int)
+                                   or table["test_images"] < 1):
+        raise MapPruneError(f"{where}: test_images is a whole number of at least 1, got {table['test_images']!r}")
+    if "layer" in table and not isinstance(table["layer"], str):
+        raise MapPruneError(f"{where}: layer is a module name or \"penultimate\", got {table['layer']!r}")
+    try:
+        if keys is CLEANSE_KEYS:
+            detector_names(detectors)
+        else:
+            detectors_from(detectors)
     except MapPruneError as e:
         raise MapPruneError(f"{where}: {e}") from None
 

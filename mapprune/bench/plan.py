@@ -10,13 +10,20 @@ from ..errors import MapPruneError
 from .grid import Grid
 from .keys import attack_label, defense_label, defense_settings, model_settings, settings_hash
 
+# the file that says a cell of each kind is finished, in its folder
+MARKERS = {"model": "manifest.json", "defense": "result.json", "relapse": "relapse.json",
+           "cleanse": "cleanse/bench.json", "guard": "guard/model/bench.json"}
+# kinds that measure a model other cells made: their marker holds the cell's key (another key: redo it)
+MEASUREMENTS = ("relapse", "cleanse", "guard")
+
 
 @dataclass
 class Cell:
-    """One unit of work: ``kind`` "model" (train or adopt a backdoored model), "defense", or "relapse" (``mapprune
-    relapse`` on a model or a defended model, beside the grid's clean control)."""
+    """One unit of work: ``kind`` "model" (train or adopt a backdoored model), "defense", or a measurement:
+    "relapse" (``mapprune relapse`` on a model or a defended model, beside the grid's clean control), "cleanse"
+    (``mapprune cleanse`` on a model's training set), "guard" (``mapprune guard`` on a model)."""
 
-    kind: str  # "model", "defense" or "relapse"
+    kind: str  # "model", "defense", or a measurement: "relapse", "cleanse", "guard"
     label: str  # attack label, or "attack label / defense label / seed N" (+ " / relapse")
     key: str
     settings: dict
@@ -27,8 +34,8 @@ class Cell:
     seed: int | None = None
 
     def marker(self) -> Path:
-        """The file that says the cell is finished: manifest.json (model), result.json (defense) or relapse.json."""
-        return Path(self.path) / {"model": "manifest.json", "defense": "result.json", "relapse": "relapse.json"}[self.kind]
+        """The file that says the cell is finished (:data:`MARKERS`)."""
+        return Path(self.path) / MARKERS[self.kind]
 
     def verify(self) -> tuple[dict | None, str | None]:
         """(the marker's content, None) when the cell's files verify: the marker parses as a JSON object and a
@@ -47,7 +54,7 @@ class Cell:
             return None, f"{marker} is not a JSON object"
         if self.kind == "model" and not (folder / "model.safetensors").is_file():
             return None, f"{folder / 'model.safetensors'} is missing"
-        if self.kind == "relapse" and obj.get("bench_key") != self.key:
+        if self.kind in MEASUREMENTS and obj.get("bench_key") != self.key:
             return None, None  # made by hand or with other settings: not this cell's, run it (again)
         return obj, None
 
@@ -80,6 +87,11 @@ def plan(grid: Grid, out: Path) -> list[Cell]:
                                   attack=label, defense=dlabel, seed=seed))
     if grid.relapse is not None:
         cells += _relapse_cells(grid, cells)
+    for kind, table in (("cleanse", grid.cleanse), ("guard", grid.guard)):
+        if table is not None:
+            cells += [Cell(kind, f"{c.label} / {kind}", settings_hash({kind: table, "of": c.key}),
+                           {kind: table}, c.path, [c.key], attack=c.attack, defense="none")
+                      for c in cells if c.kind == "model"]
     return cells
 
 

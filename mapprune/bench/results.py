@@ -14,8 +14,8 @@ from ..results import defense_row, model_row
 from ..runs import atomic_write_text
 from .figures import grid_figures, sweep_figure
 from .grid import Grid
-from .plan import Cell
-from .tables import markdown, sweep_markdown
+from .plan import MEASUREMENTS, Cell
+from .tables import detection_markdown, markdown, sweep_markdown
 
 
 def collect(cells: list[Cell]) -> list[dict]:
@@ -25,7 +25,7 @@ def collect(cells: list[Cell]) -> list[dict]:
     relapses = {c.path: obj for c in cells if c.kind == "relapse" for obj in [c.verify()[0]] if obj is not None}
     rows = []
     for c in cells:
-        if c.kind == "relapse":  # its figures join its model's or defense's row
+        if c.kind in MEASUREMENTS:  # relapse figures join their model's or defense's row; detection has its own
             continue
         obj, problem = c.verify()
         if obj is None:
@@ -115,6 +115,32 @@ def diverged_epoch(result: dict) -> int | None:
     return d["peak_epoch"] if d else None
 
 
+DETECTION_COLUMNS = ("attack", "kind", "detector", "auroc", "auroc_part", "tpr", "fpr", "rule", "path")
+
+
+def detection_rows(cells: list[Cell]) -> list[dict]:
+    """One row per detector of every finished cleanse and guard cell: AUROC, the part AUROC (cleanse: inside the
+    target class; guard: on the effective images), TPR and FPR at the detector's own flagging rule."""
+    rows = []
+    for c in cells:
+        if c.kind not in ("cleanse", "guard"):
+            continue
+        obj, _ = c.verify()
+        if obj is None:
+            continue
+        for name, r in obj["detectors"].items():
+            if c.kind == "cleanse":
+                ev = r["evaluation"]
+                at = ev["rules"].get(r["rule"], {})
+                row = {"auroc": ev["auroc"], "auroc_part": ev.get("auroc_target"), "tpr": at.get("tpr"),
+                       "fpr": at.get("fpr"), "rule": r["rule"]}
+            else:
+                row = {"auroc": r["all"]["auroc"], "auroc_part": r["effective"]["auroc"], "tpr": r["all"]["tpr"],
+                       "fpr": r["all"]["fpr"], "rule": "calibrated"}
+            rows.append({"attack": c.attack, "kind": c.kind, "detector": name, **row, "path": c.path})
+    return rows
+
+
 def write_results(cells: list[Cell], grid: Grid, out: Path) -> None:
     """results.csv, table.md and figures/ of the finished cells, each file written atomically (a crash or a full
     disk leaves the previous complete file)."""
@@ -126,7 +152,14 @@ def write_results(cells: list[Cell], grid: Grid, out: Path) -> None:
     w.writeheader()
     w.writerows(rows)
     atomic_write_text(out / "results.csv", buf.getvalue())
-    text = markdown(rows, f"{grid.name}: {grid.dataset}", grid.reference)
+    detected = detection_rows(cells)
+    if detected:
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, fieldnames=list(DETECTION_COLUMNS))
+        w.writeheader()
+        w.writerows(detected)
+        atomic_write_text(out / "detection.csv", buf.getvalue())
+    text = markdown(rows, f"{grid.name}: {grid.dataset}", grid.reference) + detection_markdown(detected)
     if grid.sweeps:
         text += "\n" + sweep_markdown(rows, grid.sweeps)
     atomic_write_text(out / "table.md", text)

@@ -77,6 +77,38 @@ def relapse_table(rows: list[dict], attacks: list[str], defenses: list[str], nam
     return parts + [""]
 
 
+def detection_markdown(rows: list[dict]) -> str:
+    """Tables of the cleanse and guard cells' detection rows (:func:`mapprune.bench.results.detection_rows`):
+    attacks as rows, detectors as columns, "AUROC / TPR / FPR" (the last two at each detector's own rule), the
+    mean AUROC over the attacks as the last row. Empty when there are none."""
+    titles = {"cleanse": "Poisoned training images found (cleanse): AUROC / TPR % / FPR % at the detector's rule",
+              "guard": "Triggered inputs flagged (guard): AUROC / TPR % / FPR % at the calibrated threshold"}
+    parts = []
+    for kind, title in titles.items():
+        mine = [r for r in rows if r["kind"] == kind]
+        if not mine:
+            continue
+        attacks = list(dict.fromkeys(r["attack"] for r in mine))
+        detectors = list(dict.fromkeys(r["detector"] for r in mine))
+        cell = {(r["attack"], r["detector"]): r for r in mine}
+
+        def show(r, key, scale=1.0, digits=3):
+            v = r.get(key)
+            return "-" if v in (None, "") else f"{scale * float(v):.{digits}f}"
+
+        parts += ["", f"## {title}", "", "| attack | " + " | ".join(detectors) + " |", "|" + "---|" * (len(detectors) + 1)]
+        for a in attacks:
+            parts.append(f"| {a} | " + " | ".join(
+                f"{show(cell[(a, d)], 'auroc')} / {show(cell[(a, d)], 'tpr', 100, 1)} / {show(cell[(a, d)], 'fpr', 100, 1)}"
+                if (a, d) in cell else "-" for d in detectors) + " |")
+        means = []
+        for d in detectors:
+            values = [float(cell[(a, d)]["auroc"]) for a in attacks if (a, d) in cell and cell[(a, d)]["auroc"] not in (None, "")]
+            means.append(f"{statistics.fmean(values):.3f}" if values else "-")
+        parts.append("| **mean AUROC** | " + " | ".join(means) + " |")
+    return "\n".join(parts) + ("\n" if parts else "")
+
+
 def _trigger_table(rows: list[dict], defenses: list[str]) -> list[str]:
     """For models with several triggers, each trigger's ASR / RA under each defense (mean over seeds): a defense
     judged only on the pooled ASR could remove one trigger and leave another."""
