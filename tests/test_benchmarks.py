@@ -429,7 +429,7 @@ def test_scan_population_reads_each_scan(digits_bench, runs, scanned, tmp_path, 
     (unscanned / "manifest.json").write_text((runs["clean"] / "manifest.json").read_text())
     _, out = run("analysis/scan_population.py", [runs["badnets"], unscanned], capsys)
     assert len(table(out)) == 1 and "left out: unscanned: no scan/scan.json" in out
-    assert "neither a run folder nor a bench folder" in refused("analysis/scan_population.py", [tmp_path], capsys)
+    assert "is neither a run folder, a bench folder with runs/" in refused("analysis/scan_population.py", [tmp_path], capsys)
     assert "no scanned model" in refused("analysis/scan_population.py", [unscanned], capsys)
 
 
