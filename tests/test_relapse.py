@@ -55,6 +55,24 @@ def test_a_backdoor_still_in_the_model_survives_retuning_and_the_clean_control_d
     assert (run / "relapse.png").stat().st_size > 0
 
 
+def test_relapse_says_where_the_relapsed_backdoor_lives_after_a_pruning_repair(digits_backdoor, tmp_path):
+    from mapprune.jobs.defend import defend_run
+
+    run = tmp_path / "run"
+    shutil.copytree(digits_backdoor[0], run)
+    defend_run(run, "fmt", device="cpu", progress=False)
+    report = relapse(run, defense="fmt", settings=Retuning(images=300, poisoned=10), reactivation=None)
+    where = report["models"]["repaired"]["carriers"]
+    pruned = json.loads((run / "defense" / "fmt" / "result.json").read_text())["pruned"]
+    # every map FMT pruned is silenced, and retuning cannot revive it: its filter and BatchNorm gain are both zero,
+    # so neither gets a gradient
+    assert where["silenced"] >= sum(len(c) for c in pruned.values()) > 0
+    assert where["revived"] == 0 and where["carriers_silenced"] == 0
+    assert where["top"] == 25 and where["maps"] > where["top"]
+    assert 0 <= where["carriers_of_undefended"] <= where["top"] and 0 <= where["carriers_of_repaired"] <= where["top"]
+    assert "carriers" not in report["models"].get("control", {})
+
+
 @pytest.mark.parametrize("args, message", [
     (["--poisoned", "400", "--images", "300"], "--poisoned is how many of the 300 retuning images carry the trigger"),
     (["--images", "0"], "--images is the retuning set's size"),

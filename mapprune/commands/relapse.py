@@ -73,4 +73,10 @@ def run(args) -> int:
             generic = " / ".join(f"{100 * r['generic']:.2f}" for r in m["reactivation"])
             print(f"  {'':<10} reactivated by a universal perturbation (L-inf {reactivation.eps:g}): ASR {found}%; "
                   f"the same search without the trigger: {generic}%")
+        if "carriers" in m:
+            w = m["carriers"]
+            print(f"  {'':<10} maps: {w['silenced']} silenced by the repair, {w['revived']} revived by retuning; of the "
+                  f"{w['top']} maps that carry the trigger after retuning, {w['carriers_of_undefended']} carried it in "
+                  f"the undefended model, {w['carriers_of_repaired']} in the repaired one, {w['carriers_silenced']} "
+                  f"were silenced (chance overlap {w['chance']:g} of {w['maps']} maps)")
     return 0

@@ -21,6 +21,13 @@ the model with ``images`` triggered training images, added to the triggered test
 search on the same images without the trigger (the paper's generic universal adversarial perturbation), which
 tells a dormant backdoor from a plain adversarial weakness; and both on the clean control.
 
+**Where the relapsed backdoor lives** (:func:`carriers`, for a repaired model): the maps the repair silenced (a conv
+filter all zero, as FMT, FP and ANP prune) and how many of them retuning revived, and the maps that carry the
+trigger after retuning (the largest trigger response, :func:`~mapprune.jobs.diagnose.truth.trigger_response`)
+compared with those that carried it in the undefended model and in the repaired one before retuning. A repair
+whose pruned maps stay silent but whose relapsed backdoor runs through the undefended model's own carriers left
+part of the backdoor's path in place.
+
 It uses the real trigger, so like ``diagnose`` it evaluates a defense and is never part of one.
 """
 
@@ -39,6 +46,10 @@ from ..figures import pyplot
 from ..metrics import accuracy, evaluate, predict
 from ..runs import Run, acquire_folder_lock, atomic_write_text, json_text, load_run
 from ..train import TrainConfig, train
+from .diagnose.truth import evaluation_images, trigger_response
+
+CARRIERS = 25  # maps compared by :func:`carriers`: FMT's pruning count on a width-16 PreActResNet18
+CARRIER_IMAGES = 1000  # test images each trigger response is measured on
 
 
 @dataclass(frozen=True)
@@ -116,6 +127,38 @@ def reactivate(model: torch.nn.Module, run: Run, settings: Reactivation, seed: i
                                 run.attack.target_labels(ds.y_test[keep])),
             "asr_without": accuracy(predict(model, x_bd), y_target),
             "delta_linf": float(delta.abs().max())}
+
+
+def silenced_maps(model: torch.nn.Module) -> set[tuple[str, int]]:
+    """(conv name, channel) of every conv filter that is all zero: the maps a pruning repair silenced."""
+    return {(name, int(c)) for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)
+            for c in torch.nonzero(m.weight.detach().flatten(1).abs().amax(1) == 0).flatten()}
+
+
+def top_carriers(model: torch.nn.Module, clean: torch.Tensor, triggered: torch.Tensor, top: int,
+                 device) -> list[tuple[str, int]]:
+    """The ``top`` maps (conv name, channel) whose response to the trigger is largest (the diagnosis's trigger
+    response: the shift between triggered and clean images, in clean spreads)."""
+    response = trigger_response(model.to(device), clean, triggered)
+    owners = [(name, c) for name, r in response.items() for c in range(len(r))]
+    flat = torch.cat([r.double() for r in response.values()])
+    return [owners[i] for i in flat.topk(min(top, len(flat))).indices.tolist()]
+
+
+def carriers(run: Run, undefended: torch.nn.Module, repaired: torch.nn.Module, retuned: torch.nn.Module,
+             device, top: int = CARRIERS, seed: int = 0) -> dict:
+    """Where the relapsed backdoor lives (see the module's docstring): counts of silenced and revived maps, and of
+    the retuned model's ``top`` trigger carriers that were the undefended model's, the repaired model's, or
+    silenced; ``chance``: the overlap two random sets of ``top`` maps would have."""
+    _, _, clean, triggered, _ = evaluation_images(run, CARRIER_IMAGES, seed)
+    silenced = silenced_maps(repaired)
+    after = top_carriers(retuned, clean, triggered, top, device)
+    total = sum(m.out_channels for m in retuned.modules() if isinstance(m, torch.nn.Conv2d))
+    return {"top": len(after), "maps": total, "chance": round(len(after) ** 2 / total, 2),
+            "silenced": len(silenced), "revived": len(silenced - silenced_maps(retuned)),
+            "carriers_silenced": len(silenced.intersection(after)),
+            "carriers_of_undefended": len(set(top_carriers(undefended, clean, triggered, top, device)) & set(after)),
+            "carriers_of_repaired": len(set(top_carriers(repaired, clean, triggered, top, device)) & set(after))}
 
 
 def retuning_set(run: Run, settings: Retuning, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -210,11 +253,15 @@ def _retune_all(run: Run, run_path: Path, folder: Path, models: dict, defense, c
         after, by_epoch = [], []
         for seed in seeds:
             x, y, _ = retuning_set(run, settings, seed)
-            _, history = retune(m, x, y, settings, seed, dev, progress, tests=tests)
+            tuned, history = retune(m, x, y, settings, seed, dev, progress, tests=tests)
             after.append({k: history[-1][k] for k in ("acc", "asr", "ra")})
             by_epoch.append(history)
+            if seed == seeds[0] and name == "repaired":
+                where = carriers(run, run.model, m, tuned, dev, seed=seed)
         report["models"][name] = {"before": before, "after": after, "by_epoch": by_epoch,
                                   "asr_after_mean": sum(a["asr"] for a in after) / len(after)}
+        if name == "repaired":
+            report["models"][name]["carriers"] = where
         if reactivation is not None:
             found = [reactivate(m, run, reactivation, seed, dev) for seed in seeds]
             report["models"][name].update(reactivation=found,
