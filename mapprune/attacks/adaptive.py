@@ -24,21 +24,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MapPruneError
-from ..probes import default_patch, find_patches, layer_output
+from ..probes import default_patch, find_patches, layer_output, recorded_outputs
 from .base import Attack
 
 
 def conv_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The model's logits on ``x`` and every Conv2d's output by module name (one forward, gradients kept)."""
-    outs, handles = {}, []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            handles.append(m.register_forward_hook(lambda mod, i, o, name=name: outs.__setitem__(name, o)))
-    try:
+    convs = {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    with recorded_outputs(convs) as outs:
         logits = model(x)
-    finally:
-        for h in handles:
-            h.remove()
     return logits, outs
 
 

@@ -36,6 +36,7 @@ from torch import nn
 from ..device import pick_device
 from ..errors import MapPruneError
 from ..options import check_options
+from ..probes import forward_hooks
 from ..registry import Registry
 
 PENULTIMATE = "penultimate"
@@ -127,18 +128,16 @@ def extract_features(model: nn.Module, images: torch.Tensor, layer: str = PENULT
     dev = pick_device(device) if device is not None else next(model.parameters()).device
     box: list[torch.Tensor] = []
 
-    def hook(mod, inputs, output):
+    def hook(name, mod, inputs, output):
         box.append((inputs[0] if take_input else output).detach().flatten(1).double().cpu())
 
     was_training = model.training
     model.eval()
-    handle = module.register_forward_hook(hook)
     try:
-        for i in range(0, len(images), batch_size):
-            xb = images[i:i + batch_size].to(dev).float().div_(255)
-            model(xb)
+        with forward_hooks({layer: module}, hook):
+            for i in range(0, len(images), batch_size):
+                model(images[i:i + batch_size].to(dev).float().div_(255))
     finally:
-        handle.remove()
         model.train(was_training)
     if not box:
         return np.zeros((0, 0))

@@ -51,7 +51,7 @@ from torch import nn
 from ..detect.scan import scan
 from ..device import pick_device
 from ..errors import MapPruneError
-from ..probes import consumer_signs, feature_map
+from ..probes import consumer_signs, feature_map, recorded_outputs
 from .base import SampleData, SampleDetection, SampleDetector, ceil_count, class_count_bound, top_k_mask
 
 STATISTICS = ("auto", "mean", "max")
@@ -71,24 +71,20 @@ def map_activations(model: nn.Module, images: torch.Tensor, maps: list[dict], *,
     layers = {m["layer"]: modules[m["layer"]] for m in maps}
     signs = consumer_signs(model, images[:1].to(dev).float().div(255), layers)
     sign = torch.tensor([float(signs[m["layer"]][m["channel"]]) for m in maps], dtype=torch.float64)
-    outputs: dict[str, torch.Tensor] = {}
-    handles = [layer.register_forward_hook(lambda mod, i, o, name=name: outputs.__setitem__(name, o))
-               for name, layer in layers.items()]
     was_training = model.training
     model.eval()
     rows = []
     try:
-        for i in range(0, len(images), batch_size):
-            model(images[i:i + batch_size].to(dev).float().div_(255))
-            cols = []
-            for m in maps:
-                fm = feature_map(outputs[m["layer"]], layers[m["layer"]], m["channel"]).flatten(1)
-                cols.append(fm.mean(1) if statistic == "mean" else fm.amax(1))
-            rows.append(torch.stack(cols, 1).double().cpu())
-            outputs.clear()
+        with recorded_outputs(layers) as outputs:
+            for i in range(0, len(images), batch_size):
+                model(images[i:i + batch_size].to(dev).float().div_(255))
+                cols = []
+                for m in maps:
+                    fm = feature_map(outputs[m["layer"]], layers[m["layer"]], m["channel"]).flatten(1)
+                    cols.append(fm.mean(1) if statistic == "mean" else fm.amax(1))
+                rows.append(torch.stack(cols, 1).double().cpu())
+                outputs.clear()
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
     return (torch.cat(rows) * sign).numpy()
 

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..detect.scan import scan
 from ..errors import MapPruneError
-from ..probes import channel_dim, consumer_signs, map_layers
+from ..probes import channel_dim, consumer_signs, forward_hooks, map_layers
 from .base import InputDetector, model_device
 
 SIGMA_FLOOR = 0.05
@@ -84,18 +84,12 @@ class FMTGuided(InputDetector):
         modules = dict(model.named_modules())
         seen: dict[str, torch.Tensor] = {}
 
-        def hook(name):
-            def record(mod, inputs, out):
-                if name not in seen:  # a layer called twice: its first call, as FMT tests it
-                    seen[name] = _reduce(out, mod, self.signs[name], self.statistic)
-            return record
+        def record(name, mod, inputs, out):
+            if name not in seen:  # a layer called twice: its first call, as FMT tests it
+                seen[name] = _reduce(out, mod, self.signs[name], self.statistic)
 
-        handles = [modules[n].register_forward_hook(hook(n)) for n in self.signs]
-        try:
+        with forward_hooks({n: modules[n] for n in self.signs}, record):
             logits = model(x)
-        finally:
-            for h in handles:
-                h.remove()
         return logits, seen
 
     def _fit(self, model, x, y):

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..errors import MapPruneError
+from ..probes import forward_hooks
 from .base import InputDetector, forward_in_chunks, model_device
 
 
@@ -49,12 +50,8 @@ def batchnorm_layers(model: nn.Module) -> list[str]:
 def amplified(model: nn.Module, names: list[str], omega: float):
     """``model`` with the outputs of the BatchNorm layers ``names`` multiplied by ``omega`` inside the block."""
     modules = dict(model.named_modules())
-    handles = [modules[n].register_forward_hook(lambda mod, inputs, out: out * omega) for n in names]
-    try:
+    with forward_hooks({n: modules[n] for n in names}, lambda name, mod, inputs, out: out * omega):
         yield model
-    finally:
-        for h in handles:
-            h.remove()
 
 
 class IBDPSC(InputDetector):

@@ -19,9 +19,11 @@ from .layers import (
     conv_layers,
     feature_map,
     following_batchnorms,
+    forward_hooks,
     layer_output,
     map_layers,
     num_maps,
+    recorded_outputs,
 )
 from .map_test import IMPLEMENTATIONS, OBJECTIVES, MapTest, probe_feature_maps, probe_maps, score_feature_maps
 from .perturbations import (
@@ -48,7 +50,7 @@ __all__ = [
     "ANOMALY_THRESHOLD", "FIELDS", "FIELD_NULLS", "IMPLEMENTATIONS", "OBJECTIVES", "SCORERS", "CandidateSet", "Field",
     "MapLayer", "MapTest", "Patches", "Shifts", "Stimulation", "Warps", "adversarial_for_map", "channel_dim",
     "class_pull", "consumer_signs", "conv_layers", "default_patch", "estimate_target", "feature_map", "find_patches",
-    "flow_warp", "following_batchnorms", "layer_output", "layer_z", "map_layers", "null_images", "num_maps",
-    "patch_step", "probe_feature_maps", "probe_maps", "random_start", "robust_z", "score_feature_maps",
+    "flow_warp", "following_batchnorms", "forward_hooks", "layer_output", "layer_z", "map_layers", "null_images", "num_maps",
+    "patch_step", "probe_feature_maps", "probe_maps", "random_start", "recorded_outputs", "robust_z", "score_feature_maps",
     "smooth_shift", "stimulate_maps", "suspicion", "target_from_pull",
 ]

@@ -5,10 +5,35 @@ A feature map is one output channel of a layer over everything else in its outpu
 (a transformer's (N, T, D) output) or the batch alone ((N, D)).
 """
 
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from functools import partial
+
 import torch
 from torch import nn
 
 from ..errors import MapPruneError
+
+
+@contextmanager
+def forward_hooks(modules: Mapping[str, nn.Module], hook: Callable) -> Iterator[None]:
+    """While active, ``hook(name, module, inputs, output)`` runs after every forward call of each of ``modules``
+    (name -> module); what it returns, when not None, replaces the output, as a forward hook's does. The hooks are
+    removed on leaving, an error included."""
+    handles = [m.register_forward_hook(partial(hook, name)) for name, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def recorded_outputs(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """While active, the dict it yields holds each of ``modules``' latest output by name (gradients kept)."""
+    outputs: dict[str, torch.Tensor] = {}
+    with forward_hooks(modules, lambda name, mod, inputs, output: outputs.__setitem__(name, output)):
+        yield outputs
 
 
 def conv_layers(model: nn.Module) -> dict[str, nn.Conv2d]:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..errors import MapPruneError
 from ..images import as_unit
-from .layers import channel_dim, consumer_signs, layer_output, map_layers, num_maps
+from .layers import channel_dim, consumer_signs, forward_hooks, layer_output, map_layers, num_maps
 
 # The anomaly index above which the stimulation test calls a model backdoored (``mapprune scan``). Set without
 # the backdoored models' targets: the clean CIFAR-10 models measured reach 1.5-2.2, and a class that is not the
@@ -54,17 +54,13 @@ def _upstream(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> tuple[list
     call order, and ``layer``'s output."""
     calls = []
 
-    def record(module, inputs, output):
+    def record(name, module, inputs, output):
         if isinstance(output, torch.Tensor):  # copied: a later in-place op must not change what is replayed
             calls.append((module, output.detach().clone()))
 
-    handles = [m.register_forward_hook(record)
-               for m in model.modules() if m is not layer and next(m.children(), None) is None]
-    try:
+    leaves = {name: m for name, m in model.named_modules() if m is not layer and next(m.children(), None) is None}
+    with forward_hooks(leaves, record):
         out = layer_output(model, layer, x)
-    finally:
-        for h in handles:
-            h.remove()
     return calls, out
 
 

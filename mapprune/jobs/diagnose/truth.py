@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from ...checkpoint import atomic_save, load_tensors
 from ...defenses.pruning import PruneMask
 from ...metrics import predict
-from ...probes import conv_layers, following_batchnorms
+from ...probes import conv_layers, following_batchnorms, forward_hooks
 
 
 def flat_index(layers: dict[str, int]) -> list[tuple[str, int]]:
@@ -30,14 +30,12 @@ def map_statistics(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> 
     device = next(model.parameters()).device
     layers = conv_layers(model)
     stats = {name: [] for name in layers}
-    handles = [m.register_forward_hook(lambda mod, i, o, name=name: stats[name].append(
-        torch.stack([o.float().mean((2, 3)), o.float().amax((2, 3))], -1).cpu())) for name, m in layers.items()]
-    try:
+    def record(name, mod, inputs, o):
+        stats[name].append(torch.stack([o.float().mean((2, 3)), o.float().amax((2, 3))], -1).cpu())
+
+    with forward_hooks(layers, record):
         for i in range(0, len(x), batch_size):
             model(x[i:i + batch_size].to(device).float().div_(255))
-    finally:
-        for h in handles:
-            h.remove()
     return {name: torch.cat(v) for name, v in stats.items()}
 
 
