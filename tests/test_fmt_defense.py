@@ -167,6 +167,12 @@ def test_recipes_and_bad_options_fail_before_work():
     assert FMT(recipe="paper", mask=True).mask is True  # an explicit value wins over the recipe
     assert FMT(recipe="paper", eps=0.1).eps == 0.1 and FMT(objective="warp", eps=1.0).eps == 1.0
     assert FMT(**FMT().params()).params() == FMT().params()  # the recorded eps rebuilds the defense
+    # the durable recipe is the recommended one without the distillation, at twice the learning rate
+    durable = FMT(recipe="durable").params()
+    assert (durable["distill"], durable["lr"], durable["recipe"]) == (0.0, 0.02, "durable")
+    assert {k: v for k, v in durable.items() if k not in ("distill", "lr", "recipe")} == \
+        {k: v for k, v in rec.params().items() if k not in ("distill", "lr", "recipe")}
+    assert create_defense("ft", recipe="durable").distill == 0.0
     with pytest.raises(MapPruneError, match="scorer"):
         create_defense("fmt", scorer="x")
     for kw, msg in [({"recipe": "best"}, "recipe"), ({"objective": "x"}, "objective"),
@@ -235,6 +241,22 @@ def test_library_example_from_readme(tmp_path, monkeypatch):
     assert result.num_pruned == 1 and list(result.pruned) == ["features.0"]
     assert result.scores["features.0"].shape == (8,)
     assert scope["repaired"] is not model and len(result.history) == 15  # the recommended fine-tune
+
+
+def test_the_durable_recipe_is_the_recommended_repair_without_distillation_at_lr_0_02(digits_run):
+    """What docs/fmt.md measured as the durable recipe (the recommended one with ``--distill 0 --lr 0.02``) is the
+    same repair, to the bit, as ``--recipe durable``; and it is not the recommended repair."""
+    from mapprune.data import clean_subset
+
+    r = digits_run
+    idx = clean_subset(r.dataset.y_train, 0.1, 0)
+    x, y = r.dataset.x_train[idx], r.dataset.y_train[idx]
+    kw = {"hflip": False, "batch_size": 32, "fraction": 1 / 8, "epochs": 3}
+    durable = FMT(recipe="durable", **kw).repair(r.model, x, y).model.state_dict()
+    spelled = FMT(distill=0.0, lr=0.02, **kw).repair(r.model, x, y).model.state_dict()
+    recommended = FMT(**kw).repair(r.model, x, y).model.state_dict()
+    assert all(torch.equal(v, spelled[k]) for k, v in durable.items())
+    assert not all(torch.equal(v, recommended[k]) for k, v in durable.items())
 
 
 def test_recommended_recipe_spares_a_clean_model(tmp_path):

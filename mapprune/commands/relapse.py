@@ -76,7 +76,7 @@ def run(args) -> int:
         if "carriers" in m:
             w = m["carriers"]
             print(f"  {'':<10} maps: {w['silenced']} silenced by the repair, {w['revived']} revived by retuning; of the "
-                  f"{w['top']} maps that carry the trigger after retuning, {w['carriers_of_undefended']} carried it in "
-                  f"the undefended model, {w['carriers_of_repaired']} in the repaired one, {w['carriers_silenced']} "
-                  f"were silenced (chance overlap {w['chance']:g} of {w['maps']} maps)")
+                  f"{w['top']} that carry the trigger most after retuning: {w['carriers_of_undefended']} did in the "
+                  f"undefended model, {w['carriers_of_repaired']} in the repaired one, {w['carriers_silenced']} silenced "
+                  f"by the repair (two random sets of {w['top']} of the {w['maps']} maps share {w['chance']:g})")
     return 0

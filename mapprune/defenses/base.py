@@ -237,7 +237,7 @@ RUNTIME = ("device", "progress")  # how a defense runs, not what it computes: no
 
 
 # The fine-tunes every fine-tuning defense can use (FMT and FT share them, so pruning's own effect stays visible):
-# the fine-tune fields of FMT's two recipes, ``paper`` and ``recommended``, each documented with its measurement in
+# the fine-tune fields of FMT's recipes (``paper``, ``recommended``, ``durable``), each documented with its measurement in
 # mapprune/defenses/fmt/config.py (FMTConfig). Read through :func:`finetunes` (config.py imports nothing of
 # mapprune, but mapprune.defenses.fmt imports this module).
 def finetunes() -> dict[str, dict]:
@@ -246,12 +246,13 @@ def finetunes() -> dict[str, dict]:
     return FINETUNES
 
 
-RECIPES = ("paper", "recommended")
+RECIPES = ("paper", "recommended", "durable")
 
 
 class FineTuning(Defense):
     """A defense that ends with the shared fine-tune on the whole clean subset. ``recipe`` picks the defaults of
-    every fine-tune hyperparameter left as None (``recommended`` or ``paper``); an explicit value always wins."""
+    every fine-tune hyperparameter left as None (``recommended``, ``paper`` or ``durable``); an explicit value always
+    wins."""
 
     def __init__(self, *, recipe: str = "recommended", epochs: int | None = None, lr: float | None = None,
                  batch_size: int | None = None, weight_decay: float | None = None, min_lr: float | None = None,
