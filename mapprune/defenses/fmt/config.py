@@ -117,8 +117,8 @@ RECOMMENDED = FMTConfig(objective="patch")
 # trigger (`mapprune relapse`, seed 0), it goes from 2.70 back to 65.62% ASR (the clean control 1.84%). The
 # distillation to the incoming model keeps the repair close to the backdoored one: without it, 28.47%; without it
 # and at lr 0.02, 1.89 / 6.72 / 2.46% over retuning seeds 0 / 1 / 2, BadNets 1.51%, Blended 2.49%, at 1.3-1.8 points
-# of ACC (WaNet 81.82 against 83.63); more unlearning instead (0.4, lr 0.01) 70.50%. docs/fmt.md, "A repair that
-# holds".
+# of ACC (WaNet 81.82 against 83.63); lr 0.02 with the distillation 13.91%; more unlearning instead (0.4, lr 0.01)
+# 70.50%. docs/fmt.md, "A repair that holds".
 DURABLE = replace(RECOMMENDED, distill=0.0, lr=0.02)
 CONFIGS: dict[str, FMTConfig] = {"paper": PAPER, "recommended": RECOMMENDED, "durable": DURABLE}
 
