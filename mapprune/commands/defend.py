@@ -34,13 +34,14 @@ def _recipes(name: str) -> str:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     # lazy: these import torch: kept out of `import mapprune.cli`, though build_parser still loads them for the help
     from ..defenses import DEFENSES
+    from ..defenses.fmt.config import CONFIGS
 
     f = subparsers.add_parser(NAME, help="repair a run's model with a defense; writes RUN/defense/NAME/")
     f.add_argument("defense", help=f"one of: {', '.join(DEFENSES)}")
     f.add_argument("run", type=Path)
     f.add_argument("--clean-ratio", type=ratio, help="clean class-balanced share of the training set "
                    "(default 0.1; 0.05 on GTSRB)")
-    f.add_argument("--recipe", choices=["recommended", "paper", "durable"],
+    f.add_argument("--recipe", choices=list(CONFIGS),
                    help="recommended (default): what docs/results.md measured best; paper: the ICLR algorithm exactly "
                         "(FT: the paper's fine-tune); durable: recommended without the distillation, at lr 0.02, a "
                         "repair that holds under retuning (docs/fmt.md). Any other option overrides its recipe value")

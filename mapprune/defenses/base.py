@@ -246,9 +246,6 @@ def finetunes() -> dict[str, dict]:
     return FINETUNES
 
 
-RECIPES = ("paper", "recommended", "durable")
-
-
 class FineTuning(Defense):
     """A defense that ends with the shared fine-tune on the whole clean subset. ``recipe`` picks the defaults of
     every fine-tune hyperparameter left as None (``recommended``, ``paper`` or ``durable``); an explicit value always
@@ -260,7 +257,7 @@ class FineTuning(Defense):
                  relearn_lr: float | None = None, **kw):
         super().__init__(**kw)
         if recipe not in finetunes():
-            raise MapPruneError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")
+            raise MapPruneError(f"unknown recipe {recipe!r}; valid: {', '.join(finetunes())}")
         self.recipe = recipe
         given = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay,
                  "min_lr": min_lr, "schedule": schedule, "nesterov": nesterov, "distill": distill,

@@ -250,18 +250,17 @@ def _retune_all(run: Run, run_path: Path, folder: Path, models: dict, defense, c
               "seeds": list(seeds), "models": {}}
     for name, m in models.items():
         before = _rates(evaluate(m.to(dev), tests))
-        after, by_epoch = [], []
+        after, by_epoch, first = [], [], None
         for seed in seeds:
             x, y, _ = retuning_set(run, settings, seed)
-            tuned, history = retune(m, x, y, settings, seed, dev, progress, tests=tests)
+            model, history = retune(m, x, y, settings, seed, dev, progress, tests=tests)
+            first = model if first is None else first  # where the relapse lives is read from the first seed's
             after.append({k: history[-1][k] for k in ("acc", "asr", "ra")})
             by_epoch.append(history)
-            if seed == seeds[0] and name == "repaired":
-                where = carriers(run, run.model, m, tuned, dev, seed=seed)
         report["models"][name] = {"before": before, "after": after, "by_epoch": by_epoch,
                                   "asr_after_mean": sum(a["asr"] for a in after) / len(after)}
         if name == "repaired":
-            report["models"][name]["carriers"] = where
+            report["models"][name]["carriers"] = carriers(run, run.model, m, first, dev, seed=seeds[0])
         if reactivation is not None:
             found = [reactivate(m, run, reactivation, seed, dev) for seed in seeds]
             report["models"][name].update(reactivation=found,
