@@ -69,6 +69,7 @@ def test_defense_seed_names_its_own_folder(run, capsys):
     assert variant_name("fmt", {"mask": False, "eps": 0.1, "n_images": 64}) == "fmt-nomask-eps0.1-nimages64"
     assert variant_name("fmt", {"recipe": "paper", "epochs": 10, "lr": 0.01}) == "fmt-paper"  # the recipe's own
     assert variant_name("ft", {"seed": 0}) == "ft"
+    assert variant_name("fmt", {"gate": True}) == "fmt-gate" and variant_name("fmt", {"gate": None}) == "fmt"
     assert variant_name("ft", {"recipe": "paper", "seed": 1}) == "ft-paper-seed1"
     assert main(["defend", "ft", str(run), "--epochs", "1", "--no-progress", "--name", "s0"]) == 0
     assert main(["defend", "ft", str(run), "--epochs", "1", "--no-progress", "--seed", "1"]) == 0
@@ -86,6 +87,10 @@ def test_defend_bad_input(run, capsys, tmp_path):
     assert "valid defenses" in capsys.readouterr().err
     assert main(["defend", "ft", str(run), "--mask"]) == 2
     assert "fmt only" in capsys.readouterr().err
+    assert main(["defend", "ft", str(run), "--gate"]) == 2
+    assert "fmt only" in capsys.readouterr().err
+    assert main(["defend", "fmt", str(run), "--gate", "--opt", "stimulate=0"]) == 2
+    assert "stimulate" in capsys.readouterr().err
     assert main(["defend", "fmt", str(tmp_path / "nothing")]) == 2
     assert "not a mapprune run folder" in capsys.readouterr().err
     assert main(["eval", str(run), "--defense", "nope"]) == 2
@@ -139,6 +144,10 @@ def test_defend_states_each_detection_sign_by_the_scans_lines():
     assert "scan" not in line
     # A fine-tune that diverged is named, with what to do about it.
     paper["fine_tune"]["diverged"] = {"first_loss": 0.63, "peak_loss": 7.14, "peak_epoch": 3, "last_loss": 4.59, "lr": 0.01}
+    gated = {"gate": {"open": False, "signs": []}}
+    assert detection_lines(gated)[0].startswith("gate closed")
+    gated["gate"] = {"open": True, "signs": ["patch_pull", "stimulation"]}
+    assert detection_lines(gated)[0].startswith("gate open (patch_pull, stimulation)")
     warning = detection_lines(paper)[-1]
     assert warning.startswith("warning: the fine-tune diverged") and "0.63" in warning and "7.14 in epoch 3" in warning
     assert "--lr" in warning

@@ -259,6 +259,39 @@ def test_the_durable_recipe_is_the_recommended_repair_without_distillation_at_lr
     assert not all(torch.equal(v, recommended[k]) for k, v in durable.items())
 
 
+def test_the_gate_repairs_a_backdoored_model_as_without_it_and_only_fine_tunes_a_clean_one(digits_run, tmp_path):
+    """``gate``: on the planted BadNets the patch probe's pull fires, and the repair is the ungated one to the bit;
+    on a model never poisoned no sign fires, nothing is pruned or unlearned, and the fine-tune alone keeps its clean
+    accuracy where the ungated repair gives some up."""
+    from mapprune.data import clean_subset
+    from mapprune.jobs.attack import attack_run
+    from mapprune.metrics import evaluate
+    from mapprune.runs import load_run
+
+    kw = {"hflip": False, "batch_size": 32, "fraction": 1 / 8, "epochs": 3}
+
+    def both(r):
+        idx = clean_subset(r.dataset.y_train, 0.1, 0)
+        x, y = r.dataset.x_train[idx], r.dataset.y_train[idx]
+        return FMT(gate=True, **kw).repair(r.model, x, y), FMT(**kw).repair(r.model, x, y)
+
+    gated, plain = both(digits_run)
+    assert gated.extra["gate"]["open"] and "patch_pull" in gated.extra["gate"]["signs"]
+    assert gated.pruned == plain.pruned and gated.num_pruned > 0
+    assert all(torch.equal(v, plain.model.state_dict()[k]) for k, v in gated.model.state_dict().items())
+    assert evaluate(gated.model, digits_run.test_sets())["asr"] < 0.1
+
+    attack_run("badnets", tmp_path / "clean", dataset="digits", preset="demo", poison_ratio=0.0, progress=False)
+    clean = load_run(tmp_path / "clean")
+    gated, plain = both(clean)
+    assert gated.extra["gate"] == {**gated.extra["gate"], "open": False, "signs": [], "rejected_classes": []}
+    assert gated.num_pruned == 0 and "unlearning" not in gated.extra and plain.num_pruned > 0
+    before, after, ungated = (evaluate(m, clean.test_sets())["acc"] for m in (clean.model, gated.model, plain.model))
+    assert after >= before - 0.01 and after > ungated, (before, after, ungated)
+    with pytest.raises(MapPruneError, match="gate reads the stimulation test"):
+        FMT(gate=True, stimulate=0.0)
+
+
 def test_recommended_recipe_spares_a_clean_model(tmp_path):
     """On a model that was never poisoned, the recommended recipe (with the demo's digits settings) costs at most
     two points of clean accuracy, and the suspected-target anomaly stays below the backdoored model's."""

@@ -130,6 +130,7 @@ def test_the_stimulation_test_is_a_third_sign(digits_clean, monkeypatch):
     """The scan reports the stimulation test; its anomaly over the threshold alone makes the verdict "backdoored"
     and names its class (shown with the threshold lowered under a clean model's anomaly); level 0 skips it."""
     import mapprune.detect.scan as scan_job
+    import mapprune.probes.signs as signs
     from mapprune.data import clean_subset
     from mapprune.runs import load_run
 
@@ -138,9 +139,9 @@ def test_the_stimulation_test_is_a_third_sign(digits_clean, monkeypatch):
     x, y = run.dataset.x_train[idx], run.dataset.y_train[idx]
     plain = scan_job.scan(run.model, x, y, nc=False, probes=("patch",))
     st = plain.stimulation
-    assert not plain.backdoored and st["level"] == 4.0 and st["anomaly_index"] < scan_job.ANOMALY_THRESHOLD
+    assert not plain.backdoored and st["level"] == 4.0 and st["anomaly_index"] < signs.ANOMALY_THRESHOLD
     assert plain.to_json()["stimulation"] == st and "stimulate" in plain.timings
-    monkeypatch.setattr(scan_job, "ANOMALY_THRESHOLD", st["anomaly_index"] - 0.01)
+    monkeypatch.setattr(signs, "ANOMALY_THRESHOLD", st["anomaly_index"] - 0.01)
     flagged = scan_job.scan(run.model, x, y, nc=False, probes=("patch",))
     assert flagged.backdoored and flagged.target == st["target"] and flagged.score < 0.5 and not flagged.rejected
     assert scan_job.scan(run.model, x, y, nc=False, probes=("patch",), stimulate=0).stimulation is None

@@ -12,7 +12,8 @@ NAME = "defend"
 # settings (mapprune/defenses/fmt/config.py: stimulate, field_images, ...) are taken from Python only.
 # In the order their values name a variant's folder (Defense.variant_name): the unlearning's after the shared ones,
 # where --opt put them.
-FMT_TESTING = ("selection", "fraction", "mask", "detect_only", "n_images", "alpha", "eps", "objective", "budget")
+FMT_TESTING = ("selection", "fraction", "mask", "detect_only", "n_images", "alpha", "eps", "objective", "budget",
+               "gate")
 FMT_UNLEARNING = ("unlearn", "warp_px", "smooth_linf")
 FMT_ONLY = FMT_TESTING + FMT_UNLEARNING
 # The fine-tune's options and the seed, which every defense takes.
@@ -70,6 +71,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      f"({_recipes('smooth_linf')})")
     fmt.add_argument("--detect-only", action="store_true", default=None,
                      help="score and report suspicious maps, change nothing")
+    fmt.add_argument("--gate", action="store_true", default=None,
+                     help="prune and unlearn only when the testing phase finds a sign of a backdoor (the scan's "
+                     "fixed signs); otherwise fine-tune only (off in every recipe)")
     f.add_argument("--epochs", type=int, help=f"fine-tune epochs ({_recipes('epochs')})")
     f.add_argument("--lr", type=finite, help="fine-tune peak learning rate (default 0.01 one-cycle, 0.02 when the "
                    "model rejects a class: --opt relearn_lr; paper 0.01 cosine)")
@@ -135,7 +139,7 @@ def detection_lines(r: dict) -> list[str]:
     suspected class and pull, a class the incoming model rejects, the stimulation test's class and anomaly, and a
     fine-tune that diverged."""
     # lazy: imports torch; loads only when the command runs (kept out of `import mapprune.cli`)
-    from ..detect.scan import THRESHOLD as PULL_THRESHOLD
+    from ..probes import PULL_THRESHOLD
 
     lines = []
     if "suspected_target" in r:
@@ -151,6 +155,11 @@ def detection_lines(r: dict) -> list[str]:
         lines.append(f"{rejected_line(c, relearn['class_acc'])}; fine-tuned at lr {relearn['lr']:g}")
     if "stimulated_target" in r:
         lines.append(stimulation_line(r["stimulated_target"]))
+    if "gate" in r:
+        g = r["gate"]
+        lines.append(f"gate open ({', '.join(g['signs'])}): pruned and unlearned" if g["open"] else
+                     "gate closed: no sign of a backdoor (no probe's pull over the scan's line, no rejected class, "
+                     "no stimulation over its line); fine-tuned only")
     if "diverged" in relearn:
         d = relearn["diverged"]
         lines.append(f"warning: the fine-tune diverged (its loss rose from {d['first_loss']:.2f} in epoch 1 to "

@@ -275,13 +275,21 @@ class FineTuning(Defense):
             raise MapPruneError(f"relearn_lr is the fine-tune's learning rate when the model rejects a class, > 0 "
                                 f"(or 0: the lr never changes); got {self.relearn_lr}")
         self._fine_tune: dict = {}  # what the fine-tune decided or saw, for result.json's "fine_tune"
+        self._incoming_acc: list | None = None  # incoming_class_accuracy's, for one repair
 
     def repair(self, model: nn.Module, images, labels) -> DefenseResult:
-        self._fine_tune = {}
+        self._fine_tune, self._incoming_acc = {}, None
         result = super().repair(model, images, labels)
         if self._fine_tune:
             result.extra["fine_tune"] = self._fine_tune
         return result
+
+    def incoming_class_accuracy(self, incoming: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list:
+        """The incoming model's per-class accuracy on the clean subset, computed once per repair (a defense that
+        reads it before its fine-tune, FMT's gate, and the fine-tune's learning rate share it)."""
+        if self._incoming_acc is None:
+            self._incoming_acc = judged_class_accuracy(predict(incoming, x), y.cpu(), int(y.max()) + 1)
+        return self._incoming_acc
 
     def finetune_lr(self, incoming: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         """The fine-tune's learning rate: ``relearn_lr`` when the incoming model rejects a class of the clean
@@ -290,7 +298,7 @@ class FineTuning(Defense):
         ``lr`` otherwise. Trigger-free: only the defender's clean images are used. Recorded in result.json."""
         if not self.relearn_lr:
             return self.lr
-        class_acc = judged_class_accuracy(predict(incoming, x), y.cpu(), int(y.max()) + 1)
+        class_acc = self.incoming_class_accuracy(incoming, x, y)
         rejected = rejected_classes(class_acc)
         lr = self.relearn_lr if rejected else self.lr
         self._fine_tune.update({"lr": lr, "rejected_classes": rejected, "class_acc": class_acc})

@@ -47,10 +47,10 @@ from ..device import pick_device
 from ..errors import MapPruneError
 from ..images import as_uint8
 from ..metrics import judged_class_accuracy, predict, rejected_classes
-from ..probes import ANOMALY_THRESHOLD, class_pull, estimate_target
+from ..probes import PULL_THRESHOLD, class_pull, estimate_target, fired_signs
 from .mmbd import mmbd as run_mmbd
 
-THRESHOLD = 0.5
+THRESHOLD = PULL_THRESHOLD
 PROBES = ("patch", "warp", "smooth")  # the recommended recipe's probes, tested in one shared pass
 # A model that puts this share of the clean images in one class, or whose clean accuracy is below this many
 # times chance, is not judged: its probes would measure the collapse, not a backdoor.
@@ -166,12 +166,13 @@ def scan(model: nn.Module, images, labels, *, threshold: float = THRESHOLD, n_ma
     class_acc = judged_class_accuracy(predictions, y, k)
     rejected = rejected_classes(class_acc)
     score = max(target["class_pull"])
-    stimulated = stimulation is not None and stimulation["anomaly_index"] > ANOMALY_THRESHOLD
-    if score > threshold or not (rejected or stimulated):
+    signs = fired_signs({p: max(t["class_pull"]) for p, t in found.items()}, rejected,
+                        stimulation["anomaly_index"] if stimulation is not None else None, threshold)
+    if score > threshold or not signs:
         suspected = target["target"]
     else:
         suspected = min(rejected, key=lambda c: class_acc[c]) if rejected else stimulation["target"]
-    return ScanResult(score > threshold or bool(rejected) or stimulated, score, threshold, target["anomaly_index"],
+    return ScanResult(bool(signs), score, threshold, target["anomaly_index"],
                       suspected, target["class_pull"], maps, best, summary, detection, found_mmbd, class_acc,
                       rejected, stimulation, timings)
 

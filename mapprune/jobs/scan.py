@@ -8,9 +8,10 @@ from torch import nn
 
 from ..data import clean_subset
 from ..detect.calibrate import Rule, signals
-from ..detect.scan import ANOMALY_THRESHOLD, CannotJudge, ScanResult, scan
+from ..detect.scan import CannotJudge, ScanResult, scan
 from ..errors import MapPruneError
 from ..figures import pyplot
+from ..probes import ANOMALY_THRESHOLD
 from ..runs import write_json
 
 EXIT_BACKDOORED = 3  # the command's exit status when the verdict is "backdoored" (0: none found; 1, 2: errors)

@@ -7,7 +7,8 @@ say (each map's pull towards each class, the suspected target). Uses the model a
 - :mod:`.map_test`: :func:`probe_maps`, testing every map, and what it measured (:class:`MapTest`);
 - :mod:`.batched` and :mod:`.reference`: its fast implementation and the readable per-map loop it is checked against;
 - :mod:`.pull`: from a map test to each map's pull towards each class and the suspected target;
-- :mod:`.stimulation`: the stimulation test (each map set directly to a high value).
+- :mod:`.stimulation`: the stimulation test (each map set directly to a high value);
+- :mod:`.signs`: the trigger-free signs of a backdoor these yield, and the thresholds that fire them.
 
 Defenses, the scan, ``mapprune diagnose`` and the adaptive attacks build on these; this package imports none of them.
 """
@@ -44,13 +45,15 @@ from .perturbations import (
 )
 from .pull import SCORERS, class_pull, estimate_target, layer_z, robust_z, suspicion, target_from_pull
 from .reference import adversarial_for_map
+from .signs import PULL_THRESHOLD, fired_signs
 from .stimulation import ANOMALY_THRESHOLD, Stimulation, stimulate_maps
 
 __all__ = [
-    "ANOMALY_THRESHOLD", "FIELDS", "FIELD_NULLS", "IMPLEMENTATIONS", "OBJECTIVES", "SCORERS", "CandidateSet", "Field",
-    "MapLayer", "MapTest", "Patches", "Shifts", "Stimulation", "Warps", "adversarial_for_map", "channel_dim",
-    "class_pull", "consumer_signs", "conv_layers", "default_patch", "estimate_target", "feature_map", "find_patches",
-    "flow_warp", "following_batchnorms", "forward_hooks", "layer_output", "layer_z", "map_layers", "null_images", "num_maps",
-    "patch_step", "probe_feature_maps", "probe_maps", "random_start", "recorded_outputs", "robust_z", "score_feature_maps",
-    "smooth_shift", "stimulate_maps", "suspicion", "target_from_pull",
+    "ANOMALY_THRESHOLD", "FIELD_NULLS", "FIELDS", "IMPLEMENTATIONS", "OBJECTIVES", "PULL_THRESHOLD", "SCORERS",
+    "adversarial_for_map", "CandidateSet", "channel_dim", "class_pull", "consumer_signs", "conv_layers",
+    "default_patch", "estimate_target", "feature_map", "Field", "find_patches", "fired_signs", "flow_warp",
+    "following_batchnorms", "forward_hooks", "layer_output", "layer_z", "map_layers", "MapLayer", "MapTest",
+    "null_images", "num_maps", "patch_step", "Patches", "probe_feature_maps", "probe_maps", "random_start",
+    "recorded_outputs", "robust_z", "score_feature_maps", "Shifts", "smooth_shift", "stimulate_maps", "Stimulation",
+    "suspicion", "target_from_pull", "Warps",
 ]

@@ -15,6 +15,7 @@ import torch
 
 from ...device import amp_dtype
 from ...errors import MapPruneError
+from ...metrics import rejected_classes
 from ...probes import (
     FIELD_NULLS,
     CandidateSet,
@@ -23,6 +24,7 @@ from ...probes import (
     Patches,
     class_pull,
     estimate_target,
+    fired_signs,
     probe_maps,
     stimulate_maps,
     target_from_pull,
@@ -72,7 +74,8 @@ class FMT(FineTuning):
     """
 
     name = "fmt"
-    report_only = ("stimulate", "stimulate_images")  # the stimulation test is reported; the repair never reads it
+    # the stimulation test is reported; the repair reads it only through the gate (an option, off by default)
+    report_only = ("stimulate", "stimulate_images")
     dataset_defaults = {"cifar100": {"alpha": 0.03}, "gtsrb": {"alpha": 0.03}}  # the paper's configurations
     score_label = "accuracy under per-map attack"
 
@@ -84,7 +87,7 @@ class FMT(FineTuning):
                  field_images: int | None = None, stimulate: float | None = None, stimulate_images: int | None = None,
                  min_per_layer: int | None = None, max_drop: float | None = None, precision: str | None = None,
                  batch_images: int | None = None, field_null: str | None = None, detect_only: bool | None = None,
-                 **kw):
+                 gate: bool | None = None, **kw):
         # None: the recipe's value (config.py). The first line's options are what a user tunes; the rest are EXPERT
         # settings, recorded in params() only where they differ from the recipe.
         given = {k: v for k, v in locals().items() if k in OPTIONS + EXPERT}
@@ -113,7 +116,7 @@ class FMT(FineTuning):
         if self.unlearn > 0 and self.objective not in ("patch", "warp"):
             raise MapPruneError("unlearn stamps the candidate triggers of the patch or warp objective; use one of "
                                 "those objectives")
-        for flag in ("unlearn_each", "balanced", "mask", "detect_only"):
+        for flag in ("unlearn_each", "balanced", "mask", "detect_only", "gate"):
             if not isinstance(getattr(self, flag), bool):
                 raise MapPruneError(f"{flag} is true or false, got {getattr(self, flag)!r}")
         if self.unlearn_maps < 1:
@@ -128,6 +131,8 @@ class FMT(FineTuning):
         if self.stimulate < 0 or self.stimulate_images < 1:
             raise MapPruneError("stimulate is a level in clean standard deviations (0: no stimulation test) and "
                                 f"stimulate_images >= 1; got {self.stimulate} and {self.stimulate_images}")
+        if self.gate and self.stimulate == 0:
+            raise MapPruneError("gate reads the stimulation test among its signs; keep stimulate > 0 (its default)")
         if self.budget == "auto":
             if self.selection != "global":
                 raise MapPruneError("budget='auto' chooses how many maps the global selection prunes; use "
@@ -258,6 +263,16 @@ class FMT(FineTuning):
             return stamping_each(patches.parts if isinstance(patches, CandidateSet) else [patches], self.unlearn)
         return stamping(patches, self.unlearn)
 
+    def gate_signs(self, model, tests: dict[str, MapTest], stimulated: dict | None, x, y) -> dict:
+        """The gate's evidence (:mod:`mapprune.probes.signs`): each probe's pull, the classes the model rejects on
+        the clean subset, the stimulation test's anomaly index; ``open`` when any sign fires."""
+        pulls = {o: round(max(estimate_target(t)["class_pull"]), 4) for o, t in tests.items()}
+        rejected = rejected_classes(self.incoming_class_accuracy(model, x, y))
+        anomaly = stimulated["anomaly_index"] if stimulated else None
+        signs = fired_signs(pulls, rejected, anomaly)
+        return {"open": bool(signs), "signs": signs, "pulls": pulls, "rejected_classes": rejected,
+                "stimulation_anomaly": None if anomaly is None else round(anomaly, 4)}
+
     def _repair(self, model, data: CleanData, device):
         x, y = data.x, data.y
         timings = {}
@@ -282,11 +297,17 @@ class FMT(FineTuning):
         ranked = test.acc
         pruned = self.choose(ranked)
         extra["suspected_target"] = target
-        if self.budget == "auto":
+        opened = True
+        if self.gate:
+            extra["gate"] = self.gate_signs(model, tests, extra.get("stimulated_target"), x, y)
+            opened = extra["gate"]["open"]
+        if not opened:
+            pruned = {name: [] for name in ranked}
+        elif self.budget == "auto":
             pruned, extra["budget_sweep"] = self.adaptive_budget(model, ranked, data, self.rank_count(ranked))
         timings["select"] = time.perf_counter() - t0
         transform = None
-        if self.unlearn > 0:
+        if self.unlearn > 0 and opened:
             patches, maps = self.candidates(test, target["target"])
             extra["unlearning"] = {"share": self.unlearn, "maps": maps}
             if isinstance(patches, Patches):

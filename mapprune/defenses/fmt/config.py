@@ -54,6 +54,11 @@ class FMTConfig:
     smooth_linf: float = 0.06
     # score and report the suspicious maps and the suspected target, change nothing (an option)
     detect_only: bool = False
+    # prune and unlearn only when the testing phase finds a sign of a backdoor (a probe's pull, a rejected class,
+    # the stimulation test: mapprune.probes.signs, the fixed-threshold scan's signs); with none, the fine-tune
+    # alone. For a model that has nothing to remove, the unlearning and the pruning cost about half a point of
+    # clean accuracy each (docs/limits.md); off in every recipe
+    gate: bool = False
     # --- the fine-tune (shared with FT, FP and NC) -------------------------------------------------------------
     # epochs; the paper's 10; 15 with the one-cycle schedule
     epochs: int = 15
@@ -127,7 +132,7 @@ FINETUNE_FIELDS = ("epochs", "lr", "batch_size", "weight_decay", "min_lr", "sche
                    "relearn_lr")
 # FMT's own options, what a user tunes; with the fine-tune's and recipe, held_out, hflip, seed: FMT().params().
 OPTIONS = ("n_images", "alpha", "eps", "objective", "selection", "fraction", "budget", "mask", "unlearn", "warp_px",
-           "smooth_linf", "unlearn_each", "detect_only")
+           "smooth_linf", "unlearn_each", "detect_only", "gate")
 EXPERT = tuple(f.name for f in fields(FMTConfig) if f.name not in OPTIONS + FINETUNE_FIELDS)
 # Fine-tune fields that are not FMT's options (FT's keeps them): they come with the recipe's schedule.
 FINETUNE_EXPERT = ("min_lr", "nesterov")
