@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from mapprune.cli import main
 from mapprune.detect.calibrate import Model, Rule, auroc, choose_signals, clopper_pearson, evaluate, fit_rule
 from mapprune.detect.mmbd import mmbd
 from mapprune.errors import MapPruneError, MapPruneWarning
@@ -62,6 +63,35 @@ def test_a_family_left_out_of_the_calibration_is_still_found_by_the_rule_over_ev
     assert min(greedy[f]["tpr"]["rate"] for f in SHOWS_IN) < 1.0
     with pytest.raises(MapPruneError, match="selection is one of"):
         choose_signals(population(), 0.05, "best")
+
+
+def test_a_rule_with_mmbd_finds_a_family_only_mmbd_sees_and_needs_mmbd_on_every_model(tmp_path, capsys):
+    """``rule="fmt+mmbd"``: a family that shows in MM-BD's score alone is found held out, where FMT's own signals
+    miss it; a population with a model lacking MM-BD is refused, and so is a scan without MM-BD judged by it."""
+    models = population()
+    for i, m in enumerate(models):
+        m.signals["mmbd_score"] = 1.0 + 0.05 * (i % 7)
+    for i in range(6):
+        values = {**CLEAN, "mmbd_score": 30.0}
+        models.append(Model(f"sig{i}", True, "sig", "abc"[i % 3], values))
+    fmt = evaluate(models, 0.05)["by_family"]["groups"]["sig"]["tpr"]["rate"]
+    both = evaluate(models, 0.05, rule="fmt+mmbd")
+    assert fmt == 0.0 and both["by_family"]["groups"]["sig"]["tpr"]["rate"] == 1.0
+    assert "mmbd_score" in both["rule"]["signals"] and both["rule"]["kind"] == "fmt+mmbd"
+    rule = Rule.from_json(both["rule"])
+    with pytest.raises(MapPruneError, match="did not run"):
+        rule.score(CLEAN)
+    del models[0].signals["mmbd_score"]
+    with pytest.raises(MapPruneError, match="lack"):
+        evaluate(models, 0.05, rule="fmt+mmbd")
+    with pytest.raises(MapPruneError, match="rule is one of"):
+        evaluate(models, 0.05, rule="everything")
+    with pytest.raises(MapPruneError, match="drop --no-mmbd"):
+        calibrate([tmp_path], tmp_path / "c.json", mmbd=False, rule="fmt+mmbd")
+    path = tmp_path / "mmbd-rule.json"
+    path.write_text(json.dumps({"kind": "scan-calibration", "rule": both["rule"]}))
+    assert main(["scan", str(tmp_path / "any"), "--no-mmbd", "--calibration", str(path)]) == 2
+    assert "drop --no-mmbd" in capsys.readouterr().err
 
 
 def test_rates_come_with_intervals():

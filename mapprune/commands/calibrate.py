@@ -19,6 +19,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     cal.add_argument("--no-nc", action="store_true", help="do not run Neural Cleanse (a baseline) in the scans")
     cal.add_argument("--no-mmbd", action="store_true", help="do not run MM-BD (a baseline) in the scans")
     cal.add_argument("--no-scan", action="store_true", help="use only the scans already made; scan nothing")
+    cal.add_argument("--rule", default="fmt", help="the signals the rule reads: fmt (FMT's own, the default) or "
+                     "fmt+mmbd (with MM-BD's score among them; scans then run MM-BD too)")
     add_common(cal)
     return cal
 
@@ -29,7 +31,7 @@ def run(args) -> int:
     from ..jobs.calibrate import calibrate, markdown
 
     cal = calibrate(args.paths, args.out, fpr=args.fpr, nc=not args.no_nc, mmbd=not args.no_mmbd,
-                    scan_missing=not args.no_scan, data_dir=args.data_dir, device=args.device,
+                    scan_missing=not args.no_scan, rule=args.rule, data_dir=args.data_dir, device=args.device,
                     progress=not args.no_progress)
     print(markdown(cal))
     if cal["rule"] is None:

@@ -56,6 +56,8 @@ def run(args) -> int:
     if nc_options and args.no_nc:
         raise MapPruneError("--nc-opt with --no-nc: Neural Cleanse is not run")
     calibration = load_calibration(args.calibration) if args.calibration else None
+    if calibration is not None and args.no_mmbd and "mmbd_score" in calibration["_rule"].signals:
+        raise MapPruneError(f"{args.calibration}'s rule reads MM-BD's score; drop --no-mmbd")
     model, ds, default_out, kind = _target(args)
     out = args.out or default_out
     report = scan_and_save(model, ds, out, name=str(args.model), clean_ratio=args.clean_ratio, seed=args.seed,

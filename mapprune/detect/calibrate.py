@@ -40,7 +40,10 @@ SIGNALS = {
     "nc_anomaly": "Neural Cleanse's anomaly index (baseline)",
     "mmbd_score": "MM-BD's -log10 p-value (baseline)",
 }
-BASELINES = ("nc_anomaly", "mmbd_score")  # never part of FMT's rule: measured beside it
+BASELINES = ("nc_anomaly", "mmbd_score")  # measured beside the rule; part of it only where RULES says so
+# The rules a calibration may set: FMT's signals alone, or with MM-BD's score among them (MM-BD needs no clean data
+# and sees blends that FMT's signals miss; docs/scan.md).
+RULES = {"fmt": (), "fmt+mmbd": ("mmbd_score",)}
 # The smallest spread a signal's z-score divides by: a signal nearly constant over the clean models (no clean
 # model rejects a class: rejection 0 for all) must not turn a tiny difference into a huge z. About the size of
 # the signal's measurement noise: a pull is a share of ~300 images, an anomaly index is noisy at 10 classes.
@@ -103,6 +106,10 @@ class Rule:
     fpr: float
 
     def score(self, values: dict) -> float:
+        lacking = [s for s in self.signals if s in BASELINES and s not in values]
+        if lacking:
+            raise MapPruneError(f"the calibrated rule reads {', '.join(lacking)}, which this scan did not run (scan "
+                                "without --no-mmbd / --no-nc, or use a calibration made with --rule fmt)")
         zs = [(scale(s, values[s]) - self.median[s]) / self.mad[s] for s in self.signals if s in values]
         if not zs:
             raise MapPruneError(f"the calibrated rule reads {', '.join(self.signals)}; this scan has none of them "
@@ -155,13 +162,26 @@ def _tpr(rule: Rule, backdoored: list[Model]) -> float:
 SELECTIONS = ("all", "greedy")
 
 
-def choose_signals(models: list[Model], fpr: float, selection: str = "all") -> list[str]:
+def check_rule(models: list[Model], rule: str) -> None:
+    """Refuses a rule that names an unknown kind or reads a baseline some models were not measured with."""
+    if rule not in RULES:
+        raise MapPruneError(f"rule is one of {', '.join(RULES)}, got {rule!r}")
+    for b in RULES[rule]:
+        lacking = [m.name for m in models if b not in m.signals]
+        if lacking:
+            raise MapPruneError(f"the rule {rule} reads {b}, which {len(lacking)} models lack ({', '.join(lacking[:3])}"
+                                f"{' ...' if len(lacking) > 3 else ''}); calibrate without --no-mmbd, or use --rule fmt")
+
+
+def choose_signals(models: list[Model], fpr: float, selection: str = "all", rule: str = "fmt") -> list[str]:
     """The rule's signals. ``all``: every FMT signal every model has (no family can be left out of the rule by
-    the families it was calibrated on). ``greedy``: forward selection, adding the signal that most raises the mean
-    TPR over the calibration set's families (at the rule's own threshold), while it rises."""
+    the families it was calibrated on), with the baselines ``rule`` adds (:data:`RULES`). ``greedy``: forward
+    selection from those, adding the signal that most raises the mean TPR over the calibration set's families (at
+    the rule's own threshold), while it rises."""
     if selection not in SELECTIONS:
         raise MapPruneError(f"selection is one of {', '.join(SELECTIONS)}, got {selection!r}")
-    pool = [s for s in SIGNALS if s not in BASELINES and all(s in m.signals for m in models)]
+    check_rule(models, rule)
+    pool = [s for s in SIGNALS if (s not in BASELINES or s in RULES[rule]) and all(s in m.signals for m in models)]
     families = sorted({m.family for m in models if m.backdoored})
     if not pool:
         raise MapPruneError("no signal is present in every model's scan; rescan the population with the default probes")
@@ -215,7 +235,7 @@ def _rate(hits: int, n: int) -> dict:
     return {"rate": round(hits / n, 4) if n else None, "hits": hits, "n": n, "ci95": clopper_pearson(hits, n)}
 
 
-def held_out_scores(models: list[Model], fpr: float, by: str, selection: str = "all") -> dict:
+def held_out_scores(models: list[Model], fpr: float, by: str, selection: str = "all", rule: str = "fmt") -> dict:
     """Each model's (score, threshold, uncertain_from) under a rule made without it. ``by="family"``: a
     backdoored model is judged by a rule made without its whole family, a clean model by one made without itself.
     ``by="architecture"``: every model is judged by a rule made from the other architectures' models only."""
@@ -230,9 +250,9 @@ def held_out_scores(models: list[Model], fpr: float, by: str, selection: str = "
             keep = [o for o in models if o is not m]
         key = frozenset(o.name for o in keep)
         if key not in rules:
-            rules[key] = fit_rule(keep, choose_signals(keep, fpr, selection), fpr)
-        rule = rules[key]
-        out[m.name] = (rule.score(m.signals), rule.threshold, rule.uncertain_from)
+            rules[key] = fit_rule(keep, choose_signals(keep, fpr, selection, rule), fpr)
+        fitted = rules[key]
+        out[m.name] = (fitted.score(m.signals), fitted.threshold, fitted.uncertain_from)
     return out
 
 
@@ -244,22 +264,22 @@ def enough_models(models: list[Model]) -> bool:
     return sum(not m.backdoored for m in models) >= MIN_CLEAN and any(m.backdoored for m in models)
 
 
-def evaluate(models: list[Model], fpr: float = 0.05, selection: str = "all") -> dict:
-    """The calibration report: the rule fitted on every model, and held-out error rates by family and by
-    architecture, with the baselines' AUROC on the same models."""
+def evaluate(models: list[Model], fpr: float = 0.05, selection: str = "all", rule: str = "fmt") -> dict:
+    """The calibration report: the rule (``rule``: which signals may enter it, :data:`RULES`) fitted on every
+    model, and held-out error rates by family and by architecture, with the baselines' AUROC on the same models."""
     clean = [m for m in models if not m.backdoored]
     backdoored = [m for m in models if m.backdoored]
     if not enough_models(models):
         raise MapPruneError(f"calibration needs at least {MIN_CLEAN} clean and 1 backdoored model, got {len(clean)} and "
                             f"{len(backdoored)}")
-    rule = fit_rule(models, choose_signals(models, fpr, selection), fpr)
-    report = {"rule": rule.to_json(), "selection": selection,
+    fitted = fit_rule(models, choose_signals(models, fpr, selection, rule), fpr)
+    report = {"rule": {**fitted.to_json(), "kind": rule}, "selection": selection,
               "population": {"clean": len(clean), "backdoored": len(backdoored)}}
     for name, by, group in (("by_family", "family", lambda m: m.family),
                             ("by_architecture", "architecture", lambda m: m.architecture)):
         if by == "architecture" and len({m.architecture for m in models}) < 2:
             continue
-        scored = held_out_scores(models, fpr, by, selection)
+        scored = held_out_scores(models, fpr, by, selection, rule)
         rows = {}
         for g in sorted({group(m) for m in models}):
             members = [m for m in models if group(m) == g]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..data import clean_subset
 from ..defenses import create_defense
-from ..detect.calibrate import Model, enough_models, evaluate, signals
+from ..detect.calibrate import RULES, Model, enough_models, evaluate, signals
 from ..detect.mmbd import mmbd
 from ..detect.scan import neural_cleanse
 from ..device import pick_device
@@ -142,15 +142,21 @@ def _compute(run: Path, stage: str, data_dir, device, progress) -> dict:
 
 
 def calibrate(paths, out: Path, *, fpr: float = 0.05, nc: bool = True, mmbd: bool = True, scan_missing: bool = True,
-              data_dir=None, device=None, progress: bool = True, log=print) -> dict:
+              rule: str = "fmt", data_dir=None, device=None, progress: bool = True, log=print) -> dict:
     """Scans what is not scanned yet, calibrates, and writes ``out`` (the calibration JSON) and ``out`` with
     ``.md`` (the report's tables). Returns the calibration.
 
     Work goes in stages over the whole population: FMT's signals for every model first, then MM-BD, then Neural
     Cleanse, so a calibration is possible as soon as the first stage is done. A model another ``calibrate`` is
-    working on (its scan folder locked) is passed over, so two commands side by side share the population."""
+    working on (its scan folder locked) is passed over, so two commands side by side share the population.
+    ``rule``: the signals the rule may read (:data:`mapprune.detect.calibrate.RULES`: ``fmt``, or ``fmt+mmbd``,
+    which needs MM-BD on every model)."""
     if not 0 < fpr < 0.5:
         raise MapPruneError(f"--fpr is a false-positive rate in (0, 0.5), got {fpr}")
+    if rule not in RULES:
+        raise MapPruneError(f"--rule is one of {', '.join(RULES)}, got {rule!r}")
+    if "mmbd_score" in RULES[rule] and not mmbd:
+        raise MapPruneError(f"--rule {rule} reads MM-BD's score; drop --no-mmbd")
     runs = run_folders(paths)
     recorded, recorded_left_out = calibration_files(paths)
     stages = ["scan"] + [b for b, on in (("mmbd", mmbd), ("nc", nc)) if on]
@@ -231,7 +237,7 @@ def calibrate(paths, out: Path, *, fpr: float = 0.05, nc: bool = True, mmbd: boo
         warnings.warn(f"{len(skipped)} runs have no scan yet and were left out ({why}): "
                       f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", MapPruneWarning, stacklevel=2)
     if enough_models(models):
-        result = evaluate(models, fpr)
+        result = evaluate(models, fpr, rule=rule)
     else:  # the models measured so far are kept for the next calibration; no rule is set on them
         result = {"population": {"clean": sum(not m.backdoored for m in models),
                                  "backdoored": sum(m.backdoored for m in models)},
