@@ -56,8 +56,9 @@ class FMTConfig:
     detect_only: bool = False
     # prune and unlearn only when the testing phase finds a sign of a backdoor (a probe's pull, a rejected class,
     # the stimulation test: mapprune.probes.signs, the fixed-threshold scan's signs); with none, the fine-tune
-    # alone. For a model that has nothing to remove, the unlearning and the pruning cost about half a point of
-    # clean accuracy each (docs/limits.md); off in every recipe
+    # alone. Width-8 population, closed gates: clean models lose -0.20 / 0.09 / 0.21 points instead of 1.25 / 1.01 /
+    # 1.09, but a blend the signs miss keeps 98.28% ASR (ungated 1.78%): FMT removes backdoors it cannot detect, so
+    # the gate is off in every recipe (docs/fmt.md, "Options outside the recipes")
     gate: bool = False
     # --- the fine-tune (shared with FT, FP and NC) -------------------------------------------------------------
     # epochs; the paper's 10; 15 with the one-cycle schedule
