@@ -73,8 +73,9 @@ RENAMED: dict[str, dict[str, str]] = {"fmt": {"unlearn_warp": "warp_px", "unlear
 RETIRED: dict[str, dict] = {"fmt": {"scorer": "accuracy", "outlier_method": "elliptic", "contamination": 0.1,
                                     "threshold": 3.5, "unlearn_append": False, "unlearn_candidates": "probe",
                                     "implementation": "fast"}}
-# Options whose default was None under the old names (left out of a bench cell's resolved parameters).
-_UNSET_OLD: dict[str, dict] = {"fmt": {"budget": None, "field_null": "sign"}}
+# Options left out of a bench cell's resolved parameters at these values: their default was None under the old
+# names, or they came later (``gate``) and their default does what FMT did before they existed.
+_UNSET_OLD: dict[str, dict] = {"fmt": {"budget": None, "field_null": "sign", "gate": False}}
 
 
 def expert_values(defense: str, recipe) -> dict:
