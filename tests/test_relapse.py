@@ -173,6 +173,18 @@ def test_the_perturbation_search_keeps_its_bound_and_leaves_the_model_as_it_was(
         universal_perturbation(model, x, torch.zeros(64, dtype=torch.long), eps=0.0)
 
 
+def test_a_structured_perturbation_keeps_its_shape_and_bound(digits_backdoor):
+    run = load_run(digits_backdoor[0])
+    x = run.dataset.x_train[:64]
+    width = x.shape[-1]
+    delta = universal_perturbation(run.model, x, torch.zeros(64, dtype=torch.long), eps=0.05, steps=5,
+                                   batch_size=16, shape=(1, 1, width))
+    assert delta.shape == (1, 1, width) and float(delta.abs().max()) <= 0.05 + 1e-7 and delta.abs().sum() > 0
+    assert perturbed(x, delta).shape == x.shape  # one value per column, added on every row and channel
+    with pytest.raises(ValueError, match="does not broadcast"):
+        universal_perturbation(run.model, x, torch.zeros(64, dtype=torch.long), eps=0.05, shape=(2, 1, width))
+
+
 def test_relapse_reports_the_reactivation_beside_the_retuning(digits_backdoor, digits_control, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(digits_backdoor[0], run)

@@ -23,20 +23,25 @@ from torch.nn import functional as F
 
 def universal_perturbation(model: nn.Module, images: torch.Tensor, target: torch.Tensor, *, eps: float = 0.05,
                            steps: int = 100, step: float | None = None, batch_size: int = 128, seed: int = 0,
-                           device=None) -> torch.Tensor:
+                           device=None, shape: tuple[int, ...] | None = None) -> torch.Tensor:
     """The perturbation (C, H, W), float in [-eps, eps], that sends ``images`` (uint8, N x C x H x W) to ``target``
-    (labels, N) through ``model`` (which takes [0, 1] pixels). ``model`` is left as it was (eval mode inside)."""
+    (labels, N) through ``model`` (which takes [0, 1] pixels). ``model`` is left as it was (eval mode inside).
+    ``shape``: a smaller shape that broadcasts over (C, H, W), for a structured perturbation (``(1, 1, W)``: one
+    value per column, the same on every row and channel, as SIG's stripes are)."""
     if not (math.isfinite(eps) and eps > 0) or steps < 1 or batch_size < 1 or len(images) == 0:
         raise ValueError(f"eps > 0, steps >= 1, batch_size >= 1 and images needed; got eps={eps}, steps={steps}, "
                          f"batch_size={batch_size}, {len(images)} images")
     step = eps / 10 if step is None else step
+    shape = tuple(images.shape[1:]) if shape is None else tuple(shape)
+    if torch.broadcast_shapes(shape, images.shape[1:]) != images.shape[1:]:
+        raise ValueError(f"shape {shape} does not broadcast over the images' {tuple(images.shape[1:])}")
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():  # only delta gets gradients; the flags are restored below
         p.requires_grad_(False)
-    delta = torch.zeros(images.shape[1:], device=device)
+    delta = torch.zeros(shape, device=device)
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(images), generator=g)
     try:
