@@ -51,7 +51,9 @@ def class_reach(model, x: torch.Tensor, y: torch.Tensor, num_classes: int, eps: 
     return reach
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
+    """Prints the measurements; returns them: {run name: {"stripes": {delta: reach}, "searched": {(kind, eps):
+    [reach per class]}}}."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path, help="run folders: a SIG model first, then clean models")
     ap.add_argument("--frequency", type=float, default=None, help="the stripes' frequency (default: the SIG run's)")
@@ -60,34 +62,39 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=60, help="signed-gradient steps of each search (default 60)")
     ap.add_argument("--data-dir", default=None, help="where the datasets are (default: mapprune's)")
     args = ap.parse_args(argv)
-    runs = [load_run(r, args.data_dir) for r in args.runs]  # every folder checked before any search
+    if args.steps < 1 or not all(0 < e <= 1 for e in args.eps) or not all(0 <= d <= 255 for d in args.deltas):
+        ap.error("--steps must be >= 1, each --eps in (0, 1] and each --deltas in [0, 255]")
+    try:
+        runs = [load_run(r, args.data_dir) for r in args.runs]  # every folder checked before any search
+    except MapPruneError as e:
+        ap.error(str(e))
     attack = runs[0].manifest.get("attack") or {}
     if attack.get("name") != "sig":
-        raise SystemExit(f"error: {args.runs[0]} is not a SIG model (its attack: {attack.get('name')}); give it first")
+        ap.error(f"{args.runs[0]} is not a SIG model (its attack: {attack.get('name')}); give the SIG model first")
     target = int(attack["target"])
     frequency = args.frequency if args.frequency is not None else float(attack["frequency"])
-    torch.manual_seed(0)
+    found = {}
     for path, run in zip(args.runs, runs):
         ds = run.dataset
-        keep = torch.as_tensor(ds.y_test) != target
-        test = ds.x_test[keep]
+        test = ds.x_test[torch.as_tensor(ds.y_test) != target]
         width = test.shape[-1]
-        reach = [target_rate(run.model, perturbed(test, sinusoid(width, d, frequency)), target) for d in args.deltas]
+        stripes = {d: target_rate(run.model, perturbed(test, sinusoid(width, d, frequency)), target)
+                   for d in args.deltas}
         print(f"{path.name}: stripes (f={frequency:g}) to class {target}: "
-              + ", ".join(f"delta {d:g} ({d / 255:.3f}) {100 * r:.1f}%" for d, r in zip(args.deltas, reach)))
+              + ", ".join(f"delta {d:g} ({d / 255:.3f}) {100 * r:.1f}%" for d, r in stripes.items()))
         idx = clean_subset(ds.y_train, 0.1, 0)
         x, y = ds.x_train[idx], torch.as_tensor(ds.y_train[idx])
+        searched = {}
         for eps in args.eps:
-            for name, shape in (("free", None), ("stripes", (1, 1, width))):
-                r = class_reach(run.model, x, y, ds.num_classes, eps, shape, args.steps)
+            for kind, shape in (("free", None), ("stripes", (1, 1, width))):
+                r = searched[kind, eps] = class_reach(run.model, x, y, ds.num_classes, eps, shape, args.steps)
                 others = sorted(v for c, v in enumerate(r) if c != target)
-                print(f"  {name:7s} eps {eps:g}: class {target} {100 * r[target]:.1f}%, the others "
+                print(f"  {kind:7s} eps {eps:g}: class {target} {100 * r[target]:.1f}%, the others "
                       f"{100 * others[0]:.1f}-{100 * others[-1]:.1f}% (median {100 * others[len(others) // 2]:.1f})",
                       flush=True)
+        found[path.name] = {"stripes": stripes, "searched": searched}
+    return found
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except MapPruneError as e:
-        raise SystemExit(f"error: {e}") from None
+    main()

@@ -137,7 +137,7 @@ def test_the_scripts_are_the_listed_ones():
     """A new script gets a smoke test here and a line in benchmarks/README.md."""
     assert SCRIPTS == sorted(["adaptive_digits.py", "allocator.py", "bench_jobs.py", "fmt_recipe_cost.py",
                               "fmt_speed.py", "guard_overhead.py", "population_grid.py", "results_tables.py",
-                              "train_throughput.py",
+                              "sig_visibility.py", "train_throughput.py",
                               "analysis/bench_average.py", "analysis/field_null.py", "analysis/scan_population.py",
                               "analysis/stimulation_table.py", "analysis/trigger_spread.py"])
 
@@ -479,6 +479,33 @@ def test_field_null_names_a_class_per_probe_and_null(runs, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ digits tools
+
+
+def test_sig_visibility_measures_the_stripes_and_each_class_search(runs, tmp_path, capsys):
+    from mapprune.attacks.reactivation import perturbed
+    from mapprune.attacks.sig import sinusoid
+    from mapprune.jobs.attack import attack_run
+    from mapprune.metrics import predict
+    from mapprune.runs import load_run
+
+    sig = tmp_path / "sig"
+    attack_run("sig", sig, dataset="digits", preset="demo", progress=False, poison_ratio=0.05)
+    found, out = run("sig_visibility.py", [sig, runs["clean"], "--deltas", "0,80", "--eps", "0.1", "--steps", "2"],
+                     capsys)
+    assert list(found) == ["sig", runs["clean"].name]
+    r = load_run(sig)
+    target, f = r.attack.target, r.manifest["attack"]["frequency"]
+    test = r.dataset.x_test[r.dataset.y_test != target]
+    for delta in (0, 80):  # the stripes' reach is the target rate of the striped non-target test images
+        expected = float((predict(r.model, perturbed(test, sinusoid(test.shape[-1], delta, f))) == target).float().mean())
+        assert found["sig"]["stripes"][delta] == pytest.approx(expected)
+    for measured in found.values():
+        assert set(measured["searched"]) == {("free", 0.1), ("stripes", 0.1)}
+        assert all(len(v) == r.dataset.num_classes and all(0 <= c <= 1 for c in v)
+                   for v in measured["searched"].values())
+    assert f"class {target}" in out
+    assert "not a SIG model" in refused("sig_visibility.py", [runs["clean"], sig], capsys)
+    assert "--steps must be >= 1" in refused("sig_visibility.py", [sig, "--steps", "0"], capsys)
 
 
 def test_adaptive_digits_repairs_the_model_it_trained(tmp_path, capsys):
