@@ -24,8 +24,9 @@ from torch.nn import functional as F
 def universal_perturbation(model: nn.Module, images: torch.Tensor, target: torch.Tensor, *, eps: float = 0.05,
                            steps: int = 100, step: float | None = None, batch_size: int = 128, seed: int = 0,
                            device=None, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    """The perturbation (C, H, W), or ``shape``, float in [-eps, eps], that sends ``images`` (uint8, N x C x H x W) to ``target``
-    (labels, N) through ``model`` (which takes [0, 1] pixels). ``model`` is left as it was (eval mode inside).
+    """The perturbation (C, H, W), or ``shape``, float in [-eps, eps], that sends ``images`` (uint8, N x C x H x W)
+    to ``target`` (labels, N) through ``model`` (which takes [0, 1] pixels). ``model`` is left as it was (eval mode
+    inside).
     ``shape``: a smaller shape that broadcasts over (C, H, W), for a structured perturbation (``(1, 1, W)``: one
     value per column, the same on every row and channel, as SIG's stripes are)."""
     if not (math.isfinite(eps) and eps > 0) or steps < 1 or batch_size < 1 or len(images) == 0:
